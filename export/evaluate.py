@@ -1,0 +1,77 @@
+"""Accuracy of a checkpoint on fresh held-out renders: VQA per question type, caption ranking.
+
+Images go through the serving path (PNG/JPEG bytes → `decode_image`) so the figures are
+those a client would see.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from serving.model.checkpoint import Checkpoint
+from serving.model.preprocess import decode_image, tokenize
+from serving.shapes import world
+
+
+def fresh_render(scene: world.Scene, rng: random.Random) -> bytes:
+    """A held-out render: random size, PNG or JPEG, anti-aliased or not."""
+    side = rng.choice([64, 96, 128, 200, 256])
+    img = world.render(scene, side, supersample=rng.choice([1, 3]))
+    return world.encode(img, "JPEG", rng.randint(75, 95)) if rng.random() < 0.5 else world.encode(img, "PNG")
+
+
+@torch.no_grad()
+def answer(ckpt: Checkpoint, images: list[bytes], questions: list[str]) -> list[str]:
+    """In-process VQA: one question per image."""
+    cfg = ckpt.config
+    px = torch.from_numpy(np.stack([decode_image(b, cfg.image_size) for b in images]))
+    ids, mask = tokenize(ckpt.tokenizer, questions, cfg.max_text_len)
+    feats, _ = ckpt.model.encode_image(px)
+    tfeats, _ = ckpt.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+    logits, _, _ = ckpt.model.fuse(feats, tfeats, torch.from_numpy(mask))
+    return [ckpt.answers[i] for i in logits.argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def itm_scores(ckpt: Checkpoint, image: bytes, texts: list[str]) -> np.ndarray:
+    """ITM probability of each text for one image (image features computed once)."""
+    cfg = ckpt.config
+    px = torch.from_numpy(decode_image(image, cfg.image_size)[None])
+    ids, mask = tokenize(ckpt.tokenizer, texts, cfg.max_text_len)
+    feats, _ = ckpt.model.encode_image(px)
+    tfeats, _ = ckpt.model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+    _, itm, _ = ckpt.model.fuse(feats.expand(len(texts), -1, -1), tfeats, torch.from_numpy(mask))
+    return torch.sigmoid(itm[:, 0]).numpy()
+
+
+def evaluate(ckpt: Checkpoint, n: int = 300, seed: int = 999, n_captions: int = 200) -> dict:
+    """VQA accuracy (overall and per type) on `n` fresh renders; caption-first-among-8 rate."""
+    ckpt.model.eval()
+    rng = random.Random(seed)
+    scenes = [world.random_scene(rng) for _ in range(n)]
+    qas = [world.sample_question(s, rng) for s in scenes]
+    images = [fresh_render(s, rng) for s in scenes]
+    preds: list[str] = []
+    for i in range(0, n, 100):
+        preds += answer(ckpt, images[i : i + 100], [q.question for q in qas[i : i + 100]])
+    per_type: dict[str, list[int]] = defaultdict(list)
+    for qa, p in zip(qas, preds):
+        per_type[qa.qtype].append(int(qa.answer == p))
+    first, above = 0, 0
+    for s, img in zip(scenes[:n_captions], images[:n_captions]):
+        texts = [world.caption(world.scene_items(s), rng)] + world.distractor_captions(s, rng, 7)
+        sc = itm_scores(ckpt, img, texts)
+        first += int(sc.argmax() == 0)
+        above += int(sc[0] > sc[1])
+    m = min(n_captions, n)
+    return {
+        "vqa_accuracy": round(float(np.mean([qa.answer == p for qa, p in zip(qas, preds)])), 4),
+        "vqa_by_type": {k: round(float(np.mean(v)), 4) for k, v in sorted(per_type.items())},
+        "caption_first_of_8": round(first / m, 4),
+        "true_above_distractor": round(above / m, 4),
+        "n": n,
+    }

@@ -1,0 +1,91 @@
+"""Narrow error classes for the whole service, each with its HTTP and gRPC status in one place."""
+
+from __future__ import annotations
+
+
+class VtfuseError(Exception):
+    """Base error: `code` is the stable machine-readable string in the JSON error body."""
+
+    code = "internal"
+    http_status = 500
+    grpc_status = "INTERNAL"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidInput(VtfuseError):
+    """Malformed request: bad JSON, bad base64, wrong types (HTTP 400)."""
+
+    code = "invalid_input"
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(VtfuseError):
+    """Body or pixel count over the configured limits (HTTP 413)."""
+
+    code = "payload_too_large"
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class UnsupportedMediaType(VtfuseError):
+    """Bytes that are not a PNG, JPEG or WebP image, or a truncated one (HTTP 415)."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class SchemaViolation(VtfuseError):
+    """Well-formed but invalid request: empty lists, text over the token limit, unknown fields (HTTP 422)."""
+
+    code = "schema_violation"
+    http_status = 422
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class UnknownModel(SchemaViolation):
+    """A `model` field naming a preset or version that is not served (HTTP 422)."""
+
+    code = "unknown_model"
+
+
+class Unauthorized(VtfuseError):
+    """Missing or wrong API key (HTTP 401)."""
+
+    code = "unauthorized"
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+
+
+class Overloaded(VtfuseError):
+    """Refused at admission: too many requests in flight or queued (HTTP 429)."""
+
+    code = "overloaded"
+    http_status = 429
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class UpstreamUnavailable(VtfuseError):
+    """Triton is down, not ready or refusing (HTTP 503)."""
+
+    code = "upstream_unavailable"
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+
+
+class UpstreamTimeout(VtfuseError):
+    """An admitted request's deadline expired upstream (HTTP 504)."""
+
+    code = "upstream_timeout"
+    http_status = 504
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+def error_body(err: VtfuseError) -> dict[str, dict[str, str]]:
+    """The one JSON error shape the API returns for every error."""
+    return {"error": {"code": err.code, "message": err.message}}

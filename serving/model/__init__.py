@@ -1,0 +1,1 @@
+"""The fusion model: architecture, presets, tensor contract, preprocessing and checkpoints."""

@@ -1,0 +1,81 @@
+"""Preprocessing, numpy in and out: image bytes → uint8 pixels, text → token ids and mask.
+
+One module shared by training, the Triton Python models and the Ray Serve layer, so all
+three see exactly the same tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from serving.errors import PayloadTooLarge, SchemaViolation, UnsupportedMediaType
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# The resampling filter used when serving; training draws from several so any filter works.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode PNG/JPEG/WebP bytes and resize to (size, size, 3) uint8.
+
+    Raises:
+        UnsupportedMediaType: not an image of an allowed format, or truncated/corrupt.
+        PayloadTooLarge: more pixels than `max_pixels` (a decompression bomb is refused
+            from its header, before any pixel is decoded).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise UnsupportedMediaType(
+                    f"image format {img.format} is not accepted: send PNG, JPEG or WebP bytes"
+                )
+            w, h = img.size
+            if w * h > max_pixels:
+                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+            img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+            img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), RESAMPLE)
+            return np.asarray(img, dtype=np.uint8)
+    except (PayloadTooLarge, UnsupportedMediaType):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(f"image refused as a decompression bomb: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise UnsupportedMediaType(f"bytes are not a readable PNG, JPEG or WebP image ({e})") from e
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json."""
+    return Tokenizer.from_file(str(path))
+
+
+def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Texts → (ids, mask), each int64 (N, max_len), padded with 0.
+
+    Raises:
+        SchemaViolation: a text is empty or longer than `max_len` tokens (with [CLS] and [SEP]).
+    """
+    ids = np.zeros((len(texts), max_len), dtype=np.int64)
+    mask = np.zeros((len(texts), max_len), dtype=np.int64)
+    for i, enc in enumerate(tokenizer.encode_batch(list(texts))):
+        n = len(enc.ids)
+        if n <= 2:
+            raise SchemaViolation(f"text {i} is empty: send at least one word")
+        if n > max_len:
+            raise SchemaViolation(
+                f"text {i} has {n} tokens with [CLS] and [SEP], over the limit of {max_len}: shorten it"
+            )
+        ids[i, :n] = enc.ids
+        mask[i, :n] = 1
+    return ids, mask

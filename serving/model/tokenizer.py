@@ -1,0 +1,36 @@
+"""The word-level tokenizer, stored as a Hugging Face `tokenizers` tokenizer.json in each checkpoint."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+
+from serving.shapes.world import COLOR_NAMES, COUNTS, SHAPES
+
+PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)
+# Every word of SPEC §3's questions and captions; anything else maps to [UNK].
+WORDS = (
+    "what color colour is the shape object objects how many are there a an and of",
+    " ".join(SHAPES),
+    " ".join(f"{s}s" for s in SHAPES),
+    " ".join(COLOR_NAMES),
+    " ".join(COUNTS),
+    "yes no image picture this in",
+)
+
+
+def build_tokenizer() -> Tokenizer:
+    """Build the tokenizer: lowercase, '?' dropped (it is optional), split on spaces and punctuation."""
+    vocab: dict[str, int] = {}
+    for tok in (*SPECIAL_TOKENS, *" ".join(WORDS).split()):
+        vocab.setdefault(tok, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence(  # type: ignore[assignment]
+        [normalizers.Lowercase(), normalizers.Replace("?", " "), normalizers.Strip()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
+    tok.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+        single=f"{CLS} $A {SEP}", special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])]
+    )
+    return tok

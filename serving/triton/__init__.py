@@ -1,0 +1,1 @@
+"""Triton helpers: launcher, model-config mirror, client wrapper, and Python-backend model bodies."""
