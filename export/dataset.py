@@ -135,8 +135,9 @@ def _render_chunk(args: tuple[int, int, int, int, int]) -> Arrays:
 def render_dataset(n: int, seed: int, side: int, grid: int, max_len: int, workers: int = 2) -> Arrays:
     """Render `n` samples deterministically from `seed`, split over `workers` processes."""
     chunk = 2000
-    jobs = [(seed * 1_000_003 + i, min(chunk, n - i * chunk), side, grid, max_len) for i in range((n + chunk - 1) // chunk)]
+    jobs = [
+        (seed * 1_000_003 + i, min(chunk, n - i * chunk), side, grid, max_len) for i in range((n + chunk - 1) // chunk)
+    ]
     with Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
     return Arrays(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Arrays.__dataclass_fields__})
-

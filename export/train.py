@@ -61,7 +61,9 @@ def _batch(a: Arrays, idx: np.ndarray) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(getattr(a, k)[idx]) for k in Arrays.__dataclass_fields__}
 
 
-def training_step(model: FusionModel, dense: DenseHead, b: dict[str, torch.Tensor], dense_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def training_step(
+    model: FusionModel, dense: DenseHead, b: dict[str, torch.Tensor], dense_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One forward pass over every objective; returns the total loss and its parts."""
     n = b["pixels"].shape[0]
     img_feats, img_emb = model.encode_image(b["pixels"])
@@ -130,8 +132,14 @@ def train(settings: TrainSettings, out_dir: str | Path) -> dict:
             step += 1
             if step % 100 == 0 or step == 1:
                 elapsed = (time.time() - t0) / 60
-                log.info("step %d/%d %.1f min loss %.3f %s", step, total_steps, elapsed, loss.item(),
-                         " ".join(f"{k}={v:.3f}" for k, v in parts.items()))
+                log.info(
+                    "step %d/%d %.1f min loss %.3f %s",
+                    step,
+                    total_steps,
+                    elapsed,
+                    loss.item(),
+                    " ".join(f"{k}={v:.3f}" for k, v in parts.items()),
+                )
                 history.append({"step": step, "minutes": round(elapsed, 2), "loss": round(loss.item(), 4), **parts})
     train_minutes = (time.time() - t0) / 60
     model.eval()
@@ -170,5 +178,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-

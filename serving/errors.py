@@ -24,6 +24,34 @@ class InvalidInput(VtfuseError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class InvalidJson(InvalidInput):
+    """A body that is not valid JSON, or not a JSON object (HTTP 400)."""
+
+    code = "invalid_json"
+
+
+class InvalidBase64(InvalidInput):
+    """An image field that is not valid base64 (HTTP 400)."""
+
+    code = "invalid_base64"
+
+
+class NotFound(VtfuseError):
+    """No such route (HTTP 404)."""
+
+    code = "not_found"
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class MethodNotAllowed(VtfuseError):
+    """The route exists but not with this HTTP method (HTTP 405)."""
+
+    code = "method_not_allowed"
+    http_status = 405
+    grpc_status = "UNIMPLEMENTED"
+
+
 class PayloadTooLarge(VtfuseError):
     """Body or pixel count over the configured limits (HTTP 413)."""
 
@@ -78,6 +106,14 @@ class UpstreamUnavailable(VtfuseError):
     grpc_status = "UNAVAILABLE"
 
 
+class UpstreamError(VtfuseError):
+    """Triton answered with an error that is not the caller's fault (HTTP 502)."""
+
+    code = "upstream_error"
+    http_status = 502
+    grpc_status = "INTERNAL"
+
+
 class UpstreamTimeout(VtfuseError):
     """An admitted request's deadline expired upstream (HTTP 504)."""
 
@@ -89,3 +125,10 @@ class UpstreamTimeout(VtfuseError):
 def error_body(err: VtfuseError) -> dict[str, dict[str, str]]:
     """The one JSON error shape the API returns for every error."""
     return {"error": {"code": err.code, "message": err.message}}
+
+
+def error_headers(err: VtfuseError) -> dict[str, str]:
+    """HTTP headers an error response carries: `Retry-After` (whole seconds) when the caller should retry."""
+    if err.retry_after is None:
+        return {}
+    return {"Retry-After": str(max(1, int(round(err.retry_after))))}

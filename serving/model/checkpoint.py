@@ -77,6 +77,3 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
     if s in ("small", "base"):
         return random_checkpoint(s)
     return load_checkpoint(s)
-
-
-

@@ -89,12 +89,17 @@ class Attention(nn.Module):
         hs = C // self.heads
         q = self.q(x).view(B, T, self.heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv(ctx).view(B, S, 2, self.heads, hs).permute(2, 0, 3, 1, 4)  # 2 × (B, nh, S, hs)
+        if not need_weights:
+            # Fused kernel (flash/memory-efficient on GPU) when the weights are not returned.
+            m = None if key_mask is None else (key_mask[:, None, None, :] != 0)  # (B, 1, 1, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (B, nh, T, hs)
+            return self.out(y.transpose(1, 2).reshape(B, T, C)), None
         att = (q @ k.transpose(-2, -1)) * (hs**-0.5)  # (B, nh, T, S)
         if key_mask is not None:
             att = att.masked_fill(key_mask[:, None, None, :] == 0, -1e4)
         att = att.softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.out(y), (att.mean(dim=1) if need_weights else None)  # weights: (B, T, S)
+        return self.out(y), att.mean(dim=1)  # weights: (B, T, S)
 
 
 class MLP(nn.Module):
@@ -172,7 +177,7 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean) / self.std  # type: ignore[operator]  # registered buffers
         x = self.stem(x)  # (B, D, g, g)
         x = x.flatten(2).transpose(1, 2) + self.pos  # (B, P, D)
         for blk in self.blocks:

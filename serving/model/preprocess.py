@@ -34,11 +34,9 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
-                raise UnsupportedMediaType(
-                    f"image format {img.format} is not accepted: send PNG, JPEG or WebP bytes"
-                )
+                raise UnsupportedMediaType(f"image format {img.format} is not accepted: send PNG, JPEG or WebP bytes")
             w, h = img.size
             if w * h > max_pixels:
                 raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")

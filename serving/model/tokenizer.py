@@ -23,14 +23,15 @@ WORDS = (
 def build_tokenizer() -> Tokenizer:
     """Build the tokenizer: lowercase, '?' dropped (it is optional), split on spaces and punctuation."""
     vocab: dict[str, int] = {}
-    for tok in (*SPECIAL_TOKENS, *" ".join(WORDS).split()):
-        vocab.setdefault(tok, len(vocab))
+    for word in (*SPECIAL_TOKENS, *" ".join(WORDS).split()):
+        vocab.setdefault(word, len(vocab))
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Sequence(  # type: ignore[assignment]
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # skipped by decode()
+    tok.normalizer = normalizers.Sequence(
         [normalizers.Lowercase(), normalizers.Replace("?", " "), normalizers.Strip()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
-    tok.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])]
     )
     return tok

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from serving.model.checkpoint import REPO_ROOT
 
@@ -210,7 +211,7 @@ class TritonServer:
         self.settings = settings
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
 
     @property
     def url_http(self) -> str:
@@ -258,7 +259,9 @@ class TritonServer:
             if code is not None:
                 raise TritonStartError(f"tritonserver exited with code {code} before becoming ready{self._log_hint()}")
             if is_ready(self.settings.host, self.settings.http_port):
-                log.info("tritonserver ready: HTTP %s gRPC %s metrics %s", self.url_http, self.url_grpc, self.url_metrics)
+                log.info(
+                    "tritonserver ready: HTTP %s gRPC %s metrics %s", self.url_http, self.url_grpc, self.url_metrics
+                )
                 return
             time.sleep(0.5)
         raise TritonStartError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")

@@ -46,7 +46,8 @@ class OnnxEngineModel:
         self.output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        sizes, feeds = [], {n: [] for n in self.input_names}
+        sizes: list[int] = []
+        feeds: dict[str, list[np.ndarray]] = {n: [] for n in self.input_names}
         for req in requests:
             for n in self.input_names:
                 feeds[n].append(pb_utils.get_input_tensor_by_name(req, n).as_numpy())

@@ -87,8 +87,9 @@ class VqaModel:
             pixels, ids, mask = (np.concatenate([p[k] for p in parts]) for k in range(3))
             try:
                 img, txt = await asyncio.gather(
-                    infer("image_encoder", [pb_utils.Tensor("PIXELS", pixels)], ["IMAGE_FEATURES"],
-                          self.engine_max_batch),
+                    infer(
+                        "image_encoder", [pb_utils.Tensor("PIXELS", pixels)], ["IMAGE_FEATURES"], self.engine_max_batch
+                    ),
                     infer(
                         "text_encoder",
                         [pb_utils.Tensor("INPUT_IDS", ids), pb_utils.Tensor("ATTENTION_MASK", mask)],

@@ -1,0 +1,200 @@
+"""Stage 4: install engines and checkpoint files into `<repo>/<model>/<version>/`, with a manifest.json each.
+
+Per model version folder:
+
+- engines: `model.onnx` (targets `embedded`, `onnxruntime`) or `model.plan` (`tensorrt`);
+- every model: `checkpoint/{config,tokenizer,answers}.json` (preprocess and vqa read them; the
+  engines carry them too, so each folder says what it was built from);
+- `manifest.json`: sha256 of every installed file and of config.pbtxt, the parity figures,
+  export settings (opset, preset, target), the source checkpoint and the sha256 of its
+  `model.safetensors`, and the time.
+
+`embedded` installs into the committed `model_repository/` (whose configs must already describe
+the preset: `tiny`), or renders a full Python-backend repository when `--repo` names another
+folder; `onnxruntime` and `tensorrt` always render one (default `build/model_repository-<target>/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from export.check import PARITY_FILE
+from export.engine import ENGINES_FILE
+from export.errors import InstallError
+from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
+from export.render_repo import (
+    COMMITTED_REPO,
+    TARGETS,
+    config_mismatches,
+    default_repo,
+    model_dirs,
+    render_repository,
+)
+from serving.model.io_spec import ENGINES
+from serving.model.model import FusionConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _engine_parity(parity: dict[str, Any] | None, engine: str | None) -> dict[str, Any] | None:
+    """An engine's own figures (every engine's for preprocess and vqa, which depend on them all)."""
+    if parity is None or engine is None:
+        return parity
+    return {
+        "tolerance": parity.get("tolerance"),
+        "onnxruntime": parity.get("onnxruntime"),
+        "ok": parity.get("ok"),
+        **{s: parity[s][engine] for s in ("random", "real") if engine in parity.get(s, {})},
+    }
+
+
+def _artefact_source(onnx_dir: Path, engine: str, target: str, export_info: dict[str, Any]) -> Path:
+    if target != "tensorrt":
+        return onnx_dir / f"{engine}.onnx"
+    engines = _read_json(onnx_dir / ENGINES_FILE)
+    if engines is None or engine not in engines.get("engines", {}):
+        raise InstallError(
+            f"no TensorRT plan of {engine} in {onnx_dir / ENGINES_FILE}: run `vtfuse export engine` "
+            "on the GPU machine that will serve it first"
+        )
+    entry = engines["engines"][engine]
+    if entry["onnx_sha256"] != export_info["files"][engine]["sha256"]:
+        raise InstallError(
+            f"the {engine} plan was built from another ONNX file than {onnx_dir}/{engine}.onnx: "
+            "rerun `vtfuse export engine`"
+        )
+    plan = Path(entry["plan"])
+    if not plan.exists():
+        raise InstallError(f"plan {plan} is gone from the cache: rerun `vtfuse export engine`")
+    return plan
+
+
+def _ensure_python_model(model_dir: Path, version: int) -> None:
+    """A Python-backend model needs model.py in the served version folder: copy it from another version."""
+    vdir = model_dir / str(version)
+    if (vdir / "model.py").exists():
+        return
+    for other in sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        if (other / "model.py").exists():
+            shutil.copyfile(other / "model.py", vdir / "model.py")
+            log.info("%s: copied %s/model.py into version %d", model_dir.name, other.name, version)
+            return
+
+
+def _clear_artefacts(vdir: Path) -> None:
+    for name in ("model.onnx", "model.plan", MANIFEST):
+        (vdir / name).unlink(missing_ok=True)
+    if (vdir / "checkpoint").exists():
+        shutil.rmtree(vdir / "checkpoint")
+
+
+def install(
+    onnx_dir: str | Path,
+    target: str,
+    *,
+    repo: str | Path | None = None,
+    version: int = 1,
+    source_repo: str | Path = COMMITTED_REPO,
+    require_parity: bool = True,
+) -> dict[str, Any]:
+    """Install a stage-1 folder's artefacts into a model repository for `target`.
+
+    Args:
+        onnx_dir: the stage-1 folder (ONNX files, export.json, checkpoint/, parity.json, engines.json).
+        target: `embedded`, `onnxruntime` or `tensorrt`.
+        repo: destination repository (default: the committed one for `embedded`, else
+            `build/model_repository-<target>/`).
+        version: the version folder to install into.
+        source_repo: the committed repository rendered from.
+        require_parity: refuse to install artefacts that stage 2 has not passed.
+
+    Returns:
+        {"repo", "target", "version", "models": {model: manifest path}}.
+
+    Raises:
+        InstallError: a stage has not run, parity failed, or the committed configs describe another preset.
+    """
+    if target not in TARGETS:
+        raise InstallError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    if version < 1:
+        raise InstallError(f"version {version}: Triton version folders are positive integers")
+    onnx_dir = Path(onnx_dir)
+    info = read_export_info(onnx_dir)
+    cfg = FusionConfig.from_json(onnx_dir / "checkpoint" / "config.json")
+    parity = _read_json(onnx_dir / PARITY_FILE)
+    if require_parity and parity is None:
+        raise InstallError(f"no {PARITY_FILE} in {onnx_dir}: run `vtfuse export check` before installing")
+    if require_parity and parity is not None and not parity.get("ok", False):
+        raise InstallError(f"{onnx_dir / PARITY_FILE} records a parity failure: fix the export before installing")
+    trt_info = _read_json(onnx_dir / ENGINES_FILE) if target == "tensorrt" else None
+    sources = {e: _artefact_source(onnx_dir, e, target, info) for e in ENGINES}  # checked before writing
+
+    dest = Path(repo) if repo is not None else default_repo(target)
+    if dest.resolve() == Path(source_repo).resolve():
+        if target != "embedded":
+            raise InstallError(f"target {target} cannot be installed into {dest}, the source: pass another --repo")
+        bad = config_mismatches(dest, cfg)
+        if bad:
+            raise InstallError(
+                f"the configs of {', '.join(bad)} in {dest} do not describe preset {cfg.name}: "
+                f"pass --repo build/model_repository-embedded-{cfg.name} to render a repository for it"
+            )
+    else:
+        render_repository(dest, cfg, target, source=source_repo)
+
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifests = {}
+    for model_dir in model_dirs(dest):
+        model = model_dir.name
+        vdir = model_dir / str(version)
+        vdir.mkdir(parents=True, exist_ok=True)
+        _clear_artefacts(vdir)
+        installed: list[Path] = []
+        if model in ENGINES:
+            artefact = vdir / ARTEFACT[target]
+            shutil.copyfile(sources[model], artefact)
+            installed.append(artefact)
+        if model not in ENGINES or target == "embedded":
+            _ensure_python_model(model_dir, version)
+        (vdir / "checkpoint").mkdir()
+        for name in CHECKPOINT_FILES:
+            shutil.copyfile(onnx_dir / "checkpoint" / name, vdir / "checkpoint" / name)
+            installed.append(vdir / "checkpoint" / name)
+        manifest: dict[str, Any] = {
+            "model": model,
+            "version": version,
+            "target": target,
+            "preset": cfg.name,
+            "created": created,
+            "source_checkpoint": info["source"],
+            "export": {**info["settings"], "versions": info["versions"], "onnx_files": info["files"]},
+            "config_pbtxt_sha256": sha256_file(model_dir / "config.pbtxt"),
+            "artefacts": {p.relative_to(vdir).as_posix(): sha256_file(p) for p in installed},
+            "parity": _engine_parity(parity, model if model in ENGINES else None),
+        }
+        if trt_info is not None and model in ENGINES:
+            entry = trt_info["engines"][model]
+            manifest["tensorrt"] = {
+                "version": trt_info["tensorrt"],
+                "gpu": trt_info["gpu"],
+                "fp16": trt_info["fp16"],
+                "profile": entry["profile"],
+                "parity": entry.get("parity"),
+            }
+        (vdir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifests[model] = vdir / MANIFEST
+    log.info("installed %s (%s, version %d) into %s: %s", cfg.name, target, version, dest, ", ".join(manifests))
+    models = {m: str(p) for m, p in manifests.items()}
+    return {"repo": str(dest), "target": target, "version": version, "models": models}

@@ -1,0 +1,224 @@
+"""Render Triton model configs and repositories for a target and preset from the committed model_repository/.
+
+The committed `model_repository/` is the source of truth: the `embedded` target (every model
+a Python-backend model; the engines run `model.onnx` with ONNX Runtime). The NGC targets are
+rendered from it by rewriting each engine's config.pbtxt (backend/platform, model file,
+instance kind, parameters), and any preset is rendered by rewriting every tensor's dims
+(inputs, outputs and warm-up inputs) from `serving.model.io_spec`. `render_config` is the one
+function that does this; the unit test comparing committed configs with io_spec calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import RenderError
+from serving.model.checkpoint import REPO_ROOT
+from serving.model.io_spec import ENGINES, VQA_SPEC, EngineSpec, engine_specs, preprocess_spec
+from serving.model.model import FusionConfig
+
+log = logging.getLogger(__name__)
+
+COMMITTED_REPO = REPO_ROOT / "model_repository"
+TARGETS = ("embedded", "onnxruntime", "tensorrt")
+# backend, platform and model file of an engine per target (embedded: as committed).
+ENGINE_BACKENDS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime_onnx", "model.onnx"),
+    "tensorrt": ("tensorrt", "tensorrt_plan", "model.plan"),
+}
+# Python-backend engine parameters that have an ONNX Runtime backend equivalent; every other
+# parameter of a Python-backend engine is read by its model.py alone and is dropped.
+ORT_PARAMETER_MAP = {"intra_op_threads": "intra_op_thread_count", "inter_op_threads": "inter_op_thread_count"}
+# Left in the committed tree by an install or by Python: never copied into a rendered repository.
+BUILT_ARTEFACTS = ("model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__")
+
+
+def default_repo(target: str) -> Path:
+    """Where a target's repository goes unless --repo says otherwise."""
+    return COMMITTED_REPO if target == "embedded" else REPO_ROOT / "build" / f"model_repository-{target}"
+
+
+def load_config(path: str | Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt into Triton's ModelConfig proto.
+
+    Raises:
+        RenderError: the file is not valid text-format ModelConfig.
+    """
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as e:
+        raise RenderError(f"{path} is not a valid Triton config.pbtxt: {e}") from e
+
+
+def dump_config(config: mc.ModelConfig, header: str = "") -> str:
+    """Text-format a ModelConfig, after an optional `# ` comment header."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
+    return "\n".join([*lines, text_format.MessageToString(config)]).rstrip() + "\n"
+
+
+def model_spec(name: str, cfg: FusionConfig) -> EngineSpec | None:
+    """The io_spec contract of a model in the repository (None for a model io_spec does not describe)."""
+    if name in ENGINES:
+        return engine_specs(cfg)[name]
+    if name == "preprocess":
+        return preprocess_spec(cfg)
+    if name == "vqa":
+        return VQA_SPEC
+    return None
+
+
+def _set_tensor(tensor: mc.ModelInput | mc.ModelOutput, spec: EngineSpec, model: str) -> None:
+    by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    t = by_name.get(tensor.name)
+    if t is None:
+        raise RenderError(
+            f"{model}: tensor {tensor.name!r} is not in io_spec ({', '.join(by_name)}): "
+            "fix the name in config.pbtxt or add it to serving/model/io_spec.py"
+        )
+    tensor.data_type = mc.DataType.Value(f"TYPE_{t.dtype}")
+    del tensor.dims[:]
+    tensor.dims.extend(t.dims)
+
+
+def render_config(
+    config: mc.ModelConfig, cfg: FusionConfig, target: str = "embedded", name: str | None = None
+) -> mc.ModelConfig:
+    """A copy of `config` for `target` with every tensor's dtype and dims from io_spec for `cfg`.
+
+    Dims and dtypes of inputs, outputs and warm-up inputs are rewritten for every model io_spec
+    describes (engines, preprocess, vqa). For `onnxruntime`/`tensorrt`, an engine's Python
+    backend becomes the native one: backend and platform set, `default_model_filename` set,
+    Python-only parameters dropped (thread counts mapped to the ONNX Runtime backend's), and
+    instances on any device (`onnxruntime`: KIND_AUTO, GPU when there is one) or the GPU
+    (`tensorrt`: KIND_GPU). With `embedded` and a config already right for `cfg`, the result
+    equals the input: that is the check of the committed repository.
+
+    Args:
+        config: the committed ModelConfig (not modified).
+        cfg: the preset's architecture.
+        target: `embedded`, `onnxruntime` or `tensorrt`.
+        name: the model's name when the config has no `name` field.
+
+    Raises:
+        RenderError: unknown target, or a tensor name io_spec does not know.
+    """
+    if target not in TARGETS:
+        raise RenderError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    out = mc.ModelConfig()
+    out.CopyFrom(config)
+    model = config.name or name or ""
+    spec = model_spec(model, cfg)
+    if spec is not None:
+        for tensor in (*out.input, *out.output):
+            _set_tensor(tensor, spec, model)
+        for warmup in out.model_warmup:
+            for key, inp in warmup.inputs.items():
+                t = next((x for x in spec.inputs if x.name == key), None)
+                if t is None:
+                    raise RenderError(f"{model}: warm-up input {key!r} is not an input in io_spec")
+                inp.data_type = mc.DataType.Value(f"TYPE_{t.dtype}")
+                del inp.dims[:]
+                inp.dims.extend(t.dims)
+    if target == "embedded" or model not in ENGINES:
+        return out
+    backend, platform, filename = ENGINE_BACKENDS[target]
+    out.backend = backend
+    out.platform = platform
+    out.default_model_filename = filename
+    params = dict(out.parameters)
+    out.parameters.clear()
+    for key, value in params.items():
+        if target == "onnxruntime" and key in ORT_PARAMETER_MAP:
+            out.parameters[ORT_PARAMETER_MAP[key]].string_value = value.string_value
+        else:
+            log.debug("%s: dropped Python-backend parameter %s for target %s", model, key, target)
+    for group in out.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_GPU if target == "tensorrt" else mc.ModelInstanceGroup.KIND_AUTO
+        if target != "tensorrt":
+            del group.gpus[:]
+    return out
+
+
+def _leading_comments(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return "\n".join(lines)
+
+
+def model_dirs(repo: str | Path) -> list[Path]:
+    """Folders of a repository that hold a config.pbtxt, sorted by name."""
+    return sorted(p.parent for p in Path(repo).glob("*/config.pbtxt"))
+
+
+def config_mismatches(repo: str | Path, cfg: FusionConfig) -> list[str]:
+    """Models whose committed config.pbtxt differs from io_spec for `cfg` (empty: all agree)."""
+    bad = []
+    for d in model_dirs(repo):
+        config = load_config(d / "config.pbtxt")
+        spec = model_spec(config.name or d.name, cfg)
+        names_ok = spec is None or (
+            [t.name for t in config.input] == [t.name for t in spec.inputs]
+            and [t.name for t in config.output] == [t.name for t in spec.outputs]
+        )
+        if not names_ok or render_config(config, cfg, "embedded", d.name) != config:
+            bad.append(d.name)
+    return bad
+
+
+def _ignore_for(model: str, target: str) -> Callable[[str, list[str]], set[str]]:
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n in BUILT_ARTEFACTS or n.endswith(".pyc")}
+        # A native engine has no Python code: its version folders get the artefact alone.
+        if model in ENGINES and target != "embedded":
+            skip |= {n for n in names if n.endswith(".py")}
+        return skip
+
+    return ignore
+
+
+def render_repository(
+    dest: str | Path, cfg: FusionConfig, target: str, source: str | Path = COMMITTED_REPO
+) -> dict[str, Path]:
+    """Copy the committed repository's models into `dest` with configs rendered for `target` and `cfg`.
+
+    Each model folder in `dest` is replaced whole (built artefacts are not copied: stage 4
+    installs them). Files of Python-backend models (`1/model.py`) are copied; a native engine's
+    are not.
+
+    Returns:
+        {model: path of its rendered config.pbtxt}.
+
+    Raises:
+        RenderError: `source` has no config.pbtxt, or `dest` is `source`.
+    """
+    src, out = Path(source).resolve(), Path(dest).resolve()
+    if src == out:
+        raise RenderError(f"cannot render {src} onto itself: pass --repo DIR for a rendered repository")
+    dirs = model_dirs(src)
+    if not dirs:
+        raise RenderError(f"no */config.pbtxt under {src}: point --source-repo at a Triton model repository")
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for d in dirs:
+        target_dir = out / d.name
+        if target_dir.exists():
+            shutil.rmtree(target_dir)
+        shutil.copytree(d, target_dir, ignore=_ignore_for(d.name, target))
+        config = render_config(load_config(d / "config.pbtxt"), cfg, target, d.name)
+        rel = d.relative_to(REPO_ROOT) if d.is_relative_to(REPO_ROOT) else d
+        header = _leading_comments(d / "config.pbtxt")
+        header += f"\nRendered by `vtfuse export` for target {target}, preset {cfg.name}, from {rel}/config.pbtxt:"
+        header += "\nedit that file, not this one."
+        (target_dir / "config.pbtxt").write_text(dump_config(config, header.strip()))
+        written[d.name] = target_dir / "config.pbtxt"
+    log.info("rendered %d model configs for target %s, preset %s into %s", len(written), target, cfg.name, out)
+    return written

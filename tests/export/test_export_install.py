@@ -1,0 +1,171 @@
+"""Stage 4: artefacts land in `<repo>/<model>/<version>/` with a manifest whose hashes are the files'."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.engine import ENGINES_FILE
+from export.errors import InstallError
+from export.install import install
+from export.onnx_export import sha256_file
+from export.render_repo import load_config
+from serving.model.io_spec import ENGINES, engine_specs
+from serving.model.model import FusionConfig
+
+MODELS = sorted((*ENGINES, "preprocess", "vqa"))
+
+
+def _manifest(repo: Path, model: str, version: int = 1) -> dict:
+    return json.loads((repo / model / str(version) / "manifest.json").read_text())
+
+
+def test_onnxruntime_install_hashes_every_artefact(onnx_dir, source_repo, tmp_path):
+    repo = tmp_path / "ort"
+    result = install(onnx_dir, "onnxruntime", repo=repo, source_repo=source_repo)
+    assert sorted(result["models"]) == MODELS
+    for model in MODELS:
+        vdir = repo / model / "1"
+        m = _manifest(repo, model)
+        expected = {"checkpoint/config.json", "checkpoint/tokenizer.json", "checkpoint/answers.json"}
+        if model in ENGINES:
+            expected.add("model.onnx")
+            assert sha256_file(vdir / "model.onnx") == sha256_file(onnx_dir / f"{model}.onnx")
+        assert set(m["artefacts"]) == expected
+        for rel, sha in m["artefacts"].items():
+            assert sha256_file(vdir / rel) == sha, rel
+        assert m["config_pbtxt_sha256"] == sha256_file(repo / model / "config.pbtxt")
+        assert (m["target"], m["preset"], m["version"], m["export"]["opset"]) == ("onnxruntime", "tiny", 1, 17)
+        assert m["source_checkpoint"]["source"] == "random:tiny"
+        assert len(m["source_checkpoint"]["model_safetensors_sha256"]) == 64
+        assert m["created"].endswith("Z")
+
+
+def test_engine_manifests_hold_their_own_parity_figures(onnx_dir, source_repo, tmp_path):
+    repo = tmp_path / "ort"
+    install(onnx_dir, "onnxruntime", repo=repo, source_repo=source_repo)
+    parity = json.loads((onnx_dir / "parity.json").read_text())
+    m = _manifest(repo, "fusion")
+    assert m["parity"]["ok"] is True
+    assert m["parity"]["real"] == parity["real"]["fusion"]
+    assert sorted(m["parity"]["random"]) == ["CROSS_ATTENTION", "ITM_LOGIT", "VQA_LOGITS"]
+    assert _manifest(repo, "vqa")["parity"]["random"] == parity["random"]
+
+
+def test_onnxruntime_configs_parse_with_native_backend_and_io_spec_dims(onnx_dir, source_repo, tmp_path):
+    repo = tmp_path / "ort"
+    install(onnx_dir, "onnxruntime", repo=repo, source_repo=source_repo)
+    specs = engine_specs(FusionConfig.preset("tiny"))
+    for e in ENGINES:
+        config = load_config(repo / e / "config.pbtxt")
+        assert (config.backend, config.platform, config.default_model_filename) == (
+            "onnxruntime",
+            "onnxruntime_onnx",
+            "model.onnx",
+        )
+        assert [(t.name, tuple(t.dims)) for t in config.input] == [(t.name, t.dims) for t in specs[e].inputs]
+        assert [(t.name, tuple(t.dims)) for t in config.output] == [(t.name, t.dims) for t in specs[e].outputs]
+        assert "onnx_file" not in config.parameters and "intra_op_threads" not in config.parameters
+        assert not (repo / e / "1" / "model.py").exists(), "a native engine carries no Python code"
+    for m in ("preprocess", "vqa"):
+        assert load_config(repo / m / "config.pbtxt").backend == "python"
+        assert (repo / m / "1" / "model.py").read_bytes() == (source_repo / m / "1" / "model.py").read_bytes()
+
+
+def test_tensorrt_install_needs_stage_3_and_writes_nothing_without_it(onnx_dir, source_repo, tmp_path):
+    repo = tmp_path / "trt"
+    with pytest.raises(InstallError, match="vtfuse export engine"):
+        install(onnx_dir, "tensorrt", repo=repo, source_repo=source_repo)
+    assert not repo.exists()
+
+
+def test_tensorrt_install_copies_the_plans_stage_3_recorded(onnx_dir, source_repo, tmp_path):
+    # Stage 3's output as a GPU machine would leave it (plans are opaque bytes to stage 4).
+    stage = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, stage)
+    info = json.loads((stage / "export.json").read_text())
+    engines = {}
+    for e in ENGINES:
+        plan = tmp_path / "cache" / f"{e}.plan"
+        plan.parent.mkdir(exist_ok=True)
+        plan.write_bytes(f"plan of {e}".encode())
+        engines[e] = {
+            "plan": str(plan),
+            "plan_sha256": sha256_file(plan),
+            "onnx_sha256": info["files"][e]["sha256"],
+            "profile": {"min": 1, "opt": 32, "max": 64},
+            "parity": {"batch_1": {}},
+        }
+    gpu = {"tensorrt": "10.0.0", "gpu": "NVIDIA H100", "fp16": True, "engines": engines}
+    (stage / ENGINES_FILE).write_text(json.dumps(gpu))
+    repo = tmp_path / "trt"
+    install(stage, "tensorrt", repo=repo, source_repo=source_repo)
+    for e in ENGINES:
+        m = _manifest(repo, e)
+        assert m["artefacts"]["model.plan"] == engines[e]["plan_sha256"]
+        assert not (repo / e / "1" / "model.onnx").exists()
+        assert m["tensorrt"]["gpu"] == "NVIDIA H100" and m["tensorrt"]["profile"]["max"] == 64
+        config = load_config(repo / e / "config.pbtxt")
+        assert (config.platform, config.backend, config.default_model_filename) == (
+            "tensorrt_plan",
+            "tensorrt",
+            "model.plan",
+        )
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in config.instance_group)
+
+
+def test_a_plan_built_from_another_onnx_is_refused(onnx_dir, source_repo, tmp_path):
+    stage = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, stage)
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"x")
+    entry = {"plan": str(plan), "plan_sha256": "", "onnx_sha256": "0" * 64, "profile": {}}
+    (stage / ENGINES_FILE).write_text(json.dumps({"engines": {e: entry for e in ENGINES}}))
+    with pytest.raises(InstallError, match="another ONNX file"):
+        install(stage, "tensorrt", repo=tmp_path / "trt", source_repo=source_repo)
+
+
+def test_embedded_install_into_the_source_repository_keeps_its_python_models(onnx_dir, source_repo):
+    before = {p: p.read_bytes() for p in source_repo.rglob("*") if p.is_file()}
+    install(onnx_dir, "embedded", repo=source_repo, source_repo=source_repo, version=2)
+    for path, content in before.items():  # committed files untouched
+        assert path.read_bytes() == content
+    for e in ENGINES:
+        assert (source_repo / e / "2" / "model.onnx").exists()
+        assert (source_repo / e / "2" / "model.py").read_bytes() == (source_repo / e / "1" / "model.py").read_bytes()
+        assert _manifest(source_repo, e, 2)["target"] == "embedded"
+    assert (source_repo / "vqa" / "2" / "checkpoint" / "answers.json").exists()
+
+
+def test_reinstall_replaces_artefacts(onnx_dir, source_repo, tmp_path):
+    repo = tmp_path / "ort"
+    install(onnx_dir, "onnxruntime", repo=repo, source_repo=source_repo)
+    (repo / "fusion" / "1" / "stale.txt").write_text("left from an earlier build")
+    (repo / "fusion" / "1" / "model.onnx").write_bytes(b"corrupt")
+    install(onnx_dir, "onnxruntime", repo=repo, source_repo=source_repo)
+    assert sha256_file(repo / "fusion" / "1" / "model.onnx") == sha256_file(onnx_dir / "fusion.onnx")
+    assert not (repo / "fusion" / "1" / "stale.txt").exists()  # a rendered repository is rebuilt whole
+
+
+def test_embedded_install_refuses_a_repository_of_another_preset(onnx_dir, source_repo, tmp_path):
+    stage = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, stage)
+    (stage / "checkpoint" / "config.json").write_text(FusionConfig.preset("small").to_json())
+    with pytest.raises(InstallError, match="--repo"):
+        install(stage, "embedded", repo=source_repo, source_repo=source_repo)
+
+
+def test_install_refuses_unchecked_exports(onnx_dir, source_repo, tmp_path):
+    stage = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, stage)
+    (stage / "parity.json").unlink()
+    with pytest.raises(InstallError, match="vtfuse export check"):
+        install(stage, "onnxruntime", repo=tmp_path / "ort", source_repo=source_repo)
+    report = json.loads((onnx_dir / "parity.json").read_text())
+    (stage / "parity.json").write_text(json.dumps({**report, "ok": False}))
+    with pytest.raises(InstallError, match="parity failure"):
+        install(stage, "onnxruntime", repo=tmp_path / "ort", source_repo=source_repo)

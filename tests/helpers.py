@@ -1,0 +1,51 @@
+"""Test utilities: free ports, fresh shapes-world renders, Triton metrics parsing."""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+import urllib.request
+
+from serving.shapes import world
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fresh_samples(n: int, seed: int) -> list[tuple[bytes, world.QA, world.Scene]]:
+    """`n` (encoded image, question, scene) triples from renders the model never saw."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        scene = world.random_scene(rng)
+        side = rng.choice([64, 100, 160, 256])
+        img = world.render(scene, side, supersample=rng.choice([1, 2]))
+        data = world.encode(img, "JPEG", 90) if rng.random() < 0.5 else world.encode(img, "PNG")
+        out.append((data, world.sample_question(scene, rng), scene))
+    return out
+
+
+def scrape(url: str) -> str:
+    """GET a Prometheus text endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        m = re.match(r"^(\w+)(?:\{(.*)\})?\s+([-+0-9.eEinfNa]+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
