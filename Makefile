@@ -8,9 +8,15 @@ PRESET ?= tiny
 CHECKPOINT ?= $(PRESET)
 REPOSITORY ?= model_repository
 PYTEST_ARGS ?=
+QUICK ?=
+SMALL_REPOSITORY ?= build/model_repository-small
+BENCH_OUT ?= $(if $(QUICK),build/bench-quick,loadtests/results)
+TUNE_ARGS ?=
+# checkov's pins clash with the main environment: it gets its own (deploy/checkov-constraints.txt).
+TOOLS_VENV ?= build/tools-venv
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install repository triton serve test lint unit integration train clean
+.PHONY: install repository triton serve test lint unit integration train clean bench tune deploy-check
 
 install: $(VENV)/.installed
 
@@ -40,14 +46,37 @@ train: install
 	$(PY) -m serving.cli train --out checkpoints/tiny
 
 lint: install
-	$(VENV)/bin/ruff check serving export tests loadtests
+	$(VENV)/bin/ruff check serving export tests loadtests deploy
 	$(VENV)/bin/mypy
 
-test: repository lint
+test: repository lint deploy-check
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(TOOLS_VENV)/.installed: deploy/checkov-constraints.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q -c deploy/checkov-constraints.txt checkov
+	touch $@
+
+# Render every kustomize overlay; validate it (Kubernetes 1.30 strict, CRD schemas), the
+# Dockerfiles, the Prometheus files, and scan it with checkov (deploy/README.md).
+deploy-check: install $(TOOLS_VENV)/.installed
+	$(PY) -m deploy.check --checkov $(TOOLS_VENV)/bin/checkov
 
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The `small` benchmark model (seeded random weights): export stages 1, 2, 4 into build/.
+$(SMALL_REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed
+	$(PY) -m serving.cli export all --target embedded --checkpoint small --repo $(SMALL_REPOSITORY)
+
+# Every SPEC §7 figure in one run → loadtests/results/ (see loadtests/README.md);
+# QUICK=1: a smoke run of seconds-long windows, tiny standing in for small → build/bench-quick/.
+bench: repository $(if $(QUICK),,$(SMALL_REPOSITORY)/fusion/1/model.onnx)
+	$(PY) -m loadtests.bench $(if $(QUICK),--quick) --out $(BENCH_OUT) --tiny-repo $(REPOSITORY) --small-repo $(SMALL_REPOSITORY)
+
+# Sweep queue delay, preferred batch sizes and instances against a p99 budget → build/tune/ (TUNE_ARGS: see --help).
+tune: repository
+	$(PY) -m serving.cli tune --repository $(REPOSITORY) $(TUNE_ARGS)
 
 clean:
 	rm -rf build $(REPOSITORY)/*/[0-9]*/*.onnx $(REPOSITORY)/*/[0-9]*/manifest.json $(REPOSITORY)/*/[0-9]*/checkpoint

@@ -9,13 +9,21 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from serving.model.model import FusionConfig, FusionModel, build_model
+from serving.model.config import FusionConfig
+from serving.model.model import FusionModel, build_model
 from serving.model.tokenizer import build_tokenizer
+from serving.paths import DEFAULT_CHECKPOINT, REPO_ROOT
 from serving.shapes.world import ANSWERS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# The shipped, trained `tiny` checkpoint: the default everywhere.
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "REPO_ROOT",
+    "Checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "random_checkpoint",
+    "resolve_checkpoint",
+]
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serving.model.model import FusionConfig
+from serving.model.config import FusionConfig
 
 ENGINES = ("image_encoder", "text_encoder", "fusion")
 

@@ -8,67 +8,17 @@ logits, ITM logit, text-to-image cross-attention).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-PRESETS = ("tiny", "small", "base")
+from serving.model.config import PRESETS, FusionConfig
+
+__all__ = ["PRESETS", "FusionConfig", "FusionModel", "build_model"]
+
 # ImageNet-style normalisation, applied inside the image graph so clients send raw uint8.
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-
-@dataclass(frozen=True)
-class FusionConfig:
-    """Architecture of one preset; one JSON file per preset under configs/."""
-
-    name: str
-    image_size: int
-    stem: str  # "conv": strided conv stem (tiny); "patch": ViT patch embedding
-    patch_size: int
-    dim: int
-    heads: int
-    mlp_ratio: int
-    vision_layers: int
-    text_layers: int
-    fusion_layers: int
-    embed_dim: int
-    max_text_len: int
-    vocab_size: int
-    num_answers: int
-    seed: int = 0
-
-    @property
-    def grid(self) -> int:
-        """Patches per image side."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Image tokens the fusion stack attends to."""
-        return self.grid * self.grid
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> FusionConfig:
-        """Load a config JSON file."""
-        return cls(**json.loads(Path(path).read_text()))
-
-    @classmethod
-    def preset(cls, name: str) -> FusionConfig:
-        """Load a named preset (`tiny`, `small`, `base`)."""
-        path = CONFIG_DIR / f"{name}.json"
-        if not path.exists():
-            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-        return cls.from_json(path)
-
-    def to_json(self) -> str:
-        """Serialise to JSON."""
-        return json.dumps(asdict(self), indent=2)
 
 
 class Attention(nn.Module):

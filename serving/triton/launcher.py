@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from serving.model.checkpoint import REPO_ROOT
+from serving.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serving.model.model import FusionConfig
+from serving.model.config import FusionConfig
 
 
 def version_dir(args: dict[str, Any]) -> Path:
