@@ -61,7 +61,7 @@ def engine_specs(cfg: FusionConfig) -> dict[str, EngineSpec]:
             (
                 TensorSpec("VQA_LOGITS", "FP32", (A,)),
                 TensorSpec("ITM_LOGIT", "FP32", (1,)),
-                TensorSpec("CROSS_ATTENTION", "FP32", (L, P)),
+                TensorSpec("CROSS_ATTENTION", "FP32", (cfg.fusion_layers, L, P)),
             ),
         ),
     }

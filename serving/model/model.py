@@ -193,18 +193,17 @@ class FusionModel(nn.Module):
     def fuse(
         self, image_feats: torch.Tensor, text_feats: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Text tokens cross-attend to patches → VQA logits (B, A), ITM logit (B, 1), attention (B, L, P).
+        """Text tokens cross-attend to patches → VQA logits (B, A), ITM logit (B, 1), attention (B, F, L, P).
 
-        The attention is the last fusion layer's text-to-image weights, averaged over heads.
+        The attention holds every fusion layer's text-to-image weights, averaged over heads.
         """
         x = text_feats
-        att = torch.zeros(x.shape[0], x.shape[1], image_feats.shape[1], dtype=x.dtype, device=x.device)
-        for i, blk in enumerate(self.fusion):
-            x, w = blk(x, mask, image_feats, need_weights=i == len(self.fusion) - 1)
-            if w is not None:
-                att = w
+        weights = []
+        for blk in self.fusion:
+            x, w = blk(x, mask, image_feats, need_weights=True)
+            weights.append(w)
         cls = self.fusion_ln(x)[:, 0]  # (B, D)
-        return self.vqa_head(cls), self.itm_head(cls), att
+        return self.vqa_head(cls), self.itm_head(cls), torch.stack(weights, dim=1)  # type: ignore[arg-type]
 
 
 def build_model(cfg: FusionConfig) -> FusionModel:

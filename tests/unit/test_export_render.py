@@ -34,7 +34,7 @@ input [
 output [
   { name: "VQA_LOGITS" data_type: TYPE_FP32 dims: [ 14 ] },
   { name: "ITM_LOGIT" data_type: TYPE_FP32 dims: [ 1 ] },
-  { name: "CROSS_ATTENTION" data_type: TYPE_FP32 dims: [ 24, 64 ] }
+  { name: "CROSS_ATTENTION" data_type: TYPE_FP32 dims: [ 2, 24, 64 ] }
 ]
 instance_group [ { count: 2 kind: KIND_CPU } ]
 dynamic_batching { preferred_batch_size: [ 16, 32 ] default_queue_policy { max_queue_size: 256 } }

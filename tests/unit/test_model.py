@@ -31,8 +31,8 @@ def test_entry_point_shapes(tiny):
     assert f.shape == (3, cfg.num_patches, cfg.dim) and e.shape == (3, cfg.embed_dim)
     assert t.shape == (3, cfg.max_text_len, cfg.dim) and te.shape == (3, cfg.embed_dim)
     assert v.shape == (3, cfg.num_answers) and itm.shape == (3, 1)
-    assert att.shape == (3, cfg.max_text_len, cfg.num_patches)
-    torch.testing.assert_close(att.sum(-1), torch.ones(3, cfg.max_text_len))
+    assert att.shape == (3, cfg.fusion_layers, cfg.max_text_len, cfg.num_patches)
+    torch.testing.assert_close(att.sum(-1), torch.ones(3, cfg.fusion_layers, cfg.max_text_len))
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(te.norm(dim=-1), torch.ones(3))
 

@@ -1,0 +1,149 @@
+"""The gRPC API (serving/proto/vtfuse.proto) on Ray Serve's gRPC proxy: protos ↔ tasks, errors → status codes.
+
+Same limits and the same error classes as HTTP; an error sets the call's status code
+(INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) and details
+on the Serve gRPC context and returns an empty message, which the proxy turns into
+that status for the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+
+from serving.app.auth import check_api_key
+from serving.app.logs import clean_request_id, request_id_var
+from serving.app.metrics import ApiMetrics
+from serving.app.pipeline import Admission, Pipeline, RequestContext
+from serving.app.schemas import (
+    EmbedResponse,
+    MatchResponse,
+    RetrieveResponse,
+    VqaResponse,
+    retrieve_form,
+)
+from serving.app.settings import AppArgs
+from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask, check_limits, resolve_model
+from serving.errors import PayloadTooLarge, SchemaViolation, VtfuseError
+from serving.proto import vtfuse_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+ROUTES = {"Vqa": "/v1/vqa", "Match": "/v1/match", "Retrieve": "/v1/retrieve", "Embed": "/v1/embed"}
+EMPTY = {"Vqa": pb.VqaResponse, "Match": pb.MatchResponse, "Retrieve": pb.RetrieveResponse, "Embed": pb.EmbedResponse}
+
+
+def grpc_code(err: VtfuseError) -> grpc.StatusCode:
+    """The gRPC status code of an error class (serving.errors names it)."""
+    return getattr(grpc.StatusCode, err.grpc_status, grpc.StatusCode.INTERNAL)
+
+
+def to_task(method: str, req: Any, model: str) -> Task:
+    """A request proto → task (proto3 has no null: empty fields are absent ones)."""
+    if method == "Vqa":
+        return VqaTask(model, bytes(req.image), list(req.questions), req.top_k or 1, bool(req.return_attention))
+    if method == "Match":
+        return MatchTask(model, bytes(req.image), list(req.texts))
+    if method == "Retrieve":
+        try:
+            image_form = retrieve_form(bool(req.image), len(req.texts) > 0, bool(req.text), len(req.images) > 0)
+        except ValueError as e:
+            raise SchemaViolation(str(e)) from None
+        if image_form:
+            return RetrieveTask(model, req.top_k or 1, image=bytes(req.image), texts=list(req.texts))
+        return RetrieveTask(model, req.top_k or 1, text=req.text, images=[bytes(b) for b in req.images])
+    if method == "Embed":
+        return EmbedTask(model, [bytes(b) for b in req.images], list(req.texts))
+    raise ValueError(f"unknown method {method}")
+
+
+def to_proto(result: Any) -> Any:
+    """A pipeline response model → its response proto."""
+    if isinstance(result, VqaResponse):
+        answers = []
+        for a in result.answers:
+            att = None
+            if a.attention is not None:
+                rows = len(a.attention)
+                att = pb.AttentionGrid(
+                    rows=rows, cols=len(a.attention[0]) if rows else 0, values=[v for row in a.attention for v in row]
+                )
+            answers.append(
+                pb.VqaAnswer(
+                    question=a.question,
+                    answer=a.answer,
+                    score=a.score,
+                    top_k=[pb.AnswerScore(answer=t.answer, score=t.score) for t in a.top_k],
+                    attention=att,
+                )
+            )
+        return pb.VqaResponse(model=result.model, answers=answers)
+    if isinstance(result, MatchResponse):
+        return pb.MatchResponse(model=result.model, scores=result.scores)
+    if isinstance(result, RetrieveResponse):
+        return pb.RetrieveResponse(
+            model=result.model,
+            results=[pb.RetrieveResult(index=r.index, score=r.score, text=r.text or "") for r in result.results],
+        )
+    if isinstance(result, EmbedResponse):
+        return pb.EmbedResponse(
+            model=result.model,
+            image_embeddings=[pb.Embedding(values=v) for v in result.image_embeddings],
+            text_embeddings=[pb.Embedding(values=v) for v in result.text_embeddings],
+        )
+    raise TypeError(f"no proto for {type(result).__name__}")
+
+
+async def handle(
+    method: str,
+    req: Any,
+    grpc_context: Any,
+    pipeline: Pipeline,
+    args: AppArgs,
+    metrics: ApiMetrics,
+    request_id: str | None,
+    admission: Admission | None = None,
+    api_key: str | None = None,
+) -> Any:
+    """Serve one gRPC call; never raises for a request error (it becomes the call's status)."""
+    t0 = time.monotonic()
+    rid = clean_request_id(request_id)
+    token = request_id_var.set(rid)
+    status = "OK"
+    admitted = False
+    try:
+        check_api_key(args.api_keys, api_key)
+        if admission is not None:
+            admission.enter()
+            admitted = True
+        if req.ByteSize() > args.limits.max_body_bytes:
+            raise PayloadTooLarge(
+                f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "
+                "(limits.max_body_bytes)"
+            )
+        model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
+        task = to_task(method, req, model)
+        check_limits(task, args.limits)
+        log.info("grpc %s model=%s", method, model)
+        result = await pipeline.run(task, RequestContext(rid, t0 + args.limits.request_timeout_s))
+        return to_proto(result)
+    except VtfuseError as e:
+        code = grpc_code(e)
+        status = code.name
+        log.info("grpc %s refused: %s %s", method, e.code, e.message)
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(f"{e.code}: {e.message}")
+            meta = [("request_id", rid), ("error-code", e.code)]
+            if e.retry_after is not None:
+                meta.append(("retry-after", str(max(1, int(round(e.retry_after))))))
+            grpc_context.set_trailing_metadata(meta)
+        return EMPTY[method]()
+    finally:
+        if admitted:
+            admission.leave()  # type: ignore[union-attr]
+        request_id_var.reset(token)
+        metrics.request(ROUTES.get(method, method), "grpc", status, time.monotonic() - t0)

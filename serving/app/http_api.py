@@ -1,0 +1,404 @@
+"""The FastAPI app of the HTTP API: routes, JSON + multipart parsing, admission, request ids and the error contract.
+
+Every error leaves as `{"error": {"code", "message"}}` with the status serving.errors
+assigns (FastAPI's `{"detail": ...}` never does). Bodies are read with a size cap before
+parsing; a body that is not multipart is parsed as JSON whatever its Content-Type says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.app import schemas
+from serving.app.auth import check_api_key, presented_key
+from serving.app.logs import clean_request_id, request_id_var
+from serving.app.metrics import CONTENT_TYPE, ApiMetrics
+from serving.app.pipeline import Admission, Pipeline, RequestContext
+from serving.app.settings import AppArgs, Limits
+from serving.app.tasks import check_limits, from_http, resolve_model
+from serving.errors import (
+    InvalidInput,
+    InvalidJson,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    SchemaViolation,
+    Unauthorized,
+    UpstreamUnavailable,
+    VtfuseError,
+    error_body,
+    error_headers,
+)
+
+log = logging.getLogger(__name__)
+
+TASK_ROUTES = tuple(schemas.REQUEST_MODELS)
+KNOWN_ROUTES = frozenset((*TASK_ROUTES, "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc"))
+_STATUS_ERRORS: dict[int, type[VtfuseError]] = {
+    400: InvalidInput,
+    401: Unauthorized,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    422: SchemaViolation,
+    429: Overloaded,
+    503: UpstreamUnavailable,
+}
+# Multipart field names: repeated ones become lists, file parts become base64 strings.
+_LIST_FIELDS = {
+    "/v1/vqa": {"questions": "questions", "question": "questions"},
+    "/v1/match": {"texts": "texts", "text": "texts"},
+    "/v1/retrieve": {"texts": "texts", "images": "images"},
+    "/v1/embed": {"texts": "texts", "text": "texts", "images": "images", "image": "images"},
+}
+
+
+def error_response(err: VtfuseError) -> JSONResponse:
+    """The JSON error response of one error, with Retry-After when it has one."""
+    return JSONResponse(error_body(err), status_code=err.http_status, headers=error_headers(err))
+
+
+def summarize_validation(errors: list[dict[str, Any]], limit: int = 3) -> str:
+    """Pydantic errors → one readable line naming each field and what is wrong."""
+    parts = []
+    for e in errors[:limit]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",)) or "body"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field: remove it"
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing it as soon as it grows past `limit` bytes (413)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is {declared} bytes, over the limit of {limit} (limits.max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes (limits.max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    """Bytes → JSON value (400 when malformed)."""
+    if not raw.strip():
+        raise InvalidJson("the body is empty: send a JSON object (or multipart/form-data)")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidJson(f"the body is not valid JSON ({e}): send a JSON object") from None
+
+
+async def parse_multipart(headers: Headers, raw: bytes, route: str, limits: Limits) -> dict[str, Any]:
+    """A multipart body → the same dict a JSON client would send (files as base64) for one schema to validate."""
+    import base64
+
+    async def stream():  # the already size-checked body
+        yield raw
+
+    parser = MultiPartParser(
+        headers,
+        stream(),
+        max_files=limits.max_images + 1,
+        max_fields=max(limits.max_texts, limits.max_questions) + 8,
+        max_part_size=limits.max_body_bytes,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        if "too many" in e.message.lower():
+            raise PayloadTooLarge(f"multipart body: {e.message}") from None
+        raise InvalidInput(f"malformed multipart body: {e.message}") from None
+    lists = _LIST_FIELDS[route]
+    out: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                value = base64.b64encode(await value.read()).decode("ascii")
+            if key in lists:
+                out.setdefault(lists[key], []).append(value)
+            elif key in out:
+                raise SchemaViolation(f"multipart field {key!r} appears more than once: send it once")
+            elif key == "top_k":
+                out[key] = int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
+            elif key == "return_attention" and isinstance(value, str):
+                v = value.strip().lower()
+                out[key] = True if v in ("1", "true", "yes", "on") else False if v in ("0", "false", "no", "off") else v
+            else:
+                out[key] = value
+    finally:
+        await form.close()
+    return out
+
+
+def validate_body(route: str, obj: Any) -> schemas._Request:
+    """The schema of `route` over a parsed body (422 on any violation)."""
+    try:
+        return schemas.REQUEST_MODELS[route].model_validate(obj)
+    except ValidationError as e:
+        raise SchemaViolation(summarize_validation([dict(x) for x in e.errors()])) from None
+
+
+class ApiMiddleware:
+    """Outermost ASGI layer: request id, admission control, per-route metrics, last-resort 500 JSON."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ApiMetrics,
+        admission: Admission,
+        echo_request_id: bool = True,
+        api_keys: list[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.admission = admission
+        self.echo_request_id = echo_request_id
+        self.api_keys = list(api_keys or [])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id")
+        rid = clean_request_id(given)
+        token = request_id_var.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route prefix
+            path = path[len(root) :] or "/"
+        route = path if path in KNOWN_ROUTES else "other"
+        started, status = False, 500
+        add_id = self.echo_request_id or given is None
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started, status
+            if message["type"] == "http.response.start":
+                started, status = True, int(message["status"])
+                if add_id and not any(k.lower() == b"x-request-id" for k, _ in message.get("headers", [])):
+                    message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        admitted = False
+        try:
+            if route in TASK_ROUTES:
+                try:
+                    check_api_key(self.api_keys, presented_key(headers))
+                    self.admission.enter()
+                    admitted = True
+                except (Unauthorized, Overloaded) as err:
+                    resp = error_response(err)
+                    if isinstance(err, Unauthorized):
+                        resp.headers["WWW-Authenticate"] = "Bearer"
+                    await resp(scope, receive, send_wrapper)
+                    return
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception("unhandled error on %s", path)
+            if not started:
+                await error_response(VtfuseError(f"internal error (request id {rid}): please report it"))(
+                    scope, receive, send_wrapper
+                )
+        finally:
+            if admitted:
+                self.admission.leave()
+            request_id_var.reset(token)
+            self.metrics.request(route, "http", status, time.perf_counter() - t0)
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """OpenAPI with both request encodings (JSON and multipart) of the task routes documented."""
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = spec.setdefault("components", {}).setdefault("schemas", {})
+        for route, model in schemas.REQUEST_MODELS.items():
+            sch = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(sch.pop("$defs", {}))
+            comps[model.__name__] = sch
+            op = spec["paths"][route]["post"]
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "description": "Same fields; images as file parts, "
+                            "repeated fields (question, texts, images) repeated.",
+                        }
+                    },
+                },
+            }
+        app.openapi_schema = spec
+        return spec
+
+    return build
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorResponse, "description": desc}
+    for code, desc in {
+        400: "Malformed JSON, multipart or base64",
+        401: "API key missing or wrong (only when keys are configured)",
+        413: "Body, image pixels or item count over the limits",
+        415: "An image that is not a readable PNG, JPEG or WebP",
+        422: "Schema violation: empty list, unknown field, wrong type, text over the token limit, unknown model",
+        429: "Overloaded (Retry-After)",
+        503: "Triton unavailable (Retry-After)",
+        504: "Deadline expired upstream",
+    }.items()
+}
+
+
+def create_api(
+    pipeline: Pipeline,
+    args: AppArgs,
+    metrics: ApiMetrics,
+    collect_metrics: Callable[[], Awaitable[str]],
+    admission: Admission | None = None,
+    echo_request_id: bool = True,
+) -> ASGIApp:
+    """The HTTP API as an ASGI app (FastAPI wrapped in `ApiMiddleware`)."""
+    limits = args.limits
+    app = FastAPI(
+        title="vtfuse",
+        version="1.0",
+        description="Visual question answering, image-text matching, retrieval and embeddings over a "
+        "cross-attention fusion model served by Triton.",
+    )
+
+    @app.exception_handler(VtfuseError)
+    async def _vtfuse(_: Request, exc: VtfuseError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(SchemaViolation(summarize_validation([dict(e) for e in exc.errors()])))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cls = _STATUS_ERRORS.get(exc.status_code, VtfuseError)
+        if exc.status_code == 404:
+            msg = f"no route {request.url.path}: see /docs for the API"
+        elif exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}: see /docs"
+        else:
+            msg = str(exc.detail)
+        resp = error_response(cls(msg))
+        resp.status_code = exc.status_code
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        rid = getattr(request.state, "request_id", "-")
+        return error_response(VtfuseError(f"internal error (request id {rid}): please report it"))
+
+    async def run_task(request: Request, route: str) -> Response:
+        t0 = time.monotonic()
+        rid = request.state.request_id
+        raw = await read_body(request, limits.max_body_bytes)
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            obj = await parse_multipart(request.headers, raw, route, limits)
+        else:
+            obj = parse_json(raw)
+        body = validate_body(route, obj)
+        model = resolve_model(body.model, list(pipeline.runtimes), args.default_model)
+        task = from_http(body, model)
+        check_limits(task, limits)
+        log.info("%s model=%s", route, model)
+        result = await pipeline.run(task, RequestContext(rid, t0 + limits.request_timeout_s))
+        return JSONResponse(result.model_dump(exclude_none=True))
+
+    @app.post(
+        "/v1/vqa",
+        response_model=schemas.VqaResponse,
+        responses=ERROR_RESPONSES,
+        summary="Answer questions about one image",
+    )
+    async def vqa(request: Request) -> Response:
+        return await run_task(request, "/v1/vqa")
+
+    @app.post(
+        "/v1/match",
+        response_model=schemas.MatchResponse,
+        responses=ERROR_RESPONSES,
+        summary="Score how well each text describes one image",
+    )
+    async def match(request: Request) -> Response:
+        return await run_task(request, "/v1/match")
+
+    @app.post(
+        "/v1/retrieve",
+        response_model=schemas.RetrieveResponse,
+        responses=ERROR_RESPONSES,
+        summary="Rank texts for an image, or images for a text",
+    )
+    async def retrieve(request: Request) -> Response:
+        return await run_task(request, "/v1/retrieve")
+
+    @app.post(
+        "/v1/embed",
+        response_model=schemas.EmbedResponse,
+        responses=ERROR_RESPONSES,
+        summary="Image and/or text embeddings",
+    )
+    async def embed(request: Request) -> Response:
+        return await run_task(request, "/v1/embed")
+
+    @app.get("/healthz", response_model=schemas.Health, summary="Liveness")
+    async def healthz() -> schemas.Health:
+        return schemas.Health(status="live")
+
+    @app.get(
+        "/readyz",
+        response_model=schemas.Health,
+        responses={503: ERROR_RESPONSES[503]},
+        summary="Ready when every Triton model the default model routes to is ready",
+    )
+    async def readyz() -> Response:
+        models = await pipeline.ready(args.default_model)
+        if all(models.values()):
+            return JSONResponse(schemas.Health(status="ready", models=models).model_dump())
+        waiting = ", ".join(m for m, ok in models.items() if not ok)
+        return error_response(UpstreamUnavailable(f"Triton models not ready: {waiting}", retry_after=1.0))
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics of every replica")
+    async def metrics_endpoint() -> Response:
+        try:
+            text = await asyncio.wait_for(collect_metrics(), timeout=10)
+        except asyncio.TimeoutError:
+            raise UpstreamUnavailable("metrics endpoints did not answer in 10 s", retry_after=5.0) from None
+        return Response(text, media_type=CONTENT_TYPE)
+
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
+    return ApiMiddleware(app, metrics, admission or Admission(limits.max_inflight), echo_request_id, args.api_keys)

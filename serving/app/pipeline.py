@@ -1,0 +1,347 @@
+"""Executes a task: preprocess, then the router's plan of Triton engine calls, then the response.
+
+One `Pipeline` per ingress replica; it is protocol-neutral (HTTP and gRPC both call it)
+and holds no per-request state. Every Triton call carries the request id and the time
+left before the request's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from serving.app import router
+from serving.app.metrics import ApiMetrics
+from serving.app.models import ModelRuntime
+from serving.app.preprocess import PreprocessFn, PreprocessItem, Tensors
+from serving.app.router import (
+    CROSS_ATTENTION,
+    IMAGE_EMBEDDING,
+    IMAGE_FEATURES,
+    ITM_LOGIT,
+    TEXT_EMBEDDING,
+    TEXT_FEATURES,
+    VQA_LOGITS,
+)
+from serving.app.schemas import (
+    AnswerScore,
+    EmbedResponse,
+    MatchResponse,
+    RetrieveResponse,
+    RetrieveResult,
+    VqaAnswer,
+    VqaResponse,
+)
+from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
+from serving.errors import Overloaded, UpstreamTimeout, UpstreamUnavailable, VtfuseError
+from serving.triton.client import TritonClient
+
+log = logging.getLogger(__name__)
+
+Response = VqaResponse | MatchResponse | RetrieveResponse | EmbedResponse
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Per-request facts every stage needs."""
+
+    request_id: str
+    deadline: float  # time.monotonic() by which the response is due
+
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return self.deadline - time.monotonic()
+
+
+class Admission:
+    """Admission control of one ingress replica: at most `limit` requests in flight, HTTP and gRPC together."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    def enter(self) -> None:
+        """Admit a request or refuse it at once.
+
+        Raises:
+            Overloaded: `limit` requests are already in flight (429 / RESOURCE_EXHAUSTED, Retry-After 1 s).
+        """
+        if self.inflight >= self.limit:
+            raise Overloaded(
+                f"{self.inflight} requests in flight on this replica (limits.max_inflight): retry later",
+                retry_after=1.0,
+            )
+        self.inflight += 1
+
+    def leave(self) -> None:
+        """A request admitted by `enter` finished."""
+        self.inflight -= 1
+
+
+class Pipeline:
+    """Routes tasks to Triton through preprocessing; one per ingress replica."""
+
+    def __init__(
+        self,
+        runtimes: dict[str, ModelRuntime],
+        triton: TritonClient,
+        preprocess: PreprocessFn,
+        metrics: ApiMetrics,
+        engine_max_batch: int = 64,
+    ) -> None:
+        self.runtimes = runtimes
+        self.triton = triton
+        self.preprocess_fn = preprocess
+        self.metrics = metrics
+        self.engine_max_batch = engine_max_batch
+
+    # -- building blocks ---------------------------------------------------------------
+
+    async def preprocess(self, item: PreprocessItem, ctx: RequestContext) -> Tensors:
+        """Decode and tokenize through the preprocessing deployment (or in-process), within the deadline."""
+        t = time.perf_counter()
+        try:
+            res = await asyncio.wait_for(self.preprocess_fn(item), timeout=max(0.001, ctx.left()))
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("preprocessing did not finish before the request deadline") from None
+        except BackPressureError as e:
+            raise Overloaded(f"preprocessing is saturated: retry later ({e.message})", retry_after=1.0) from None
+        except (DeploymentUnavailableError, RayActorError) as e:
+            raise UpstreamUnavailable(f"preprocessing is unavailable: retry shortly ({e})", retry_after=1.0) from None
+        except RayTaskError as e:
+            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+            if isinstance(cause, VtfuseError):
+                raise cause from None
+            raise
+        self.metrics.stage("preprocess", time.perf_counter() - t)
+        return res.unwrap()
+
+    async def infer(
+        self,
+        rt: ModelRuntime,
+        role: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: tuple[str, ...],
+        ctx: RequestContext,
+    ) -> dict[str, np.ndarray]:
+        """One logical engine call, split into requests of at most `engine_max_batch` rows (run concurrently)."""
+        engine = rt.engine(role)
+        n = next(iter(inputs.values())).shape[0]
+        parts = router.chunks(n, self.engine_max_batch)
+
+        async def one(sl: slice) -> dict[str, np.ndarray]:
+            feed = {k: v[sl] for k, v in inputs.items()}
+            t = time.perf_counter()
+            out = await self.triton.infer(
+                engine, feed, list(outputs), deadline=ctx.deadline, request_id=ctx.request_id, version=rt.spec.version
+            )
+            self.metrics.triton_call(
+                role,
+                time.perf_counter() - t,
+                sum(int(a.nbytes) for a in feed.values()),
+                sum(int(a.nbytes) for a in out.values()),
+            )
+            return out
+
+        results = await asyncio.gather(*(one(sl) for sl in parts))
+        if len(results) == 1:
+            return results[0]
+        return {o: np.concatenate([r[o] for r in results]) for o in outputs}
+
+    def runtime(self, task: Task) -> ModelRuntime:
+        """The served model a task names (already resolved by the ingress)."""
+        return self.runtimes[task.model]
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def run(self, task: Task, ctx: RequestContext) -> Response:
+        """Execute any task."""
+        if isinstance(task, VqaTask):
+            return await self.vqa(task, ctx)
+        if isinstance(task, MatchTask):
+            return await self.match(task, ctx)
+        if isinstance(task, RetrieveTask):
+            return await self.retrieve(task, ctx)
+        return await self.embed(task, ctx)
+
+    async def vqa(self, task: VqaTask, ctx: RequestContext) -> VqaResponse:
+        """Image encoded once, questions once, fusion on one row per question."""
+        rt = self.runtime(task)
+        plan = router.plan_vqa(len(task.questions), task.return_attention)
+        pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.questions, ctx.request_id), ctx)
+        (img_call, txt_call), (fus_call,) = plan
+        img, txt = await asyncio.gather(
+            self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, img_call.outputs, ctx),
+            self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
+        )
+        n = fus_call.rows
+        fused = await self.infer(
+            rt,
+            "fusion",
+            {
+                "IMAGE_FEATURES": np.repeat(img[IMAGE_FEATURES], n, axis=0),
+                "TEXT_FEATURES": txt[TEXT_FEATURES],
+                "ATTENTION_MASK": pre.mask,
+            },
+            fus_call.outputs,
+            ctx,
+        )
+        probs = router.softmax(fused[VQA_LOGITS])
+        answers = []
+        for i, q in enumerate(task.questions):
+            top = router.top_answers(probs[i], list(rt.answers), task.top_k)
+            grid = None
+            if task.return_attention:
+                grid = router.attention_grid(fused[CROSS_ATTENTION][i], rt.grid).round(5).tolist()
+            answers.append(
+                VqaAnswer(
+                    question=q,
+                    answer=top[0][0],
+                    score=top[0][1],
+                    top_k=[AnswerScore(answer=a, score=s) for a, s in top],
+                    attention=grid,
+                )
+            )
+        return VqaResponse(model=task.model, answers=answers)
+
+    async def match(self, task: MatchTask, ctx: RequestContext) -> MatchResponse:
+        """ITM probability of each text: image once, texts once, fusion per text."""
+        rt = self.runtime(task)
+        (img_call, txt_call), (fus_call,) = router.plan_match(len(task.texts))
+        pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.texts, ctx.request_id), ctx)
+        img, txt = await asyncio.gather(
+            self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, img_call.outputs, ctx),
+            self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
+        )
+        fused = await self.infer(
+            rt,
+            "fusion",
+            {
+                "IMAGE_FEATURES": np.repeat(img[IMAGE_FEATURES], fus_call.rows, axis=0),
+                "TEXT_FEATURES": txt[TEXT_FEATURES],
+                "ATTENTION_MASK": pre.mask,
+            },
+            fus_call.outputs,
+            ctx,
+        )
+        scores = router.sigmoid(fused[ITM_LOGIT].reshape(-1))
+        return MatchResponse(model=task.model, scores=[float(s) for s in scores])
+
+    async def retrieve(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
+        """Embedding shortlist of max(16, 4·top_k), then ITM re-rank of the shortlist only."""
+        if task.image_form:
+            return await self._retrieve_texts(task, ctx)
+        return await self._retrieve_images(task, ctx)
+
+    async def _retrieve_texts(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
+        rt = self.runtime(task)
+        texts = list(task.texts or [])
+        plan = router.plan_retrieve_texts(len(texts), task.top_k)
+        k = router.shortlist_size(len(texts), task.top_k)
+        pre = await self.preprocess(PreprocessItem(task.model, [task.image or b""], texts, ctx.request_id), ctx)
+        img_call, txt_call = plan[0]
+        img, txt = await asyncio.gather(
+            self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, img_call.outputs, ctx),
+            self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
+        )
+        cand = router.shortlist(img[IMAGE_EMBEDDING][0], txt[TEXT_EMBEDDING], k)
+        ids, mask = pre.ids[cand], pre.mask[cand]
+        if TEXT_FEATURES in txt:
+            feats = txt[TEXT_FEATURES][cand]
+        else:  # features for the shortlist only
+            (again,) = plan[1]
+            feats = (
+                await self.infer(rt, "text_encoder", {"INPUT_IDS": ids, "ATTENTION_MASK": mask}, again.outputs, ctx)
+            )[TEXT_FEATURES]
+        (fus_call,) = plan[-1]
+        fused = await self.infer(
+            rt,
+            "fusion",
+            {
+                "IMAGE_FEATURES": np.repeat(img[IMAGE_FEATURES], k, axis=0),
+                "TEXT_FEATURES": feats,
+                "ATTENTION_MASK": mask,
+            },
+            fus_call.outputs,
+            ctx,
+        )
+        ranked = router.rerank(cand, fused[ITM_LOGIT], task.top_k)
+        return RetrieveResponse(
+            model=task.model, results=[RetrieveResult(index=i, score=s, text=texts[i]) for i, s in ranked]
+        )
+
+    async def _retrieve_images(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
+        rt = self.runtime(task)
+        images = list(task.images or [])
+        plan = router.plan_retrieve_images(len(images), task.top_k)
+        k = router.shortlist_size(len(images), task.top_k)
+        pre = await self.preprocess(PreprocessItem(task.model, images, [task.text or ""], ctx.request_id), ctx)
+        img_call, txt_call = plan[0]
+        img, txt = await asyncio.gather(
+            self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, img_call.outputs, ctx),
+            self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
+        )
+        cand = router.shortlist(txt[TEXT_EMBEDDING][0], img[IMAGE_EMBEDDING], k)
+        if IMAGE_FEATURES in img:
+            feats = img[IMAGE_FEATURES][cand]
+        else:  # recompute features for the shortlist from its pixels
+            (again,) = plan[1]
+            feats = (await self.infer(rt, "image_encoder", {"PIXELS": pre.pixels[cand]}, again.outputs, ctx))[
+                IMAGE_FEATURES
+            ]
+        (fus_call,) = plan[-1]
+        fused = await self.infer(
+            rt,
+            "fusion",
+            {
+                "IMAGE_FEATURES": feats,
+                "TEXT_FEATURES": np.repeat(txt[TEXT_FEATURES], k, axis=0),
+                "ATTENTION_MASK": np.repeat(pre.mask, k, axis=0),
+            },
+            fus_call.outputs,
+            ctx,
+        )
+        ranked = router.rerank(cand, fused[ITM_LOGIT], task.top_k)
+        return RetrieveResponse(
+            model=task.model, results=[RetrieveResult(index=i, score=s, text=None) for i, s in ranked]
+        )
+
+    async def embed(self, task: EmbedTask, ctx: RequestContext) -> EmbedResponse:
+        """Images only → image_encoder; texts only → text_encoder; both → both, concurrently."""
+        rt = self.runtime(task)
+        (stage,) = router.plan_embed(len(task.images), len(task.texts))
+        pre = await self.preprocess(PreprocessItem(task.model, task.images, task.texts, ctx.request_id), ctx)
+        calls = []
+        for call in stage:
+            if call.engine == "image_encoder":
+                calls.append(self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, call.outputs, ctx))
+            else:
+                calls.append(
+                    self.infer(
+                        rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, call.outputs, ctx
+                    )
+                )
+        results: dict[str, np.ndarray] = {}
+        for r in await asyncio.gather(*calls):
+            results.update(r)
+        return EmbedResponse(
+            model=task.model,
+            image_embeddings=results[IMAGE_EMBEDDING].astype(float).round(6).tolist()
+            if IMAGE_EMBEDDING in results
+            else [],
+            text_embeddings=results[TEXT_EMBEDDING].astype(float).round(6).tolist()
+            if TEXT_EMBEDDING in results
+            else [],
+        )
+
+    async def ready(self, model: str, timeout_s: float = 2.0) -> dict[str, bool]:
+        """Readiness of every Triton engine `model` routes to."""
+        rt = self.runtimes[model]
+        return await self.triton.models_ready([(e, rt.spec.version) for e in rt.spec.engines()], timeout_s)

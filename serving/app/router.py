@@ -1,0 +1,185 @@
+"""Routing decisions as pure functions: which engines a request runs, on how many rows, asking for which outputs.
+
+What a request carries decides the engines: images only → `image_encoder`; texts only →
+`text_encoder`; both → `fusion` on features computed once per image and once per text
+(one image with N questions runs `image_encoder` on one row, `fusion` on N). Retrieval
+shortlists `max(16, 4·top_k)` candidates by embedding cosine similarity, then re-ranks
+only the shortlist with the ITM head (as ALBEF and BLIP do).
+
+Image features cross the wire as FP32 (the engines' dtype): fetched once per image,
+and repeated only inside the one `fusion` request that needs them per row. Outputs a
+stage does not use are not requested, so Triton does not send them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IMAGE_FEATURES, IMAGE_EMBEDDING = "IMAGE_FEATURES", "IMAGE_EMBEDDING"
+TEXT_FEATURES, TEXT_EMBEDDING = "TEXT_FEATURES", "TEXT_EMBEDDING"
+VQA_LOGITS, ITM_LOGIT, CROSS_ATTENTION = "VQA_LOGITS", "ITM_LOGIT", "CROSS_ATTENTION"
+SHORTLIST_MIN, SHORTLIST_PER_K = 16, 4
+
+
+@dataclass(frozen=True)
+class EngineCall:
+    """One engine request of a plan: which engine, how many rows, which outputs."""
+
+    engine: str  # "image_encoder" | "text_encoder" | "fusion"
+    rows: int
+    outputs: tuple[str, ...]
+
+
+Stage = tuple[EngineCall, ...]  # calls of one stage run concurrently; stages run in order
+
+
+def plan_embed(n_images: int, n_texts: int) -> tuple[Stage, ...]:
+    """Images only → image_encoder; texts only → text_encoder; both → both, concurrently; never fusion."""
+    calls = []
+    if n_images:
+        calls.append(EngineCall("image_encoder", n_images, (IMAGE_EMBEDDING,)))
+    if n_texts:
+        calls.append(EngineCall("text_encoder", n_texts, (TEXT_EMBEDDING,)))
+    if not calls:
+        raise ValueError("an embed request needs images or texts")
+    return (tuple(calls),)
+
+
+def plan_vqa(n_questions: int, return_attention: bool = False) -> tuple[Stage, ...]:
+    """One image row and N question rows concurrently, then fusion on N rows (VQA head)."""
+    fused = (VQA_LOGITS, CROSS_ATTENTION) if return_attention else (VQA_LOGITS,)
+    return (
+        (EngineCall("image_encoder", 1, (IMAGE_FEATURES,)), EngineCall("text_encoder", n_questions, (TEXT_FEATURES,))),
+        (EngineCall("fusion", n_questions, fused),),
+    )
+
+
+def plan_match(n_texts: int) -> tuple[Stage, ...]:
+    """One image row and N text rows concurrently, then fusion on N rows (ITM head)."""
+    return (
+        (EngineCall("image_encoder", 1, (IMAGE_FEATURES,)), EngineCall("text_encoder", n_texts, (TEXT_FEATURES,))),
+        (EngineCall("fusion", n_texts, (ITM_LOGIT,)),),
+    )
+
+
+def shortlist_size(n_candidates: int, top_k: int) -> int:
+    """Candidates re-ranked with ITM: max(16, 4·top_k), at most all of them."""
+    return min(n_candidates, max(SHORTLIST_MIN, SHORTLIST_PER_K * top_k))
+
+
+def plan_retrieve_texts(n_texts: int, top_k: int) -> tuple[Stage, ...]:
+    """Rank texts for one image.
+
+    When every text is shortlisted anyway, text features come with the embeddings in one
+    call; otherwise only embeddings first, then features for the shortlist alone (fewer
+    bytes than features for all: 4·L·D bytes each).
+    """
+    k = shortlist_size(n_texts, top_k)
+    if k == n_texts:
+        return (
+            (
+                EngineCall("image_encoder", 1, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
+                EngineCall("text_encoder", n_texts, (TEXT_FEATURES, TEXT_EMBEDDING)),
+            ),
+            (EngineCall("fusion", k, (ITM_LOGIT,)),),
+        )
+    return (
+        (
+            EngineCall("image_encoder", 1, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
+            EngineCall("text_encoder", n_texts, (TEXT_EMBEDDING,)),
+        ),
+        (EngineCall("text_encoder", k, (TEXT_FEATURES,)),),
+        (EngineCall("fusion", k, (ITM_LOGIT,)),),
+    )
+
+
+def plan_retrieve_images(n_images: int, top_k: int) -> tuple[Stage, ...]:
+    """Rank images for one text; the shortlist's features are recomputed from pixels (3·S² bytes up, not 4·P·D down)."""
+    k = shortlist_size(n_images, top_k)
+    if k == n_images:
+        return (
+            (
+                EngineCall("image_encoder", n_images, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
+                EngineCall("text_encoder", 1, (TEXT_FEATURES, TEXT_EMBEDDING)),
+            ),
+            (EngineCall("fusion", k, (ITM_LOGIT,)),),
+        )
+    return (
+        (
+            EngineCall("image_encoder", n_images, (IMAGE_EMBEDDING,)),
+            EngineCall("text_encoder", 1, (TEXT_FEATURES, TEXT_EMBEDDING)),
+        ),
+        (EngineCall("image_encoder", k, (IMAGE_FEATURES,)),),
+        (EngineCall("fusion", k, (ITM_LOGIT,)),),
+    )
+
+
+def engine_calls(plan: tuple[Stage, ...], engine: str) -> list[EngineCall]:
+    """The calls of a plan to one engine, in order."""
+    return [c for stage in plan for c in stage if c.engine == engine]
+
+
+def shortlist(query: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the `k` candidates most cosine-similar to `query`, best first (ties: lower index first).
+
+    Args:
+        query: (E,) embedding.
+        candidates: (N, E) embeddings.
+        k: how many to keep.
+    """
+    q = query / max(float(np.linalg.norm(query)), 1e-12)
+    c = candidates / np.maximum(np.linalg.norm(candidates, axis=1, keepdims=True), 1e-12)
+    sims = c @ q  # (N,)
+    return np.argsort(-sims, kind="stable")[:k]
+
+
+def rerank(candidates: np.ndarray, itm_logits: np.ndarray, top_k: int) -> list[tuple[int, float]]:
+    """(index, ITM probability) of the `top_k` best shortlisted candidates, best first.
+
+    Args:
+        candidates: (K,) indices into the request's texts or images.
+        itm_logits: (K,) or (K, 1) ITM logits of those candidates, same order.
+        top_k: how many to return.
+    """
+    probs = sigmoid(np.asarray(itm_logits, dtype=np.float64).reshape(-1))
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    return [(int(candidates[i]), float(probs[i])) for i in order]
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def top_answers(probs: np.ndarray, answers: list[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable answers of one row, best first."""
+    order = np.argsort(-probs, kind="stable")[: max(1, min(k, len(answers)))]
+    return [(answers[i], float(probs[i])) for i in order]
+
+
+def attention_grid(cross_attention: np.ndarray, grid: int) -> np.ndarray:
+    """One question's text→patch attention (F, L, P) → a (grid, grid) map over the image summing to 1.
+
+    The map is the [CLS] token's row in the FIRST fusion layer, where the text first meets the
+    image: measured on 191 fresh renders of questions naming one object, it puts 55 % of its
+    mass on that object's patches (79 % of questions above half), against 32 % for the last
+    layer and 11 % of the image's area (tests/unit/test_attention_maps.py).
+    """
+    m = np.asarray(cross_attention, dtype=np.float64)[0, 0]
+    m = m / max(float(m.sum()), 1e-12)
+    return m.reshape(grid, grid)
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    """Row slices of at most `size` rows covering n rows (an engine's max_batch_size)."""
+    return [slice(s, min(n, s + size)) for s in range(0, n, max(1, size))]

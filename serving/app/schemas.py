@@ -1,0 +1,161 @@
+"""Pydantic request and response bodies of the HTTP API (SPEC §5); unknown fields and wrong types are 422."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+B64Image = Annotated[
+    str, Field(description="Base64 of the PNG, JPEG or WebP file bytes (a data: URL prefix is allowed).")
+]
+Text = Annotated[str, StringConstraints(min_length=1)]
+TopK = Annotated[int, Field(ge=1, description="How many best entries to return.")]
+ModelName = Annotated[
+    str | None,
+    Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Served model (preset/version) to route to; default: tiny.",
+    ),
+]
+
+
+class _Request(BaseModel):
+    # strict: "3" is not an int, 1 is not a string; extra: unknown fields are refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: ModelName = None
+
+
+class VqaRequest(_Request):
+    """Questions about one image."""
+
+    image: B64Image
+    questions: list[Text] = Field(min_length=1)
+    top_k: TopK = 1
+    return_attention: bool = Field(
+        default=False, description="Add each question's patch-attention grid (rows sum to 1)."
+    )
+
+
+class MatchRequest(_Request):
+    """Texts to score against one image."""
+
+    image: B64Image
+    texts: list[Text] = Field(min_length=1)
+
+
+class RetrieveRequest(_Request):
+    """Rank `texts` for `image`, or `images` for `text`: exactly one of the two forms."""
+
+    image: B64Image | None = None
+    texts: list[Text] | None = Field(default=None, min_length=1)
+    text: Text | None = None
+    images: list[B64Image] | None = Field(default=None, min_length=1)
+    top_k: TopK = 1
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RetrieveRequest:
+        retrieve_form(self.image is not None, self.texts is not None, self.text is not None, self.images is not None)
+        return self
+
+
+def retrieve_form(image: bool, texts: bool, text: bool, images: bool) -> bool:
+    """Which retrieval form the present fields make: True for image + texts, False for text + images.
+
+    Raises:
+        ValueError: both forms, neither, or half of one (the message says which fields to send).
+    """
+    image_form, text_form = image or texts, text or images
+    if image_form and text_form:
+        raise ValueError("send either image + texts or text + images, not both forms")
+    if not image_form and not text_form:
+        raise ValueError("send image + texts (rank texts) or text + images (rank images)")
+    if image_form and not (image and texts):
+        raise ValueError("the image form needs both `image` and `texts`")
+    if text_form and not (text and images):
+        raise ValueError("the text form needs both `text` and `images`")
+    return image_form
+
+
+class EmbedRequest(_Request):
+    """Images and/or texts to embed; at least one."""
+
+    images: list[B64Image] | None = Field(default=None, min_length=1)
+    texts: list[Text] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> EmbedRequest:
+        if not self.images and not self.texts:
+            raise ValueError("send `images` and/or `texts` to embed")
+        return self
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AnswerScore(_Response):
+    answer: str
+    score: float = Field(description="Softmax probability over the answer vocabulary.")
+
+
+class VqaAnswer(_Response):
+    question: str
+    answer: str
+    score: float
+    top_k: list[AnswerScore]
+    attention: list[list[float]] | None = Field(
+        default=None, description="Patch-attention grid (rows x cols over the image), only with return_attention."
+    )
+
+
+class VqaResponse(_Response):
+    model: str
+    answers: list[VqaAnswer]
+
+
+class MatchResponse(_Response):
+    model: str
+    scores: list[float] = Field(description="ITM probability per text, in request order, 0..1.")
+
+
+class RetrieveResult(_Response):
+    index: int = Field(description="0-based index into the request's texts or images.")
+    score: float = Field(description="ITM probability, 0..1.")
+    text: str | None = Field(default=None, description="The ranked text (image + texts form only).")
+
+
+class RetrieveResponse(_Response):
+    model: str
+    results: list[RetrieveResult] = Field(description="Best first.")
+
+
+class EmbedResponse(_Response):
+    model: str
+    image_embeddings: list[list[float]]
+    text_embeddings: list[list[float]]
+
+
+class ErrorDetail(_Response):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_json, payload_too_large.")
+    message: str = Field(description="What was wrong and how to fix it.")
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+class Health(_Response):
+    status: str
+    models: dict[str, bool] = Field(default_factory=dict)
+
+
+REQUEST_MODELS: dict[str, type[_Request]] = {
+    "/v1/vqa": VqaRequest,
+    "/v1/match": MatchRequest,
+    "/v1/retrieve": RetrieveRequest,
+    "/v1/embed": EmbedRequest,
+}

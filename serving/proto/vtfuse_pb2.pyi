@@ -1,0 +1,140 @@
+# ruff: noqa
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VqaRequest(_message.Message):
+    __slots__ = ("image", "questions", "top_k", "model", "return_attention")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    model: str
+    return_attention: bool
+    def __init__(self, image: _Optional[bytes] = ..., questions: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., return_attention: _Optional[bool] = ...) -> None: ...
+
+class AnswerScore(_message.Message):
+    __slots__ = ("answer", "score")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    answer: str
+    score: float
+    def __init__(self, answer: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class AttentionGrid(_message.Message):
+    __slots__ = ("rows", "cols", "values")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class VqaAnswer(_message.Message):
+    __slots__ = ("question", "answer", "score", "top_k", "attention")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    answer: str
+    score: float
+    top_k: _containers.RepeatedCompositeFieldContainer[AnswerScore]
+    attention: AttentionGrid
+    def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ..., score: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[AnswerScore, _Mapping]]] = ..., attention: _Optional[_Union[AttentionGrid, _Mapping]] = ...) -> None: ...
+
+class VqaResponse(_message.Message):
+    __slots__ = ("model", "answers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    answers: _containers.RepeatedCompositeFieldContainer[VqaAnswer]
+    def __init__(self, model: _Optional[str] = ..., answers: _Optional[_Iterable[_Union[VqaAnswer, _Mapping]]] = ...) -> None: ...
+
+class MatchRequest(_message.Message):
+    __slots__ = ("image", "texts", "model")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    model: str
+    def __init__(self, image: _Optional[bytes] = ..., texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class MatchResponse(_message.Message):
+    __slots__ = ("model", "scores")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("image", "texts", "text", "images", "top_k", "model")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    text: str
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    top_k: int
+    model: str
+    def __init__(self, image: _Optional[bytes] = ..., texts: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class RetrieveResult(_message.Message):
+    __slots__ = ("index", "score", "text")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    text: str
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("model", "results")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    results: _containers.RepeatedCompositeFieldContainer[RetrieveResult]
+    def __init__(self, model: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RetrieveResult, _Mapping]]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("images", "texts", "model")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    model: str
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., texts: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("model", "image_embeddings", "text_embeddings")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    text_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    def __init__(self, model: _Optional[str] = ..., image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...

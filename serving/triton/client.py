@@ -1,0 +1,250 @@
+"""Async gRPC client for Triton: a small channel pool, per-call deadlines, request ids, errors as serving.errors.
+
+Every call takes an absolute deadline (`time.monotonic()` seconds) and sends the time left
+both as the gRPC deadline and as Triton's own queue timeout, so a request that can no
+longer be answered in time is dropped from the dynamic batcher's queue instead of run.
+gRPC's reconnect backoff is capped (`max_reconnect_backoff_ms`) so that after a Triton
+restart the channels find the new server within seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from serving.errors import (
+    InvalidInput,
+    Overloaded,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    VtfuseError,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TritonClientSettings:
+    """How the API talks to Triton (filled from the app settings).
+
+    Attributes:
+        url: Triton's gRPC endpoint, host:port.
+        pool_size: gRPC channels to open; calls are spread round-robin over them.
+        initial_reconnect_backoff_ms: first wait before reconnecting a broken channel.
+        max_reconnect_backoff_ms: cap on the exponential reconnect backoff.
+        keepalive_time_ms: HTTP/2 keepalive ping period (detects a dead server between calls).
+        retry_unavailable: retries of a call refused with UNAVAILABLE for a connection
+            reason (never for a full queue); inference is idempotent.
+        retry_backoff_s: wait before such a retry.
+    """
+
+    url: str = "127.0.0.1:8001"
+    pool_size: int = 2
+    initial_reconnect_backoff_ms: int = 100
+    max_reconnect_backoff_ms: int = 2000
+    keepalive_time_ms: int = 10_000
+    retry_unavailable: int = 1
+    retry_backoff_s: float = 0.05
+
+
+def channel_args(s: TritonClientSettings) -> list[tuple[str, int | str]]:
+    """gRPC channel options: message sizes, keepalive, capped reconnect backoff, a connection per channel."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", s.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", s.initial_reconnect_backoff_ms),
+        ("grpc.min_reconnect_backoff_ms", s.initial_reconnect_backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", s.max_reconnect_backoff_ms),
+        ("grpc.enable_retries", 0),  # retries are ours: only for connection errors, within the deadline
+        # Each pool entry its own TCP connection (gRPC shares subchannels across channels by default).
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+
+
+def _status_name(exc: InferenceServerException) -> str:
+    """'StatusCode.UNAVAILABLE' → 'UNAVAILABLE' (tritonclient stores the enum's str)."""
+    status = exc.status() or ""
+    return status.rsplit(".", 1)[-1]
+
+
+def is_queue_full(message: str) -> bool:
+    """Triton's dynamic batcher refusing because its queue is at `max_queue_size`."""
+    m = message.lower()
+    return "exceeds maximum queue size" in m or "queue is full" in m or "maximum queue" in m
+
+
+def is_queue_timeout(message: str) -> bool:
+    """Triton dropping a queued request whose timeout expired before it ran."""
+    m = message.lower()
+    return "timeout expired" in m or "request timeout" in m or "deadline" in m
+
+
+def map_triton_error(exc: BaseException, model: str) -> VtfuseError:
+    """Translate a tritonclient/gRPC failure into the service's error classes.
+
+    UNAVAILABLE → UpstreamUnavailable (503) unless Triton's queue is full (Overloaded,
+    429) or a queued request timed out (UpstreamTimeout, 504); DEADLINE_EXCEEDED →
+    UpstreamTimeout; RESOURCE_EXHAUSTED → Overloaded; INVALID_ARGUMENT → InvalidInput;
+    NOT_FOUND (model not loaded) → UpstreamUnavailable; anything else → UpstreamError.
+    """
+    if isinstance(exc, VtfuseError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"Triton did not answer {model} before the request deadline")
+    if isinstance(exc, grpc.RpcError):
+        exc = InferenceServerException(msg=exc.details() or "", status=str(exc.code()))
+    if not isinstance(exc, InferenceServerException):
+        return UpstreamError(f"calling Triton model {model} failed: {exc}")
+    status, message = _status_name(exc), exc.message() or ""
+    if status == "DEADLINE_EXCEEDED" or (status == "UNAVAILABLE" and is_queue_timeout(message)):
+        return UpstreamTimeout(f"Triton did not answer {model} before the request deadline ({message})")
+    if status == "RESOURCE_EXHAUSTED" or is_queue_full(message):
+        return Overloaded(f"Triton's queue for {model} is full: retry later", retry_after=1.0)
+    if status in ("UNAVAILABLE", "CANCELLED"):
+        return UpstreamUnavailable(f"Triton is unavailable for {model} ({message}): retry shortly", retry_after=1.0)
+    if status == "NOT_FOUND" or "unknown model" in message.lower():
+        return UpstreamUnavailable(f"Triton does not serve {model} ({message})", retry_after=5.0)
+    if status == "INVALID_ARGUMENT":
+        return InvalidInput(f"Triton refused the input of {model}: {message}")
+    return UpstreamError(f"Triton model {model} failed: {message or exc}")
+
+
+def _is_retryable(err: VtfuseError) -> bool:
+    return isinstance(err, UpstreamUnavailable) and "does not serve" not in err.message
+
+
+def make_input(name: str, array: np.ndarray) -> InferInput:
+    """A Triton input from a numpy array (raw bytes on the wire)."""
+    arr = np.ascontiguousarray(array)
+    inp = InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+    inp.set_data_from_numpy(arr)
+    return inp
+
+
+@dataclass
+class WireStats:
+    """Tensor bytes this process sent to and received from Triton (for measuring feature traffic)."""
+
+    sent: int = 0
+    received: int = 0
+    calls: int = 0
+
+
+class TritonClient:
+    """A pool of `tritonclient.grpc.aio` clients bound lazily to the running event loop."""
+
+    def __init__(self, settings: TritonClientSettings) -> None:
+        self.settings = settings
+        self._clients: list[grpcaio.InferenceServerClient] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next = itertools.count()
+        self.stats = WireStats()
+
+    def _pool(self) -> list[grpcaio.InferenceServerClient]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # aio channels belong to one loop: (re)create them in this one
+            self._clients = [
+                grpcaio.InferenceServerClient(self.settings.url, channel_args=channel_args(self.settings))
+                for _ in range(max(1, self.settings.pool_size))
+            ]
+            self._loop = loop
+        return self._clients
+
+    def _client(self) -> grpcaio.InferenceServerClient:
+        pool = self._pool()
+        return pool[next(self._next) % len(pool)]
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        *,
+        deadline: float,
+        request_id: str = "",
+        version: str = "",
+    ) -> dict[str, np.ndarray]:
+        """Run one inference request; returns the requested outputs as numpy arrays.
+
+        Args:
+            model: Triton model name.
+            inputs: tensor name → array (with the batch axis).
+            outputs: output names to request (others are not computed into the response).
+            deadline: absolute `time.monotonic()` by which the answer is needed.
+            request_id: passed to Triton as the request id (it appears in Triton's trace/logs).
+            version: model version, "" for Triton's policy (latest).
+
+        Raises:
+            VtfuseError: UpstreamTimeout, UpstreamUnavailable, Overloaded, InvalidInput or UpstreamError.
+        """
+        infer_inputs = [make_input(n, a) for n, a in inputs.items()]
+        requested = [InferRequestedOutput(o) for o in outputs]
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0.001:
+                raise UpstreamTimeout(f"request deadline expired before calling {model}")
+            try:
+                result = await self._client().infer(
+                    model,
+                    infer_inputs,
+                    model_version=version,
+                    outputs=requested,
+                    request_id=request_id,
+                    client_timeout=left,
+                    timeout=max(1, int(left * 1e6)),  # Triton's queue timeout, µs
+                )
+                break
+            except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError) as e:
+                err = map_triton_error(e, model)
+                if attempt < self.settings.retry_unavailable and _is_retryable(err):
+                    attempt += 1
+                    log.warning("request_id=%s %s: %s; retrying once", request_id, model, err.message)
+                    await asyncio.sleep(self.settings.retry_backoff_s)
+                    continue
+                log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
+                raise err from None
+        out = {o: result.as_numpy(o) for o in outputs}
+        self.stats.calls += 1
+        self.stats.sent += sum(int(np.asarray(a).nbytes) for a in inputs.values())
+        self.stats.received += sum(int(a.nbytes) for a in out.values())
+        return out
+
+    async def models_ready(self, models: Sequence[tuple[str, str]], timeout_s: float = 2.0) -> dict[str, bool]:
+        """Readiness of each (model, version); a model is not ready when Triton cannot be reached."""
+
+        async def one(name: str, version: str) -> bool:
+            try:
+                return bool(await asyncio.wait_for(self._client().is_model_ready(name, version), timeout=timeout_s))
+            except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError):
+                return False
+
+        results = await asyncio.gather(*(one(n, v) for n, v in models))
+        return {f"{n}:{v}" if v else n: r for (n, v), r in zip(models, results)}
+
+    async def close(self) -> None:
+        """Close every channel of the pool."""
+        for c in self._clients:
+            try:
+                await c.close()
+            except Exception:  # closing a channel of a finished loop: nothing left to release
+                log.debug("closing a Triton channel failed", exc_info=True)
+        self._clients = []
+        self._loop = None

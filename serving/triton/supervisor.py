@@ -1,0 +1,105 @@
+"""Keep a tritonserver child alive: restart it with capped backoff when it dies, until asked to stop.
+
+Triton stays a child of the process that runs the supervisor (`vtfuse serve`), so stopping
+that process stops Triton too. Each restart first clears the dead server's process group
+(orphaned Python-backend stubs) and its shared-memory regions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from serving.triton.launcher import TritonServer, TritonSettings, TritonStartError
+
+log = logging.getLogger(__name__)
+
+
+class TritonSupervisor:
+    """Runs one TritonServer and restarts it when it exits unexpectedly."""
+
+    def __init__(
+        self,
+        settings: TritonSettings,
+        log_path: Path | None = None,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 15.0,
+        ready_timeout_s: float = 180.0,
+    ) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.ready_timeout_s = ready_timeout_s
+        self.server = TritonServer(settings, log_path)
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the current tritonserver process."""
+        p = self.server.process
+        return None if p is None else p.pid
+
+    def start(self) -> None:
+        """Start Triton, wait until ready, then watch it in a background thread."""
+        self.server.start()
+        try:
+            self.server.wait_ready(self.ready_timeout_s)
+        except BaseException:
+            self.server.stop()
+            raise
+        self._thread = threading.Thread(target=self._watch, name="triton-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = self.backoff_initial_s
+        while not self._stopping.is_set():
+            code = self.server.poll()
+            if code is None:
+                if self._stopping.wait(0.5):
+                    return
+                continue
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                log.error("tritonserver exited with code %s: restarting in %.1f s", code, backoff)
+                self.server.stop()  # reap the group: stale stubs and shared memory
+                if self._stopping.wait(backoff):
+                    return
+                self.restarts += 1
+                self.server = TritonServer(self.settings, self.log_path)
+                try:
+                    self.server.start()
+                    self.server.wait_ready(self.ready_timeout_s)
+                    log.warning("tritonserver restarted (restart %d), pid %s", self.restarts, self.pid)
+                    backoff = self.backoff_initial_s
+                except TritonStartError as e:
+                    log.error("tritonserver restart failed: %s", e)
+                    backoff = min(backoff * 2, self.backoff_max_s)
+
+    def stop(self) -> int | None:
+        """Stop watching, then drain and stop Triton (SIGTERM, exit timeout, SIGKILL)."""
+        self._stopping.set()
+        with self._lock:
+            code = self.server.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return code
+
+    def wait_until_restarted(self, old_pid: int, timeout: float) -> bool:
+        """For tests and operators: True once a new, ready server replaced `old_pid`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = self.pid
+            if pid is not None and pid != old_pid and self.server.poll() is None:
+                from serving.triton.launcher import is_ready
+
+                if is_ready(self.settings.host, self.settings.http_port):
+                    return True
+            time.sleep(0.5)
+        return False

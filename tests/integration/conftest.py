@@ -1,0 +1,89 @@
+"""Session fixture `serve_app`: the real Ray Serve app (HTTP + gRPC) on free ports against the `triton` fixture."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from serving.app.settings import AppArgs, DeploymentDefaults, Limits, ModelSpec
+from serving.model.checkpoint import REPO_ROOT
+from serving.triton.launcher import TritonServer
+from tests.helpers import free_port
+
+# Small enough to test the 413s quickly; everything else at the shipped defaults.
+TEST_LIMITS = Limits(max_body_bytes=4 * 1024 * 1024, max_questions=32, max_texts=64, max_images=32)
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    """Where the running application listens."""
+
+    http_url: str
+    grpc_target: str
+    metrics_port: int
+    triton: TritonServer
+    args: AppArgs
+
+
+def _wait_http_ok(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s: {last}")
+
+
+@pytest.fixture(scope="session")
+def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
+    """Ray (a local cluster of its own) + Serve with the vtfuse app: 2 ingress replicas, 1 Preprocess replica.
+
+    Two ingress replicas make the cross-replica metrics test meaningful; the Preprocess
+    deployment is on so @serve.batch runs for real (the inline composition is tested by
+    side apps). `tiny@1` routes to version 1 of the same engines. The cluster is always
+    shut down, whatever happens during start-up or the tests.
+    """
+    import ray
+    from ray import serve
+
+    from serving.app.builder import APP_NAME, build_app, serve_options
+
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    args = AppArgs(
+        triton_url=triton.url_grpc,
+        preprocess="deployment",  # the composition with the extra hop: @serve.batch and request ids across it
+        models={"tiny": ModelSpec(), "tiny@1": ModelSpec(version="1")},
+        limits=TEST_LIMITS,
+        deployments=DeploymentDefaults(ingress_replicas=2, preprocess_replicas=1),
+    )
+    # Replica processes import `serving` from this checkout.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="vtfuse-tests",
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    try:
+        serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        app = ServeApp(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", metrics_port, triton, args)
+        _wait_http_ok(app.http_url + "/readyz", timeout=120)
+        yield app
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,109 @@
+"""The gRPC API on Ray Serve's gRPC proxy: the four calls answer right, errors carry the right status codes."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import ApiError, VtfuseGrpcClient
+from serving.proto import vtfuse_pb2 as pb
+from serving.proto import vtfuse_pb2_grpc as pb_grpc
+from serving.shapes import world
+from tests.helpers import fresh_samples
+
+pytestmark = pytest.mark.integration
+
+PNG = world.encode(world.render(world.random_scene(random.Random(0)), 64), "PNG")
+
+
+@pytest.fixture(scope="module")
+def client(serve_app):
+    with VtfuseGrpcClient(serve_app.grpc_target, timeout=60) as c:
+        yield c
+
+
+def render(scene, rng) -> bytes:
+    return world.encode(world.render(scene, rng.choice([64, 128]), supersample=2), "PNG")
+
+
+def test_vqa_over_grpc_answers_fresh_renders(client):
+    samples = fresh_samples(60, seed=5150)
+    correct = 0
+    for img, qa, _ in samples:
+        resp = client.vqa(img, [qa.question], top_k=2)
+        assert resp.model == "tiny" and len(resp.answers) == 1 and len(resp.answers[0].top_k) == 2
+        correct += resp.answers[0].answer == qa.answer
+    assert correct / len(samples) >= 0.90, f"VQA over gRPC {correct}/{len(samples)}"
+
+
+def test_vqa_attention_grid_over_grpc(client):
+    img, qa, _ = fresh_samples(1, seed=3)[0]
+    (a,) = client.vqa(img, [qa.question], return_attention=True).answers
+    assert (a.attention.rows, a.attention.cols, len(a.attention.values)) == (8, 8, 64)
+    assert sum(a.attention.values) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_match_retrieve_embed_over_grpc(client):
+    rng = random.Random(66)
+    wins = first = 0
+    for _ in range(20):
+        scene = world.random_scene(rng)
+        img = render(scene, rng)
+        true = world.caption(world.scene_items(scene), rng)
+        distractors = world.distractor_captions(scene, rng, 7)
+        s = client.match(img, [true, distractors[0]]).scores
+        wins += s[0] > s[1]
+        texts = [true, *distractors]
+        rng.shuffle(texts)
+        res = client.retrieve_texts(img, texts, top_k=2).results
+        assert len(res) == 2 and res[0].score >= res[1].score and texts[res[0].index] == res[0].text
+        first += res[0].text == true
+    assert wins >= 18 and first >= 17, (wins, first)
+    scenes = [world.random_scene(rng) for _ in range(4)]
+    res = client.retrieve_images(world.caption(world.scene_items(scenes[2])), [render(s, rng) for s in scenes]).results
+    assert len(res) == 1 and 0 <= res[0].index < 4 and res[0].text == ""
+    emb = client.embed(images=[render(scenes[0], rng)], texts=["a red circle", "a blue square"])
+    assert len(emb.image_embeddings) == 1 and len(emb.text_embeddings) == 2
+    assert np.linalg.norm(emb.image_embeddings[0].values) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "method, request_, status, code",
+    [
+        ("Vqa", pb.VqaRequest(image=b"not an image", questions=["q"]), "INVALID_ARGUMENT", "unsupported_media_type"),
+        (
+            "Vqa",
+            pb.VqaRequest(image=b"\xff\xd8\xff\xe0trunc", questions=["q"]),
+            "INVALID_ARGUMENT",
+            "unsupported_media_type",
+        ),
+        ("Vqa", pb.VqaRequest(questions=["q"]), "INVALID_ARGUMENT", "schema_violation"),
+        ("Vqa", pb.VqaRequest(image=PNG, questions=[]), "INVALID_ARGUMENT", "schema_violation"),
+        ("Vqa", pb.VqaRequest(image=PNG, questions=["q"] * 33), "RESOURCE_EXHAUSTED", "payload_too_large"),
+        ("Vqa", pb.VqaRequest(image=PNG, questions=["circle " * 50]), "INVALID_ARGUMENT", "schema_violation"),
+        ("Match", pb.MatchRequest(image=PNG, texts=["a"], model="huge"), "INVALID_ARGUMENT", "unknown_model"),
+        ("Retrieve", pb.RetrieveRequest(image=PNG, texts=["a"], text="b"), "INVALID_ARGUMENT", "schema_violation"),
+        ("Retrieve", pb.RetrieveRequest(top_k=1), "INVALID_ARGUMENT", "schema_violation"),
+        ("Embed", pb.EmbedRequest(), "INVALID_ARGUMENT", "schema_violation"),
+    ],
+)
+def test_bad_requests_get_grpc_status_codes(serve_app, client, method, request_, status, code):
+    with grpc.insecure_channel(serve_app.grpc_target) as ch:
+        stub = pb_grpc.VtfuseStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(stub, method)(request_, timeout=30, metadata=[("request_id", "grpc-bad-1")])
+        assert e.value.code().name == status
+        assert e.value.details().startswith(code)
+        meta = dict(e.value.trailing_metadata())
+        assert meta.get("error-code") == code and meta.get("request_id") == "grpc-bad-1"
+    img, qa, _ = fresh_samples(1, seed=11)[0]
+    assert client.vqa(img, [qa.question]).answers[0].answer  # still serving
+
+
+def test_client_raises_api_error(client):
+    with pytest.raises(ApiError) as e:
+        client.embed()
+    assert e.value.status == "INVALID_ARGUMENT" and e.value.code == "schema_violation"

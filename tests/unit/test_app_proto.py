@@ -1,0 +1,25 @@
+"""The committed gRPC code is what grpcio-tools generates from serving/proto/vtfuse.proto."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.model.checkpoint import REPO_ROOT
+
+
+def test_generated_code_is_up_to_date(tmp_path):
+    pytest.importorskip("grpc_tools")
+    from serving.proto.__main__ import generate
+
+    assert generate(tmp_path) == 0
+    for name in ("vtfuse_pb2.py", "vtfuse_pb2_grpc.py", "vtfuse_pb2.pyi"):
+        fresh = (tmp_path / "serving" / "proto" / name).read_text()
+        committed = (REPO_ROOT / "serving" / "proto" / name).read_text()
+        assert fresh == committed, f"serving/proto/{name} is stale: run `python -m serving.proto`"
+
+
+def test_service_has_the_four_calls():
+    from serving.proto import vtfuse_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["Vtfuse"]
+    assert [m.name for m in service.methods] == ["Vqa", "Match", "Retrieve", "Embed"]
