@@ -18,6 +18,7 @@ from serving.app.auth import check_api_key
 from serving.app.logs import clean_request_id, request_id_var
 from serving.app.metrics import ApiMetrics
 from serving.app.pipeline import Admission, Pipeline, RequestContext
+from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.schemas import (
     EmbedResponse,
     MatchResponse,
@@ -78,6 +79,7 @@ def to_proto(result: Any) -> Any:
                     score=a.score,
                     top_k=[pb.AnswerScore(answer=t.answer, score=t.score) for t in a.top_k],
                     attention=att,
+                    tokens=a.tokens or [],
                 )
             )
         return pb.VqaResponse(model=result.model, answers=answers)
@@ -107,6 +109,7 @@ async def handle(
     request_id: str | None,
     admission: Admission | None = None,
     api_key: str | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> Any:
     """Serve one gRPC call; never raises for a request error (it becomes the call's status)."""
     t0 = time.monotonic()
@@ -115,7 +118,10 @@ async def handle(
     status = "OK"
     admitted = False
     try:
-        check_api_key(args.api_keys, api_key)
+        keys = args.api_key_values()
+        check_api_key(keys, api_key)
+        if rate_limiter is not None and rate_limiter.enabled and keys:  # gRPC callers are told apart by key
+            rate_limiter.check(caller_id(api_key, None))
         if admission is not None:
             admission.enter()
             admitted = True

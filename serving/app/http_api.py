@@ -12,16 +12,18 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.app import schemas
@@ -29,6 +31,7 @@ from serving.app.auth import check_api_key, presented_key
 from serving.app.logs import clean_request_id, request_id_var
 from serving.app.metrics import CONTENT_TYPE, ApiMetrics
 from serving.app.pipeline import Admission, Pipeline, RequestContext
+from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.settings import AppArgs, Limits
 from serving.app.tasks import check_limits, from_http, resolve_model
 from serving.errors import (
@@ -39,6 +42,7 @@ from serving.errors import (
     Overloaded,
     PayloadTooLarge,
     SchemaViolation,
+    ShuttingDown,
     Unauthorized,
     UpstreamUnavailable,
     VtfuseError,
@@ -49,7 +53,15 @@ from serving.errors import (
 log = logging.getLogger(__name__)
 
 TASK_ROUTES = tuple(schemas.REQUEST_MODELS)
-KNOWN_ROUTES = frozenset((*TASK_ROUTES, "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc"))
+KNOWN_ROUTES = frozenset((*TASK_ROUTES, "/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc"))
+# The playground page (GET / and /static/*): plain files shipped as package data, nothing external.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
+}
 _STATUS_ERRORS: dict[int, type[VtfuseError]] = {
     400: InvalidInput,
     401: Unauthorized,
@@ -171,12 +183,14 @@ class ApiMiddleware:
         admission: Admission,
         echo_request_id: bool = True,
         api_keys: list[str] | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.admission = admission
         self.echo_request_id = echo_request_id
         self.api_keys = list(api_keys or [])
+        self.rate_limiter = rate_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -191,7 +205,7 @@ class ApiMiddleware:
         path, root = scope.get("path", ""), scope.get("root_path", "")
         if root and path.startswith(root):  # mounted under a route prefix
             path = path[len(root) :] or "/"
-        route = path if path in KNOWN_ROUTES else "other"
+        route = path if path in KNOWN_ROUTES else "/static" if path.startswith("/static/") else "other"
         started, status = False, 500
         add_id = self.echo_request_id or given is None
 
@@ -206,14 +220,21 @@ class ApiMiddleware:
         admitted = False
         try:
             if route in TASK_ROUTES:
-                try:
-                    check_api_key(self.api_keys, presented_key(headers))
+                try:  # auth, then the caller's rate, then this replica's capacity: no body read yet
+                    key = presented_key(headers)
+                    check_api_key(self.api_keys, key)
+                    if self.rate_limiter is not None and self.rate_limiter.enabled:
+                        client = scope.get("client")
+                        caller = caller_id(key if self.api_keys else None, client[0] if client else None)
+                        self.rate_limiter.check(caller)
                     self.admission.enter()
                     admitted = True
-                except (Unauthorized, Overloaded) as err:
+                except VtfuseError as err:
                     resp = error_response(err)
                     if isinstance(err, Unauthorized):
                         resp.headers["WWW-Authenticate"] = "Bearer"
+                    if isinstance(err, ShuttingDown):  # send the client to another instance
+                        resp.headers["Connection"] = "close"
                     await resp(scope, receive, send_wrapper)
                     return
             await self.app(scope, receive, send_wrapper)
@@ -284,9 +305,14 @@ def create_api(
     collect_metrics: Callable[[], Awaitable[str]],
     admission: Admission | None = None,
     echo_request_id: bool = True,
+    rate_limiter: RateLimiter | None = None,
 ) -> ASGIApp:
-    """The HTTP API as an ASGI app (FastAPI wrapped in `ApiMiddleware`)."""
+    """The HTTP API as an ASGI app (FastAPI wrapped in `ApiMiddleware`).
+
+    `admission` and `rate_limiter` are shared with the replica's gRPC methods when given.
+    """
     limits = args.limits
+    admission = admission or Admission(limits.max_inflight)
     app = FastAPI(
         title="vtfuse",
         version="1.0",
@@ -386,6 +412,8 @@ def create_api(
         summary="Ready when every Triton model the default model routes to is ready",
     )
     async def readyz() -> Response:
+        if admission.draining:
+            return error_response(ShuttingDown("this server is shutting down (draining)", retry_after=1.0))
         models = await pipeline.ready(args.default_model)
         if all(models.values()):
             return JSONResponse(schemas.Health(status="ready", models=models).model_dump())
@@ -400,5 +428,15 @@ def create_api(
             raise UpstreamUnavailable("metrics endpoints did not answer in 10 s", retry_after=5.0) from None
         return Response(text, media_type=CONTENT_TYPE)
 
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def playground() -> Response:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise NotFound(f"the playground page is not installed ({page} is missing): see /docs for the API")
+        return FileResponse(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static")
+
     app.openapi = _openapi(app)  # type: ignore[method-assign]
-    return ApiMiddleware(app, metrics, admission or Admission(limits.max_inflight), echo_request_id, args.api_keys)
+    limiter = rate_limiter or RateLimiter(limits.rate_limit_rps, limits.rate_limit_burst)
+    return ApiMiddleware(app, metrics, admission, echo_request_id, args.api_key_values(), limiter)

@@ -40,7 +40,7 @@ from serving.app.schemas import (
     VqaResponse,
 )
 from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
-from serving.errors import Overloaded, UpstreamTimeout, UpstreamUnavailable, VtfuseError
+from serving.errors import Overloaded, ShuttingDown, UpstreamTimeout, UpstreamUnavailable, VtfuseError
 from serving.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -61,18 +61,26 @@ class RequestContext:
 
 
 class Admission:
-    """Admission control of one ingress replica: at most `limit` requests in flight, HTTP and gRPC together."""
+    """Admission control of one ingress replica: at most `limit` requests in flight, HTTP and gRPC together.
+
+    While `draining` (graceful shutdown, see `Ingress.reconfigure`), every new request is
+    refused with 503 and the ones in flight finish; `wait_idle` returns when none is left.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.inflight = 0
+        self.draining = False
 
     def enter(self) -> None:
         """Admit a request or refuse it at once.
 
         Raises:
+            ShuttingDown: the replica is draining (503 / UNAVAILABLE, Retry-After 1 s).
             Overloaded: `limit` requests are already in flight (429 / RESOURCE_EXHAUSTED, Retry-After 1 s).
         """
+        if self.draining:
+            raise ShuttingDown("this server is shutting down: retry, another instance will answer", retry_after=1.0)
         if self.inflight >= self.limit:
             raise Overloaded(
                 f"{self.inflight} requests in flight on this replica (limits.max_inflight): retry later",
@@ -83,6 +91,30 @@ class Admission:
     def leave(self) -> None:
         """A request admitted by `enter` finished."""
         self.inflight -= 1
+
+    async def wait_idle(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Wait until no request is in flight (True) or `timeout_s` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return self.inflight == 0
+
+
+def preprocess_error(e: BaseException) -> VtfuseError | None:
+    """The API error of a failed preprocessing call (None: a bug, let it surface as a 500)."""
+    if isinstance(e, VtfuseError):
+        return e
+    if isinstance(e, asyncio.TimeoutError):
+        return UpstreamTimeout("preprocessing did not finish before the request deadline")
+    if isinstance(e, BackPressureError):
+        return Overloaded(f"preprocessing is saturated: retry later ({e.message})", retry_after=1.0)
+    if isinstance(e, (DeploymentUnavailableError, RayActorError)):
+        return UpstreamUnavailable(f"preprocessing is unavailable: retry shortly ({e})", retry_after=1.0)
+    if isinstance(e, RayTaskError):
+        cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
+        if isinstance(cause, VtfuseError):
+            return cause
+    return None
 
 
 class Pipeline:
@@ -95,7 +127,9 @@ class Pipeline:
         preprocess: PreprocessFn,
         metrics: ApiMetrics,
         engine_max_batch: int = 64,
+        preprocess_retries: int = 2,
     ) -> None:
+        self.preprocess_retries = preprocess_retries
         self.runtimes = runtimes
         self.triton = triton
         self.preprocess_fn = preprocess
@@ -105,21 +139,27 @@ class Pipeline:
     # -- building blocks ---------------------------------------------------------------
 
     async def preprocess(self, item: PreprocessItem, ctx: RequestContext) -> Tensors:
-        """Decode and tokenize through the preprocessing deployment (or in-process), within the deadline."""
+        """Decode and tokenize through the preprocessing deployment (or in-process), within the deadline.
+
+        Preprocessing is idempotent: a call that a dying Preprocess replica dropped is sent
+        again (Serve routes it to a live replica) up to `preprocess_retries` times.
+        """
         t = time.perf_counter()
-        try:
-            res = await asyncio.wait_for(self.preprocess_fn(item), timeout=max(0.001, ctx.left()))
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("preprocessing did not finish before the request deadline") from None
-        except BackPressureError as e:
-            raise Overloaded(f"preprocessing is saturated: retry later ({e.message})", retry_after=1.0) from None
-        except (DeploymentUnavailableError, RayActorError) as e:
-            raise UpstreamUnavailable(f"preprocessing is unavailable: retry shortly ({e})", retry_after=1.0) from None
-        except RayTaskError as e:
-            cause = e.as_instanceof_cause() if hasattr(e, "as_instanceof_cause") else e
-            if isinstance(cause, VtfuseError):
-                raise cause from None
-            raise
+        attempt = 0
+        while True:
+            try:
+                res = await asyncio.wait_for(self.preprocess_fn(item), timeout=max(0.001, ctx.left()))
+                break
+            except Exception as e:
+                err = preprocess_error(e)
+                if isinstance(e, RayActorError) and attempt < self.preprocess_retries and ctx.left() > 0.05:
+                    attempt += 1
+                    log.warning("a Preprocess replica dropped the call (%s): retrying", type(e).__name__)
+                    await asyncio.sleep(0.05 * attempt)
+                    continue
+                if err is None:
+                    raise
+                raise err from None
         self.metrics.stage("preprocess", time.perf_counter() - t)
         return res.unwrap()
 
@@ -197,9 +237,10 @@ class Pipeline:
         answers = []
         for i, q in enumerate(task.questions):
             top = router.top_answers(probs[i], list(rt.answers), task.top_k)
-            grid = None
+            grid = tokens = None
             if task.return_attention:
                 grid = router.attention_grid(fused[CROSS_ATTENTION][i], rt.grid).round(5).tolist()
+                tokens = router.token_list(rt.tokenizer, pre.ids[i], pre.mask[i])
             answers.append(
                 VqaAnswer(
                     question=q,
@@ -207,6 +248,7 @@ class Pipeline:
                     score=top[0][1],
                     top_k=[AnswerScore(answer=a, score=s) for a, s in top],
                     attention=grid,
+                    tokens=tokens,
                 )
             )
         return VqaResponse(model=task.model, answers=answers)

@@ -14,8 +14,12 @@ stage does not use are not requested, so Triton does not send them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 IMAGE_FEATURES, IMAGE_EMBEDDING = "IMAGE_FEATURES", "IMAGE_EMBEDDING"
 TEXT_FEATURES, TEXT_EMBEDDING = "TEXT_FEATURES", "TEXT_EMBEDDING"
@@ -178,6 +182,11 @@ def attention_grid(cross_attention: np.ndarray, grid: int) -> np.ndarray:
     m = np.asarray(cross_attention, dtype=np.float64)[0, 0]
     m = m / max(float(m.sum()), 1e-12)
     return m.reshape(grid, grid)
+
+
+def token_list(tokenizer: Tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
+    """One text's token strings as the model saw them: the unpadded ids, [CLS] and [SEP] included."""
+    return [tokenizer.id_to_token(int(i)) or "[UNK]" for i in np.asarray(ids)[np.asarray(mask) > 0]]
 
 
 def chunks(n: int, size: int) -> list[slice]:

@@ -110,6 +110,11 @@ class VqaAnswer(_Response):
     attention: list[list[float]] | None = Field(
         default=None, description="Patch-attention grid (rows x cols over the image), only with return_attention."
     )
+    tokens: list[str] | None = Field(
+        default=None,
+        description="The question's tokens as the model saw them ([CLS] and [SEP] included; the grid is the "
+        "[CLS] token's attention), only with return_attention.",
+    )
 
 
 class VqaResponse(_Response):

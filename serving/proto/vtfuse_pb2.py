@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/vtfuse.proto\x12\tvtfuse.v1\"f\n\nVqaRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tquestions\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x18\n\x10return_attention\x18\x05 \x01(\x08\",\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\";\n\rAttentionGrid\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\x90\x01\n\tVqaAnswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12%\n\x05top_k\x18\x04 \x03(\x0b\x32\x16.vtfuse.v1.AnswerScore\x12+\n\tattention\x18\x05 \x01(\x0b\x32\x18.vtfuse.v1.AttentionGrid\"C\n\x0bVqaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.VqaAnswer\";\n\x0cMatchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\".\n\rMatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"k\n\x0fRetrieveRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\"<\n\x0eRetrieveResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"M\n\x10RetrieveResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.vtfuse.v1.RetrieveResult\"<\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x10image_embeddings\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\x12-\n\x0ftext_embeddings\x18\x03 \x03(\x0b\x32\x14.vtfuse.v1.Embedding2\xfb\x01\n\x06Vtfuse\x12\x34\n\x03Vqa\x12\x15.vtfuse.v1.VqaRequest\x1a\x16.vtfuse.v1.VqaResponse\x12:\n\x05Match\x12\x17.vtfuse.v1.MatchRequest\x1a\x18.vtfuse.v1.MatchResponse\x12\x43\n\x08Retrieve\x12\x1a.vtfuse.v1.RetrieveRequest\x1a\x1b.vtfuse.v1.RetrieveResponse\x12:\n\x05\x45mbed\x12\x17.vtfuse.v1.EmbedRequest\x1a\x18.vtfuse.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/vtfuse.proto\x12\tvtfuse.v1\"f\n\nVqaRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tquestions\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x18\n\x10return_attention\x18\x05 \x01(\x08\",\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\";\n\rAttentionGrid\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\xa0\x01\n\tVqaAnswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12%\n\x05top_k\x18\x04 \x03(\x0b\x32\x16.vtfuse.v1.AnswerScore\x12+\n\tattention\x18\x05 \x01(\x0b\x32\x18.vtfuse.v1.AttentionGrid\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"C\n\x0bVqaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.VqaAnswer\";\n\x0cMatchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\".\n\rMatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"k\n\x0fRetrieveRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\"<\n\x0eRetrieveResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"M\n\x10RetrieveResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.vtfuse.v1.RetrieveResult\"<\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x10image_embeddings\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\x12-\n\x0ftext_embeddings\x18\x03 \x03(\x0b\x32\x14.vtfuse.v1.Embedding2\xfb\x01\n\x06Vtfuse\x12\x34\n\x03Vqa\x12\x15.vtfuse.v1.VqaRequest\x1a\x16.vtfuse.v1.VqaResponse\x12:\n\x05Match\x12\x17.vtfuse.v1.MatchRequest\x1a\x18.vtfuse.v1.MatchResponse\x12\x43\n\x08Retrieve\x12\x1a.vtfuse.v1.RetrieveRequest\x1a\x1b.vtfuse.v1.RetrieveResponse\x12:\n\x05\x45mbed\x12\x17.vtfuse.v1.EmbedRequest\x1a\x18.vtfuse.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTENTIONGRID']._serialized_start=191
   _globals['_ATTENTIONGRID']._serialized_end=250
   _globals['_VQAANSWER']._serialized_start=253
-  _globals['_VQAANSWER']._serialized_end=397
-  _globals['_VQARESPONSE']._serialized_start=399
-  _globals['_VQARESPONSE']._serialized_end=466
-  _globals['_MATCHREQUEST']._serialized_start=468
-  _globals['_MATCHREQUEST']._serialized_end=527
-  _globals['_MATCHRESPONSE']._serialized_start=529
-  _globals['_MATCHRESPONSE']._serialized_end=575
-  _globals['_RETRIEVEREQUEST']._serialized_start=577
-  _globals['_RETRIEVEREQUEST']._serialized_end=684
-  _globals['_RETRIEVERESULT']._serialized_start=686
-  _globals['_RETRIEVERESULT']._serialized_end=746
-  _globals['_RETRIEVERESPONSE']._serialized_start=748
-  _globals['_RETRIEVERESPONSE']._serialized_end=825
-  _globals['_EMBEDREQUEST']._serialized_start=827
-  _globals['_EMBEDREQUEST']._serialized_end=887
-  _globals['_EMBEDDING']._serialized_start=889
-  _globals['_EMBEDDING']._serialized_end=916
-  _globals['_EMBEDRESPONSE']._serialized_start=918
-  _globals['_EMBEDRESPONSE']._serialized_end=1043
-  _globals['_VTFUSE']._serialized_start=1046
-  _globals['_VTFUSE']._serialized_end=1297
+  _globals['_VQAANSWER']._serialized_end=413
+  _globals['_VQARESPONSE']._serialized_start=415
+  _globals['_VQARESPONSE']._serialized_end=482
+  _globals['_MATCHREQUEST']._serialized_start=484
+  _globals['_MATCHREQUEST']._serialized_end=543
+  _globals['_MATCHRESPONSE']._serialized_start=545
+  _globals['_MATCHRESPONSE']._serialized_end=591
+  _globals['_RETRIEVEREQUEST']._serialized_start=593
+  _globals['_RETRIEVEREQUEST']._serialized_end=700
+  _globals['_RETRIEVERESULT']._serialized_start=702
+  _globals['_RETRIEVERESULT']._serialized_end=762
+  _globals['_RETRIEVERESPONSE']._serialized_start=764
+  _globals['_RETRIEVERESPONSE']._serialized_end=841
+  _globals['_EMBEDREQUEST']._serialized_start=843
+  _globals['_EMBEDREQUEST']._serialized_end=903
+  _globals['_EMBEDDING']._serialized_start=905
+  _globals['_EMBEDDING']._serialized_end=932
+  _globals['_EMBEDRESPONSE']._serialized_start=934
+  _globals['_EMBEDRESPONSE']._serialized_end=1059
+  _globals['_VTFUSE']._serialized_start=1062
+  _globals['_VTFUSE']._serialized_end=1313
 # @@protoc_insertion_point(module_scope)

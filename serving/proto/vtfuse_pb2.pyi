@@ -40,18 +40,20 @@ class AttentionGrid(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class VqaAnswer(_message.Message):
-    __slots__ = ("question", "answer", "score", "top_k", "attention")
+    __slots__ = ("question", "answer", "score", "top_k", "attention", "tokens")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     question: str
     answer: str
     score: float
     top_k: _containers.RepeatedCompositeFieldContainer[AnswerScore]
     attention: AttentionGrid
-    def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ..., score: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[AnswerScore, _Mapping]]] = ..., attention: _Optional[_Union[AttentionGrid, _Mapping]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ..., score: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[AnswerScore, _Mapping]]] = ..., attention: _Optional[_Union[AttentionGrid, _Mapping]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class VqaResponse(_message.Message):
     __slots__ = ("model", "answers")

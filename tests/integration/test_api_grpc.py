@@ -44,6 +44,7 @@ def test_vqa_attention_grid_over_grpc(client):
     (a,) = client.vqa(img, [qa.question], return_attention=True).answers
     assert (a.attention.rows, a.attention.cols, len(a.attention.values)) == (8, 8, 64)
     assert sum(a.attention.values) == pytest.approx(1.0, abs=1e-3)
+    assert a.tokens[0] == "[CLS]" and a.tokens[-1] == "[SEP]" and len(a.tokens) > 3
 
 
 def test_match_retrieve_embed_over_grpc(client):

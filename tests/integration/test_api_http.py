@@ -66,6 +66,7 @@ def test_vqa_many_questions_per_image_top_k_and_attention(http):
             assert len(scores) == 3 and scores == sorted(scores, reverse=True)
             grid = np.array(a["attention"])
             assert grid.shape == (8, 8) and grid.sum() == pytest.approx(1.0, abs=1e-3)
+            assert a["tokens"][0] == "[CLS]" and a["tokens"][-1] == "[SEP]" and len(a["tokens"]) > 3
             correct += a["answer"] == qa.answer
             total += 1
     assert correct / total >= 0.90, f"VQA with 8 questions per image: {correct}/{total}"

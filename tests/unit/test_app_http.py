@@ -69,7 +69,9 @@ def test_vqa_json_happy_path_shapes_and_request_id(ckpt):
     body = r.json()
     assert body["model"] == "tiny"
     assert [a["question"] for a in body["answers"]] == ["what color is the circle?", "how many"]
-    assert all(len(a["top_k"]) == 3 and "attention" not in a for a in body["answers"])
+    assert all(len(a["top_k"]) == 3 and "attention" not in a and "tokens" not in a for a in body["answers"])
+    # Off by default and free when off: the fusion engine is not asked for CROSS_ATTENTION.
+    assert [outs for m, _, outs, _ in fake.calls if m == "fusion"] == [("VQA_LOGITS",)]
     assert r.headers["x-request-id"] == "my-id-1"
     assert [(m, n) for m, n, _, _ in fake.calls] == [("image_encoder", 1), ("text_encoder", 2), ("fusion", 2)]
     assert {rid for *_, rid in fake.calls} == {"my-id-1"}
@@ -94,11 +96,19 @@ def test_vqa_multipart_matches_json(ckpt):
     assert m.json() == j.json()
 
 
-def test_return_attention_adds_a_grid(client):
-    r = client.post("/v1/vqa", json={"image": b64(png()), "questions": ["q"], "return_attention": True})
-    grid = r.json()["answers"][0]["attention"]
-    assert len(grid) == 8 and all(len(row) == 8 for row in grid)
-    assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-3)
+def test_return_attention_adds_a_grid_and_the_token_list(ckpt):
+    c, fake = make_client(ckpt)
+    questions = ["what color is the circle?", "how many squares are there?"]
+    r = c.post("/v1/vqa", json={"image": b64(png()), "questions": questions, "return_attention": True})
+    assert r.status_code == 200, r.text
+    for a, q in zip(r.json()["answers"], questions):
+        grid = a["attention"]
+        assert len(grid) == 8 and all(len(row) == 8 for row in grid)
+        assert sum(map(sum, grid)) == pytest.approx(1.0, abs=1e-3)
+        tokens = a["tokens"]
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and all(isinstance(t, str) and t for t in tokens)
+        assert q.split()[-1].rstrip("?") in tokens  # "circle", "there"
+    assert [outs for m, _, outs, _ in fake.calls if m == "fusion"] == [("VQA_LOGITS", "CROSS_ATTENTION")]
 
 
 def test_match_retrieve_embed(ckpt):

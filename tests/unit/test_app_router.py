@@ -106,6 +106,15 @@ def test_attention_grid_is_first_layer_cls_row_summing_to_one():
     assert grid.shape == (2, 2) and grid.sum() == pytest.approx(1.0) and grid[0, 1] == pytest.approx(1.0)
 
 
+def test_token_list_is_the_unpadded_tokens():
+    class Tok:
+        def id_to_token(self, i: int) -> str | None:
+            return {1: "[CLS]", 2: "[SEP]", 7: "red"}.get(i)
+
+    ids, mask = np.array([1, 7, 9, 2, 0, 0]), np.array([1, 1, 1, 1, 0, 0])
+    assert router.token_list(Tok(), ids, mask) == ["[CLS]", "red", "[UNK]", "[SEP]"]  # type: ignore[arg-type]
+
+
 def test_chunks_respect_engine_max_batch():
     assert router.chunks(130, 64) == [slice(0, 64), slice(64, 128), slice(128, 130)]
     assert router.chunks(3, 64) == [slice(0, 3)]
