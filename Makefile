@@ -8,6 +8,7 @@ PRESET ?= tiny
 CHECKPOINT ?= $(PRESET)
 REPOSITORY ?= model_repository
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 QUICK ?=
 SMALL_REPOSITORY ?= build/model_repository-small
 BENCH_OUT ?= $(if $(QUICK),build/bench-quick,loadtests/results)
@@ -16,7 +17,7 @@ TUNE_ARGS ?=
 TOOLS_VENV ?= build/tools-venv
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install repository triton serve test lint unit integration train clean bench tune deploy-check
+.PHONY: install repository triton serve test lint unit integration train clean bench tune deploy-check chaos
 
 install: $(VENV)/.installed
 
@@ -37,9 +38,16 @@ repository: $(REPOSITORY)/fusion/1/model.onnx
 triton: repository
 	$(PY) -m serving.cli triton --repository $(REPOSITORY)
 
-# Triton + the Ray Serve API (8080 HTTP, 9000 gRPC), foreground; Ctrl-C stops every child.
+# Triton + the Ray Serve API (8080 HTTP, 9000 gRPC), foreground; Ctrl-C or SIGTERM (to make or to
+# the server) drains in-flight requests, then stops every child. SERVE_ARGS: more `vtfuse serve` flags
+# (e.g. --restrict-apis); the environment overrides are in serving/app/README.md.
 serve: repository
-	$(PY) -m serving.cli serve --repository $(REPOSITORY)
+	$(PY) -m serving.cli serve --repository $(REPOSITORY) --stop-with-parent $(SERVE_ARGS)
+
+# Overload and fault drills on a fresh `vtfuse serve` (burst of 400, Triton killed under 24 clients,
+# a replica killed, SIGTERM drain) → build/chaos/chaos.json; RELIABILITY.md reports them.
+chaos: repository
+	$(PY) -m loadtests.chaos all --out build/chaos/chaos.json
 
 # Reproduce the shipped tiny checkpoint (≤ 60 min on 2 cores).
 train: install

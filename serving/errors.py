@@ -98,12 +98,24 @@ class Overloaded(VtfuseError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class RateLimited(Overloaded):
+    """This API key (or client address) sent more requests than its rate limit allows (HTTP 429)."""
+
+    code = "rate_limited"
+
+
 class UpstreamUnavailable(VtfuseError):
     """Triton is down, not ready or refusing (HTTP 503)."""
 
     code = "upstream_unavailable"
     http_status = 503
     grpc_status = "UNAVAILABLE"
+
+
+class ShuttingDown(UpstreamUnavailable):
+    """The server is draining for a graceful shutdown: new requests are refused (HTTP 503)."""
+
+    code = "shutting_down"
 
 
 class UpstreamError(VtfuseError):

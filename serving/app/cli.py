@@ -2,20 +2,30 @@
 
 Triton runs under a TritonSupervisor (restarted if it dies); the app answers 503 while it is
 down, and its gRPC channels reconnect within the capped backoff once Triton is back.
+Ray's HTTP proxy runs serving.app.proxy's middleware (fast admission, retries of calls a
+dead replica dropped, JSON errors only).
+
+SIGINT/SIGTERM drains first: the Ingress replicas refuse new requests (503, /readyz 503)
+while the ones in flight finish (at most --drain-timeout s); then Serve, Ray and Triton
+(which drains its own queue within --exit-timeout) stop. A second signal skips the drain.
 
 Environment overrides (flags win over them): PRESET (served model name and default),
 API_HOST, API_PORT (HTTP, 8080), GRPC_PORT (9000), TRITON_HTTP_PORT (8000),
 TRITON_GRPC_PORT (8001), TRITON_METRICS_PORT (8002), RAY_NUM_CPUS (all cores),
-RAY_METRICS_PORT (8090), SERVE_CONFIG (deploy/serve_config.yaml).
+RAY_METRICS_PORT (8090), SERVE_CONFIG (deploy/serve_config.yaml), TRITON_LOG,
+RESTRICT_APIS=1 (with TRITON_ADMIN_KEY), TRITON_GRPC_TLS_CERT / _KEY / _CA (TLS to Triton),
+DRAIN_TIMEOUT (30).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -83,6 +93,92 @@ def _wait_running(timeout: float) -> None:
     raise SystemExit(f"the Serve application was not running after {timeout:.0f} s")
 
 
+def _app_status() -> tuple[str, str]:
+    from ray import serve
+
+    st = serve.status().applications.get(APP_NAME)
+    return (str(st.status), st.message) if st is not None else ("MISSING", "")
+
+
+def _set_ingress_user_config(
+    client: Any, config: dict[str, Any], user_config: dict[str, Any], timeout: float, abort: threading.Event
+) -> bool:
+    """Redeploy `config` with the Ingress `user_config` set; True once every replica applied it (RUNNING again).
+
+    Only `user_config` changes, so Serve reconfigures the live replicas in place (no restart).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = copy.deepcopy(config)
+    app = next((a for a in cfg["applications"] if a.get("name") == APP_NAME), cfg["applications"][0])
+    deps = app.setdefault("deployments", [])
+    ingress = next((d for d in deps if d.get("name") == "Ingress"), None)
+    if ingress is None:
+        ingress = {"name": "Ingress"}
+        deps.append(ingress)
+    ingress["user_config"] = user_config
+    client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not abort.is_set():
+        status, _ = _app_status()
+        if status.endswith("RUNNING"):
+            return True
+        if status.endswith("DEPLOY_FAILED") or status == "MISSING":
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def drain(client: Any, config: dict[str, Any], timeout_s: float, abort: threading.Event) -> bool:
+    """Refuse new requests on every Ingress replica, then wait until none is in flight (at most `timeout_s`)."""
+    t0 = time.monotonic()
+    ok = _set_ingress_user_config(client, config, {"draining": True}, min(timeout_s, 30.0), abort)
+    log.info("drain: new requests refused on every replica (%s) after %.1f s", ok, time.monotonic() - t0)
+    left = max(1.0, timeout_s - (time.monotonic() - t0))
+    idle = _set_ingress_user_config(
+        client, config, {"draining": True, "drain_wait_s": left}, left + 10.0, abort
+    )
+    log.info("drain: %s after %.1f s", "in-flight requests done" if idle else "gave up waiting", time.monotonic() - t0)
+    return idle
+
+
+def proxy_environment(config: dict[str, Any]) -> dict[str, str]:
+    """Environment for Ray's HTTP proxy: our middleware, and an in-flight cap = Ingress replicas × max_inflight."""
+    from serving.app.proxy import CALLBACK
+    from serving.app.settings import Limits
+
+    env = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK}
+    if "VTFUSE_PROXY_MAX_INFLIGHT" not in os.environ:
+        app = next((a for a in config["applications"] if a.get("name") == APP_NAME), config["applications"][0])
+        ingress: dict[str, Any] = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
+        replicas = int(ingress.get("num_replicas") or 1)
+        per_replica = int(
+            os.environ.get("VTFUSE_LIMITS_MAX_INFLIGHT")
+            or (app.get("args") or {}).get("limits", {}).get("max_inflight")
+            or Limits().max_inflight
+        )
+        env["VTFUSE_PROXY_MAX_INFLIGHT"] = str(replicas * per_replica)
+    return env
+
+
+def stop_with_parent() -> None:
+    """Linux: get SIGTERM when the parent process dies.
+
+    GNU make does not pass a SIGTERM on to its recipe: `kill <make serve's pid>` would
+    orphan this process. With this, the drain-and-stop path runs instead.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warning("could not ask to be stopped with the parent process")
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_serve(ns: argparse.Namespace) -> int:
     """Start Triton, Ray and the app; print the URLs; stay in the foreground until SIGINT/SIGTERM."""
     import ray
@@ -90,10 +186,23 @@ def run_serve(ns: argparse.Namespace) -> int:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    stop = threading.Event()
+    stop, force = threading.Event(), threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            force.set()  # a second signal: skip the drain
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
+    if ns.stop_with_parent:
+        stop_with_parent()
     config = render_serve_config(load_serve_config(Path(ns.config)), ns, f"{ns.triton_host}:{ns.triton_grpc_port}")
+    tls = bool(ns.triton_tls_cert)
+    if tls:
+        app_args = next(a for a in config["applications"] if a.get("name") == APP_NAME)["args"]
+        app_args["triton_tls"] = True
+        app_args["triton_tls_root_cert"] = str(Path(ns.triton_tls_ca or ns.triton_tls_cert).resolve())
     schema = ServeDeploySchema.model_validate(config)
     settings = TritonSettings(
         repository=Path(ns.repository).resolve(),
@@ -103,9 +212,11 @@ def run_serve(ns: argparse.Namespace) -> int:
         host=ns.triton_host,
         exit_timeout_s=ns.exit_timeout,
         restrict_apis=ns.restrict_apis,
+        grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
+        grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
     )
     # Triton stays our child; the supervisor restarts it if it dies (the API answers 503 meanwhile).
-    supervisor = TritonSupervisor(settings, log_path=REPO_ROOT / "build" / "logs" / "tritonserver.log")
+    supervisor = TritonSupervisor(settings, log_path=Path(ns.triton_log))
     ray_started = False
     try:
         supervisor.start()
@@ -113,6 +224,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         if stop.is_set():
             return 0
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        os.environ.update(proxy_environment(config))  # Ray's processes inherit it
         ray.init(
             num_cpus=ns.num_cpus,
             include_dashboard=False,
@@ -122,7 +234,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         )
         ray_started = True
         for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own handlers: ours win
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         client = serve_start(
             http_options=schema.http_options.model_dump(),
             grpc_options=schema.grpc_options.model_dump(),
@@ -142,7 +254,10 @@ def run_serve(ns: argparse.Namespace) -> int:
         )
         while not stop.wait(1.0):
             pass
-        log.info("stopping: draining the API, then Ray, then Triton")
+        if not force.is_set():
+            log.info("stopping: draining the API (at most %.0f s; a second signal skips it)", ns.drain_timeout)
+            drain(client, config, ns.drain_timeout, force)
+        log.info("stopping: Serve, Ray, then Triton")
         return 0
     finally:
         stop.set()
@@ -177,8 +292,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--triton-metrics-port", type=int, default=_env_int("TRITON_METRICS_PORT", 8002), help="env TRITON_METRICS_PORT"
     )
+    p.add_argument(
+        "--triton-log",
+        default=os.environ.get("TRITON_LOG", str(REPO_ROOT / "build" / "logs" / "tritonserver.log")),
+        help="Triton's log file (env TRITON_LOG)",
+    )
     p.add_argument("--exit-timeout", type=int, default=30, help="seconds Triton drains in-flight requests")
-    p.add_argument("--restrict-apis", action="store_true", help="Triton model-control APIs need $TRITON_ADMIN_KEY")
+    p.add_argument(
+        "--restrict-apis",
+        action="store_true",
+        default=os.environ.get("RESTRICT_APIS", "") not in ("", "0", "false"),
+        help="production: Triton's model-control, repository, config, shared-memory, statistics, trace and logging "
+        "APIs need the header vtfuse-admin: $TRITON_ADMIN_KEY (unset: a random key, i.e. off); env RESTRICT_APIS=1",
+    )
+    p.add_argument(
+        "--triton-tls-cert",
+        default=os.environ.get("TRITON_GRPC_TLS_CERT"),
+        help="PEM certificate: Triton's gRPC endpoint speaks TLS and the API verifies it (env TRITON_GRPC_TLS_CERT)",
+    )
+    p.add_argument("--triton-tls-key", default=os.environ.get("TRITON_GRPC_TLS_KEY"), help="its PEM key")
+    p.add_argument(
+        "--triton-tls-ca",
+        default=os.environ.get("TRITON_GRPC_TLS_CA"),
+        help="CA the API trusts for Triton's certificate (default: the certificate itself, for a self-signed one)",
+    )
+    p.add_argument(
+        "--stop-with-parent",
+        action="store_true",
+        help="drain and stop when the parent process dies (`make serve` passes it: make does not forward SIGTERM)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(os.environ.get("DRAIN_TIMEOUT", 30)),
+        help="on SIGTERM, seconds in-flight requests get to finish before Serve stops (env DRAIN_TIMEOUT)",
+    )
     p.add_argument(
         "--num-cpus",
         type=float,

@@ -16,6 +16,7 @@ from serving.app.metrics import ApiMetrics, MetricsCollector
 from serving.app.models import load_runtimes
 from serving.app.pipeline import Admission, Pipeline
 from serving.app.preprocess import HandlePreprocess, InlinePreprocess, Preprocessor
+from serving.app.ratelimit import RateLimiter
 from serving.app.settings import AppArgs
 from serving.proto import vtfuse_pb2 as pb
 from serving.triton.client import TritonClient, TritonClientSettings
@@ -47,12 +48,18 @@ class Ingress:
         self.args = args
         self.metrics = ApiMetrics()
         self.admission = Admission(args.limits.max_inflight)
+        self.limiter = RateLimiter(args.limits.rate_limit_rps, args.limits.rate_limit_burst)
         runtimes = load_runtimes(args)
         self.triton = TritonClient(
             TritonClientSettings(
                 url=args.triton_url,
                 pool_size=args.triton_pool_size,
                 max_reconnect_backoff_ms=args.triton_max_reconnect_backoff_ms,
+                tls=args.triton_tls,
+                tls_root_cert=args.triton_tls_root_cert,
+                tls_client_cert=args.triton_tls_client_cert,
+                tls_client_key=args.triton_tls_client_key,
+                tls_server_name=args.triton_tls_server_name,
             )
         )
         pre = (
@@ -63,17 +70,42 @@ class Ingress:
         self.pipeline = Pipeline(runtimes, self.triton, pre, self.metrics, args.engine_max_batch)
         self.collector = MetricsCollector(args.metrics_urls)
         log.info(
-            "ingress up: triton %s, models %s (default %s), preprocess %s",
+            "ingress up: triton %s%s, models %s (default %s), preprocess %s, auth %s, rate limit %s",
             args.triton_url,
+            " (TLS)" if args.triton_tls else "",
             sorted(runtimes),
             args.default_model,
             args.preprocess,
+            f"on ({len(args.api_keys)} keys)" if args.api_keys else "off",
+            f"{args.limits.rate_limit_rps:g}/s" if self.limiter.enabled else "off",
         )
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve `user_config`: `{"draining": true}` refuses new requests (503, readiness 503), in-flight go on.
+
+        With `"drain_wait_s": s` it also returns only when nothing is in flight (or `s` passed),
+        so a config update that sets both completes when every replica is idle: how
+        `vtfuse serve` drains before it shuts Serve down.
+        """
+        draining = bool((config or {}).get("draining", False))
+        if draining != self.admission.draining:
+            log.warning("draining %s (%d requests in flight)", "on" if draining else "off", self.admission.inflight)
+        self.admission.draining = draining
+        wait = float((config or {}).get("drain_wait_s", 0) or 0)
+        if draining and wait > 0:
+            idle = await self.admission.wait_idle(wait)
+            log.warning("drained: %s", "idle" if idle else f"{self.admission.inflight} still in flight after {wait} s")
 
     def __serve_build_asgi_app__(self) -> Any:
         # Serve's proxy already echoes X-Request-ID on every response: do not add a second one.
         return create_api(
-            self.pipeline, self.args, self.metrics, self.collector.collect, self.admission, echo_request_id=False
+            self.pipeline,
+            self.args,
+            self.metrics,
+            self.collector.collect,
+            self.admission,
+            echo_request_id=False,
+            rate_limiter=self.limiter,
         )
 
     async def _grpc(self, method: str, request: Any, grpc_context: Any) -> Any:
@@ -88,6 +120,7 @@ class Ingress:
             _serve_request_id(),
             self.admission,
             presented_key(metadata),
+            self.limiter,
         )
 
     async def Vqa(self, request: pb.VqaRequest, grpc_context: Any = None) -> pb.VqaResponse:  # noqa: N802 - gRPC name

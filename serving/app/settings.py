@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from serving.paths import REPO_ROOT
 
@@ -46,6 +46,13 @@ class Limits(BaseModel):
     max_inflight: int = Field(
         default=64, ge=1, description="Requests one ingress replica works on at once; beyond: 429 with Retry-After."
     )
+    rate_limit_rps: float = Field(
+        default=0.0,
+        ge=0,
+        description="Task requests per second per API key (per client address without keys), per ingress "
+        "replica; beyond: 429 `rate_limited` with Retry-After. 0: no limit.",
+    )
+    rate_limit_burst: int = Field(default=20, ge=1, description="Requests a caller may send at once above the rate.")
 
 
 class ModelSpec(BaseModel):
@@ -125,10 +132,20 @@ class AppArgs(BaseModel):
         default_factory=list,
         description="Ray metrics endpoints /metrics aggregates; empty: every alive node's metrics export port.",
     )
-    api_keys: list[str] = Field(
+    api_keys: list[SecretStr] = Field(
         default_factory=list,
+        repr=False,
         description="Keys accepted on /v1/* (X-API-Key or Authorization: Bearer; gRPC x-api-key metadata); "
-        "empty: no auth. Prefer the environment: VTFUSE_API_KEYS='[\"key1\"]'.",
+        "empty: no auth. Prefer the environment: VTFUSE_API_KEYS='[\"key1\"]'. Never logged or printed.",
+    )
+    triton_tls: bool = Field(default=False, description="Talk to Triton's gRPC endpoint over TLS.")
+    triton_tls_root_cert: str | None = Field(
+        default=None, description="PEM file of the CA that signed Triton's certificate; default: the system's."
+    )
+    triton_tls_client_cert: str | None = Field(default=None, description="PEM client certificate (mutual TLS).")
+    triton_tls_client_key: str | None = Field(default=None, description="PEM client key (mutual TLS).", repr=False)
+    triton_tls_server_name: str | None = Field(
+        default=None, description="Name to check Triton's certificate against, when not the host of triton_url."
     )
     deployments: DeploymentDefaults = Field(default_factory=DeploymentDefaults)
     log_level: str = "INFO"
@@ -138,6 +155,10 @@ class AppArgs(BaseModel):
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of models: {sorted(self.models)}")
         return self
+
+    def api_key_values(self) -> list[str]:
+        """The configured API keys as plain strings (for comparing, never for logging)."""
+        return [k.get_secret_value() for k in self.api_keys if k.get_secret_value()]
 
     def checkpoint_dir(self, model: str) -> Path:
         """The checkpoint folder of a served model."""

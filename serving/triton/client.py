@@ -14,7 +14,8 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -49,6 +50,11 @@ class TritonClientSettings:
         retry_unavailable: retries of a call refused with UNAVAILABLE for a connection
             reason (never for a full queue); inference is idempotent.
         retry_backoff_s: wait before such a retry.
+        tls: use TLS (Triton started with `--grpc-use-ssl`).
+        tls_root_cert: PEM file of the CA that signed Triton's certificate (None: the system roots).
+        tls_client_cert: PEM client certificate chain, for mutual TLS.
+        tls_client_key: PEM client private key, for mutual TLS.
+        tls_server_name: name to verify Triton's certificate against when it is not the URL's host.
     """
 
     url: str = "127.0.0.1:8001"
@@ -58,6 +64,11 @@ class TritonClientSettings:
     keepalive_time_ms: int = 10_000
     retry_unavailable: int = 1
     retry_backoff_s: float = 0.05
+    tls: bool = False
+    tls_root_cert: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = field(default=None, repr=False)
+    tls_server_name: str | None = None
 
 
 def channel_args(s: TritonClientSettings) -> list[tuple[str, int | str]]:
@@ -75,7 +86,22 @@ def channel_args(s: TritonClientSettings) -> list[tuple[str, int | str]]:
         ("grpc.enable_retries", 0),  # retries are ours: only for connection errors, within the deadline
         # Each pool entry its own TCP connection (gRPC shares subchannels across channels by default).
         ("grpc.use_local_subchannel_pool", 1),
-    ]
+    ] + ([("grpc.ssl_target_name_override", s.tls_server_name)] if s.tls and s.tls_server_name else [])
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+def channel_credentials(s: TritonClientSettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the channels (None without TLS); files are read once, here."""
+    if not s.tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(s.tls_root_cert),
+        private_key=_read(s.tls_client_key),
+        certificate_chain=_read(s.tls_client_cert),
+    )
 
 
 def _status_name(exc: InferenceServerException) -> str:
@@ -96,13 +122,39 @@ def is_queue_timeout(message: str) -> bool:
     return "timeout expired" in m or "request timeout" in m or "deadline" in m
 
 
+_GONE = (
+    "stub process",
+    "not healthy",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "failed to connect",
+    "broken pipe",
+    "rst_stream",
+    "goaway",
+    "server is stopping",
+    "shutting down",
+    "exiting",
+    "not ready",
+    "unavailable",
+)
+
+
+def is_server_gone(message: str) -> bool:
+    """Triton (or one of its Python-backend stubs) dying, stopping or not reachable, as opposed to a model error."""
+    m = message.lower()
+    return any(p in m for p in _GONE)
+
+
 def map_triton_error(exc: BaseException, model: str) -> VtfuseError:
     """Translate a tritonclient/gRPC failure into the service's error classes.
 
     UNAVAILABLE → UpstreamUnavailable (503) unless Triton's queue is full (Overloaded,
     429) or a queued request timed out (UpstreamTimeout, 504); DEADLINE_EXCEEDED →
     UpstreamTimeout; RESOURCE_EXHAUSTED → Overloaded; INVALID_ARGUMENT → InvalidInput;
-    NOT_FOUND (model not loaded) → UpstreamUnavailable; anything else → UpstreamError.
+    NOT_FOUND (model not loaded) → UpstreamUnavailable; INTERNAL/UNKNOWN that say the server
+    or a backend stub is going away (Triton killed mid-request) → UpstreamUnavailable;
+    anything else → UpstreamError.
     """
     if isinstance(exc, VtfuseError):
         return exc
@@ -123,6 +175,8 @@ def map_triton_error(exc: BaseException, model: str) -> VtfuseError:
         return UpstreamUnavailable(f"Triton does not serve {model} ({message})", retry_after=5.0)
     if status == "INVALID_ARGUMENT":
         return InvalidInput(f"Triton refused the input of {model}: {message}")
+    if is_server_gone(message):
+        return UpstreamUnavailable(f"Triton stopped while running {model} ({message}): retry shortly", retry_after=1.0)
     return UpstreamError(f"Triton model {model} failed: {message or exc}")
 
 
@@ -160,8 +214,9 @@ class TritonClient:
     def _pool(self) -> list[grpcaio.InferenceServerClient]:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # aio channels belong to one loop: (re)create them in this one
+            creds = channel_credentials(self.settings)
             self._clients = [
-                grpcaio.InferenceServerClient(self.settings.url, channel_args=channel_args(self.settings))
+                grpcaio.InferenceServerClient(self.settings.url, creds=creds, channel_args=channel_args(self.settings))
                 for _ in range(max(1, self.settings.pool_size))
             ]
             self._loop = loop

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -52,7 +53,11 @@ class TritonSettings:
     # Production: model control off; repository / model-config / shared-memory APIs need a key.
     restrict_apis: bool = False
     restricted_key: str = "vtfuse-admin"
-    restricted_value: str = ""
+    restricted_value: str = field(default="", repr=False)
+    # TLS on the gRPC endpoint (PEM files); with grpc_tls_root_cert, clients must present a certificate it signed.
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+    grpc_tls_root_cert: Path | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -163,13 +168,29 @@ def build_command(settings: TritonSettings, install: TritonInstall) -> list[str]
         cmd.append(f"--backend-directory={install.backend_dir}")
     if settings.restrict_apis:
         value = settings.restricted_value or os.environ.get("TRITON_ADMIN_KEY", "")
-        if not value:
-            raise TritonStartError("restrict_apis needs a key: set $TRITON_ADMIN_KEY (never logged)")
-        for api in ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"):
+        if not value:  # nobody holds the key: the restricted APIs are simply off
+            value = secrets.token_urlsafe(24)
+            log.warning("restrict_apis without $TRITON_ADMIN_KEY: the restricted Triton APIs are off for everyone")
+        for api in RESTRICTED_APIS:
             cmd.append(f"--http-restricted-api={api}:{settings.restricted_key}={value}")
             cmd.append(f"--grpc-restricted-protocol={api}:{settings.restricted_key}={value}")
+    if settings.grpc_tls_cert or settings.grpc_tls_key:
+        if not (settings.grpc_tls_cert and settings.grpc_tls_key):
+            raise TritonStartError("gRPC TLS needs both a certificate and a key (grpc_tls_cert, grpc_tls_key)")
+        cmd += [
+            "--grpc-use-ssl=true",
+            f"--grpc-server-cert={settings.grpc_tls_cert}",
+            f"--grpc-server-key={settings.grpc_tls_key}",
+        ]
+        if settings.grpc_tls_root_cert:
+            cmd += [f"--grpc-root-cert={settings.grpc_tls_root_cert}", "--grpc-use-ssl-mutual=true"]
     cmd.extend(settings.extra_args)
     return cmd
+
+
+# Triton APIs that need the admin key when restrict_apis is on: model control (load/unload, repository
+# index), model configuration, shared-memory registration, statistics, tracing and log settings.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
 
 
 def redact(cmd: list[str]) -> list[str]:
@@ -275,6 +296,19 @@ class TritonServer:
     def poll(self) -> int | None:
         """The exit code, or None while running."""
         return None if self.process is None else self.process.poll()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (a hung or half-started server); `poll()` then has the exit code."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("tritonserver pid %s survived SIGKILL for 10 s", self.process.pid)
 
     def stop(self) -> int | None:
         """SIGTERM the group, wait for the drain, SIGKILL what is left; returns the exit code."""

@@ -2,7 +2,9 @@
 
 Triton stays a child of the process that runs the supervisor (`vtfuse serve`), so stopping
 that process stops Triton too. Each restart first clears the dead server's process group
-(orphaned Python-backend stubs) and its shared-memory regions.
+(orphaned Python-backend stubs) and its shared-memory regions. A server that is alive but
+has not answered its liveness endpoint for `hang_after_s` (a deadlock, a stopped process)
+is killed and restarted like a dead one; so is a restart that never becomes ready.
 """
 
 from __future__ import annotations
@@ -10,11 +12,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.triton.launcher import TritonServer, TritonSettings, TritonStartError
 
 log = logging.getLogger(__name__)
+
+
+def is_live_http(host: str, http_port: int, timeout: float = 5.0) -> bool:
+    """True when Triton's GET /v2/health/live answers 200 (it does while loading and draining too)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/live", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 class TritonSupervisor:
@@ -27,12 +40,18 @@ class TritonSupervisor:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 15.0,
         ready_timeout_s: float = 180.0,
+        probe_every_s: float = 5.0,
+        hang_after_s: float = 60.0,
+        is_live: Callable[[str, int], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.log_path = log_path
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.ready_timeout_s = ready_timeout_s
+        self.probe_every_s = probe_every_s
+        self.hang_after_s = hang_after_s
+        self.is_live = is_live or is_live_http
         self.server = TritonServer(settings, log_path)
         self.restarts = 0
         self._stopping = threading.Event()
@@ -58,16 +77,27 @@ class TritonSupervisor:
 
     def _watch(self) -> None:
         backoff = self.backoff_initial_s
+        last_live = time.monotonic()
+        next_probe = time.monotonic() + self.probe_every_s
         while not self._stopping.is_set():
             code = self.server.poll()
             if code is None:
+                now = time.monotonic()
+                if now >= next_probe:
+                    next_probe = now + self.probe_every_s
+                    if self.is_live(self.settings.host, self.settings.http_port):
+                        last_live = now
+                    elif now - last_live > self.hang_after_s:
+                        log.error("tritonserver pid %s not live for %.0f s: killing it", self.pid, now - last_live)
+                        self.server.kill()
+                        continue
                 if self._stopping.wait(0.5):
                     return
                 continue
             with self._lock:
                 if self._stopping.is_set():
                     return
-                log.error("tritonserver exited with code %s: restarting in %.1f s", code, backoff)
+                log.error("tritonserver pid %s exited with code %s: restarting in %.1f s", self.pid, code, backoff)
                 self.server.stop()  # reap the group: stale stubs and shared memory
                 if self._stopping.wait(backoff):
                     return
@@ -78,9 +108,11 @@ class TritonSupervisor:
                     self.server.wait_ready(self.ready_timeout_s)
                     log.warning("tritonserver restarted (restart %d), pid %s", self.restarts, self.pid)
                     backoff = self.backoff_initial_s
-                except TritonStartError as e:
+                except (TritonStartError, OSError) as e:
                     log.error("tritonserver restart failed: %s", e)
+                    self.server.kill()  # the next turn sees it exited and tries again
                     backoff = min(backoff * 2, self.backoff_max_s)
+                last_live = next_probe = time.monotonic()
 
     def stop(self) -> int | None:
         """Stop watching, then drain and stop Triton (SIGTERM, exit timeout, SIGKILL)."""

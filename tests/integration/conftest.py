@@ -66,8 +66,10 @@ def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
         limits=TEST_LIMITS,
         deployments=DeploymentDefaults(ingress_replicas=2, preprocess_replicas=1),
     )
-    # Replica processes import `serving` from this checkout.
+    # Replica processes import `serving` from this checkout; Ray's HTTP proxy runs our middleware, as under
+    # `vtfuse serve` (no in-flight cap here: the tests' own bursts stay small).
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.app.proxy:middlewares")
     ray.init(
         num_cpus=2,
         include_dashboard=False,

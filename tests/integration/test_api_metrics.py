@@ -30,27 +30,39 @@ def wait_for(url: str, predicate, timeout: float = 20.0) -> str:
     return text
 
 
+def settled(url: str, value, quiet_s: float = 3.0, timeout: float = 30.0) -> str:
+    """A scrape after `value(text)` stayed unchanged for `quiet_s`: earlier tests' requests are all exported."""
+    deadline = time.monotonic() + timeout
+    text = scrape_api(url)
+    last, since = value(text), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = scrape_api(url)
+        if value(text) != last:
+            last, since = value(text), time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return text
+
+
 def test_request_counts_by_route_and_status_sum_over_replicas(serve_app):
     url = serve_app.http_url
-    before = scrape_api(url)
-    ok0 = metric_value(before, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="200")
-    bad0 = metric_value(before, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="422")
+    labels = {"application": "vtfuse", "route": "/v1/embed", "protocol": "http"}
+
+    def count(text: str, status: str | None = None) -> float:
+        return metric_value(text, "vtfuse_requests_total", **labels, **({"status": status} if status else {}))
+
+    before = settled(url, count)
+    ok0, bad0 = count(before, "200"), count(before, "422")
     with httpx.Client(base_url=url, timeout=30) as c:
         for _ in range(24):
             assert c.post("/v1/embed", json={"texts": ["a red circle"]}).status_code == 200
         for _ in range(3):
             assert c.post("/v1/embed", json={}).status_code == 422
 
-    def done(text: str) -> bool:
-        return (
-            metric_value(text, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="200") - ok0 >= 24
-            and metric_value(text, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="422") - bad0
-            >= 3
-        )
-
-    text = wait_for(url, done)
-    assert metric_value(text, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="200") - ok0 == 24
-    assert metric_value(text, "vtfuse_requests_total", route="/v1/embed", protocol="http", status="422") - bad0 == 3
+    text = wait_for(url, lambda t: count(t, "200") - ok0 >= 24 and count(t, "422") - bad0 >= 3)
+    assert count(text, "200") - ok0 == 24
+    assert count(text, "422") - bad0 == 3
     replicas = {
         line.split('replica="')[1].split('"')[0]
         for line in text.splitlines()

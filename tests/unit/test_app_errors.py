@@ -251,6 +251,7 @@ def test_grpc_success_converts_every_field(args):
     (a,) = resp.answers
     assert a.question == "how many circles are there?" and len(a.top_k) == 3
     assert a.attention.rows == 8 and a.attention.cols == 8 and len(a.attention.values) == 64
+    assert a.tokens[0] == "[CLS]" and a.tokens[-1] == "[SEP]" and "circles" in a.tokens
     assert all(c[3] == "r" for c in fake.calls)  # the request id reached every Triton call
     assert isinstance(VtfuseError("x"), Exception)
 

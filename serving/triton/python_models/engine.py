@@ -3,7 +3,9 @@
 Triton's dynamic batcher hands `execute` several requests; their inputs are concatenated
 on the batch axis, run in one session call, and the outputs split back per request.
 Triton itself has already checked each request's names, dtypes and shapes against
-config.pbtxt, so one malformed request never reaches (or fails) a batch.
+config.pbtxt, so a malformed request never reaches a batch. A request whose *values* the
+engine cannot take (token ids outside the vocabulary, say) would fail the whole session
+call: then each request of the batch runs alone, and only the bad one gets an error.
 """
 
 from __future__ import annotations
@@ -55,20 +57,41 @@ class OnnxEngineModel:
         batch = {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in feeds.items()}
         try:
             outs = self.session.run(self.output_names, batch)
-        except Exception as e:  # an engine failure fails this batch only, with a clear message
-            err = pb_utils.TritonError(f"engine failed: {e}")
-            return [pb_utils.InferenceResponse(error=err) for _ in requests]
+        except Exception as e:
+            if len(requests) == 1:
+                return [self._error(e)]
+            # Some request's values broke the batch: run each alone so only that one fails.
+            log.warning("a batch of %d failed (%s): running its requests one by one", len(requests), e)
+            return [self._alone(req, {n: v[i] for n, v in feeds.items()}) for i, req in enumerate(requests)]
         responses, start = [], 0
         for req, n in zip(requests, sizes):
-            wanted = set(req.requested_output_names()) or set(self.output_names)
-            tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(out[start : start + n], dtype=self.output_dtypes[name]))
-                for name, out in zip(self.output_names, outs)
-                if name in wanted
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            responses.append(self._response(req, [out[start : start + n] for out in outs]))
             start += n
         return responses
+
+    def _response(self, req: Any, outs: list[np.ndarray]) -> Any:
+        wanted = set(req.requested_output_names()) or set(self.output_names)
+        tensors = [
+            pb_utils.Tensor(name, np.ascontiguousarray(out, dtype=self.output_dtypes[name]))
+            for name, out in zip(self.output_names, outs)
+            if name in wanted
+        ]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _alone(self, req: Any, feed: dict[str, np.ndarray]) -> Any:
+        try:
+            return self._response(req, self.session.run(self.output_names, feed))
+        except Exception as e:
+            return self._error(e)
+
+    @staticmethod
+    def _error(e: Exception) -> Any:
+        """A per-request INVALID_ARG error: the engine could not take this request's values."""
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        msg = f"the engine refused this request's values: {e}"[:1000]
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(msg, code) if code is not None else pb_utils.TritonError(msg)
+        )
 
     def finalize(self) -> None:
         self.session = None

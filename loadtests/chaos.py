@@ -1,0 +1,701 @@
+"""Overload and fault drills against `vtfuse serve`: a burst, Triton killed under load, a replica killed, SIGTERM drain.
+
+Each drill drives real HTTP traffic at the API and classifies every request: a status
+with a JSON error body, a non-JSON error (Ray's or uvicorn's own text: a contract
+violation), or a dropped connection (sent, never answered). `ServeStack` runs
+`vtfuse serve` on free ports in its own process group and always tears it down;
+tests/integration/test_reliability.py runs the drills on such stacks and RELIABILITY.md
+reports their figures. From the command line, against a running stack:
+
+    python -m loadtests.chaos burst --url http://127.0.0.1:8080 --requests 400
+    python -m loadtests.chaos triton-kill --url http://127.0.0.1:8080 --clients 24
+    python -m loadtests.chaos replica-kill --url http://127.0.0.1:8080 --clients 16
+    python -m loadtests.chaos drain --clients 16          # starts (and SIGTERMs) a stack of its own
+    python -m loadtests.chaos all --out build/chaos.json  # every drill on fresh stacks
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from serving.paths import REPO_ROOT
+from serving.shapes import world
+
+log = logging.getLogger(__name__)
+
+LOG_DIR = REPO_ROOT / "build" / "chaos"
+OK_STATUSES = frozenset({200, 429, 503, 504})
+QUESTIONS = ("how many circles are there?", "what color is the square?", "is there a red triangle?")
+
+
+# -- traffic ---------------------------------------------------------------------------
+
+
+def vqa_bodies(n: int = 16, seed: int = 0) -> list[bytes]:
+    """`n` JSON bodies for /v1/vqa: fresh shapes-world renders (PNG and JPEG) with one question each."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scene = world.random_scene(rng)
+        img = world.render(scene, rng.choice([64, 96, 128]))
+        data = world.encode(img, "PNG") if i % 2 else world.encode(img, "JPEG", 90)
+        body = {"image": base64.b64encode(data).decode(), "questions": [QUESTIONS[i % len(QUESTIONS)]]}
+        out.append(json.dumps(body).encode())
+    return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request as the client saw it."""
+
+    start: float  # time.monotonic() when sent
+    end: float
+    status: int  # HTTP status; 0 = no answer (see `error`)
+    code: str = ""  # the JSON error code, "" on success
+    json_body: bool = True  # an error body of the API's JSON shape (always True for 200s that parsed)
+    retry_after: bool = False
+    error: str = ""  # "refused" (could not connect: nothing was sent) or "dropped: ..." (sent, never answered)
+
+    @property
+    def latency(self) -> float:
+        """Seconds from send to answer."""
+        return self.end - self.start
+
+
+def _classify_exc(exc: BaseException) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "refused"
+    return f"dropped: {type(exc).__name__}: {exc}"[:200]
+
+
+async def send(client: httpx.AsyncClient, path: str, body: bytes, timeout: float = 90.0) -> Outcome:
+    """POST one JSON body; never raises: the outcome says what happened."""
+    t0 = time.monotonic()
+    try:
+        r = await client.post(path, content=body, headers={"content-type": "application/json"}, timeout=timeout)
+    except Exception as e:  # every transport failure is an outcome
+        return Outcome(t0, time.monotonic(), 0, error=_classify_exc(e))
+    t1 = time.monotonic()
+    if r.status_code == 200:
+        try:
+            ok = isinstance(r.json(), dict)
+        except ValueError:
+            ok = False
+        return Outcome(t0, t1, 200, json_body=ok)
+    code, is_json = "", False
+    try:
+        body_json = r.json()
+        code = body_json["error"]["code"]
+        is_json = set(body_json) == {"error"} and bool(body_json["error"].get("message"))
+    except (ValueError, KeyError, TypeError):
+        code = r.text[:120]
+    return Outcome(t0, t1, r.status_code, code, is_json, "retry-after" in r.headers)
+
+
+def new_client(url: str, connections: int, api_key: str | None = None) -> httpx.AsyncClient:
+    """An async client with room for `connections` concurrent requests (sending `api_key` when given)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"X-API-Key": api_key} if api_key else {}
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=90.0, headers=headers)
+
+
+async def burst(
+    url: str, n: int = 400, bodies: Sequence[bytes] | None = None, api_key: str | None = None
+) -> list[Outcome]:
+    """`n` requests at once (one connection each); every outcome."""
+    bodies = bodies or vqa_bodies()
+    async with new_client(url, n, api_key) as client:
+        return list(await asyncio.gather(*(send(client, "/v1/vqa", bodies[i % len(bodies)]) for i in range(n))))
+
+
+async def closed_loop(
+    url: str,
+    clients: int,
+    stop: asyncio.Event,
+    bodies: Sequence[bytes] | None = None,
+    pause_on_error_s: float = 0.2,
+    stop_on_refusal: bool = False,
+    api_key: str | None = None,
+) -> list[Outcome]:
+    """`clients` callers each sending /v1/vqa back to back until `stop` is set.
+
+    A caller that gets an error waits `pause_on_error_s` (a polite client honouring
+    shedding); with `stop_on_refusal` it stops at the first 503 or refused connection
+    (a client of a server that is going away).
+    """
+    bodies = bodies or vqa_bodies()
+    out: list[Outcome] = []
+
+    async def caller(k: int, client: httpx.AsyncClient) -> None:
+        i = k
+        while not stop.is_set():
+            o = await send(client, "/v1/vqa", bodies[i % len(bodies)])
+            out.append(o)
+            i += clients
+            if o.status != 200:
+                if stop_on_refusal and (o.status == 503 or o.error == "refused"):
+                    return
+                await asyncio.sleep(pause_on_error_s)
+
+    async with new_client(url, clients, api_key) as client:
+        await asyncio.gather(*(caller(k, client) for k in range(clients)))
+    return out
+
+
+def summarize(outcomes: Sequence[Outcome], t0: float | None = None) -> dict[str, Any]:
+    """Counts by status, contract violations (non-JSON errors, other statuses, drops) and latencies."""
+    statuses = Counter(str(o.status) for o in outcomes if o.status)
+    codes = Counter(o.code for o in outcomes if o.status and o.status != 200)
+    dropped = [o.error for o in outcomes if o.error.startswith("dropped")]
+    refused = sum(o.error == "refused" for o in outcomes)
+    non_json = [(o.status, o.code) for o in outcomes if o.status and not o.json_body]
+    unexpected = [(o.status, o.code) for o in outcomes if o.status and o.status not in OK_STATUSES]
+    no_retry_after = sum(o.status in (429, 503) and not o.retry_after for o in outcomes)
+    lat = sorted(o.latency for o in outcomes if o.status)
+    base = t0 if t0 is not None else (min(o.start for o in outcomes) if outcomes else 0.0)
+
+    def q(p: float, values: list[float] = lat) -> float:
+        return round(values[min(len(values) - 1, int(p * len(values)))], 3) if values else 0.0
+
+    by_status = {
+        s: {"p50": q(0.5, v), "max": q(1.0, v)}
+        for s in sorted(statuses)
+        for v in [sorted(o.latency for o in outcomes if str(o.status) == s)]
+    }
+
+    return {
+        "requests": len(outcomes),
+        "statuses": dict(sorted(statuses.items())),
+        "error_codes": dict(codes),
+        "dropped": len(dropped),
+        "dropped_examples": dropped[:3],
+        "refused_connections": refused,
+        "non_json_errors": len(non_json),
+        "non_json_examples": non_json[:3],
+        "unexpected_statuses": len(unexpected),
+        "unexpected_examples": unexpected[:3],
+        "missing_retry_after": no_retry_after,
+        "latency_s": {"p50": q(0.5), "p99": q(0.99), "max": round(lat[-1], 3) if lat else 0.0},
+        "latency_by_status_s": by_status,
+        "last_answer_s": round(max((o.end for o in outcomes), default=base) - base, 3),
+    }
+
+
+def recovery(outcomes: Sequence[Outcome], fault_at: float) -> dict[str, Any]:
+    """When errors began and ended after a fault, and when 200s were steady again (seconds after the fault)."""
+    after = sorted((o for o in outcomes if o.end >= fault_at), key=lambda o: o.end)
+    errors = [o for o in after if o.status != 200]
+    first_err = errors[0].end - fault_at if errors else None
+    last_err = errors[-1].end - fault_at if errors else None
+    ok_after = [o for o in after if o.status == 200 and (not errors or o.start > errors[-1].start)]
+    return {
+        "first_error_s": None if first_err is None else round(first_err, 2),
+        "last_error_s": None if last_err is None else round(last_err, 2),
+        "recovered_s": round(ok_after[0].end - fault_at, 2) if ok_after else None,
+        "errors_after_fault": len(errors),
+        "ok_after_recovery": len(ok_after),
+    }
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live descendant of `pid` (empty when it is gone)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline()) or p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+
+
+def find_tritonserver(root_pid: int | None = None) -> psutil.Process | None:
+    """The tritonserver under `root_pid` (or anywhere, when None): the one `vtfuse serve` supervises."""
+    procs = descendants(root_pid) if root_pid else list(psutil.process_iter())
+    for p in procs:
+        try:
+            if p.name() == "tritonserver" or _cmdline(p).split(" ", 1)[0].endswith("/tritonserver"):
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def find_replicas(
+    root_pid: int | None = None, deployment: str = "Ingress", app: str = "vtfuse"
+) -> list[psutil.Process]:
+    """Ray Serve replica processes of `app`/`deployment` (process title `ray::ServeReplica:<app>:<deployment>`)."""
+    tag = f"ServeReplica:{app}:{deployment}"
+    procs = descendants(root_pid) if root_pid else list(psutil.process_iter())
+    return [p for p in procs if tag in _cmdline(p)]
+
+
+def wait_ready(url: str, timeout: float) -> float:
+    """Poll GET /readyz until 200; seconds it took. Raises TimeoutError."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz not 200 after {timeout:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServeStack:
+    """`vtfuse serve` on free ports as a child process in its own process group; a context manager.
+
+    `env` adds environment variables (VTFUSE_*, TRITON_ADMIN_KEY, ...), `args` adds flags.
+    Ray's session files go to a private temporary directory (`ray_tmp`), so its logs are
+    this stack's alone. `stop()` sends SIGTERM (the graceful path), waits, then SIGKILLs
+    the group and every descendant that outlived it.
+    """
+
+    args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    tag: str = "stack"
+    via_make: bool = False  # `make serve` (targets already built) instead of `python -m serving.cli serve`
+    start_timeout_s: float = 300.0
+    api_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    triton_http_port: int = field(default_factory=free_port)
+    triton_grpc_port: int = field(default_factory=free_port)
+    triton_metrics_port: int = field(default_factory=free_port)
+    ray_metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    ray_tmp: Path | None = None
+    log_path: Path | None = None
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def pid(self) -> int:
+        """PID of the `vtfuse serve` process (of `make` with `via_make`)."""
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> ServeStack:
+        """Start the stack and wait until /readyz answers 200."""
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="vtf", dir="/tmp"))  # short: Ray's socket paths
+        self.log_path = LOG_DIR / f"{self.tag}.log"
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            "API_PORT": str(self.api_port),
+            "GRPC_PORT": str(self.grpc_port),
+            "TRITON_HTTP_PORT": str(self.triton_http_port),
+            "TRITON_GRPC_PORT": str(self.triton_grpc_port),
+            "TRITON_METRICS_PORT": str(self.triton_metrics_port),
+            "RAY_METRICS_PORT": str(self.ray_metrics_port),
+            "RAY_TMPDIR": str(self.ray_tmp),
+            "TRITON_LOG": str(LOG_DIR / f"{self.tag}-tritonserver.log"),
+            **self.env,
+        }
+        cmd = [sys.executable, "-m", "serving.cli", "serve", *self.args]
+        if self.via_make:  # the same interpreter's venv; its install and the model repository count as built
+            venv = Path(sys.executable).parent.parent
+            built = ["-o", f"{venv}/.installed", "-o", "model_repository/fusion/1/model.onnx"]
+            cmd = ["make", "-s", f"VENV={venv}", *built, "serve", f"SERVE_ARGS={' '.join(self.args)}"]
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vtfuse serve exited with {self.process.returncode}: see {self.log_path}")
+            try:
+                wait_ready(self.url, timeout=2)
+                self.remember_pids()
+                return self
+            except TimeoutError:
+                continue
+        raise TimeoutError(f"{self.url}/readyz not 200 after {self.start_timeout_s:.0f} s: see {self.log_path}")
+
+    def remember_pids(self) -> None:
+        """Note every current descendant, so `leftovers()` can tell what outlived the stack."""
+        self.seen_pids.update(p.pid for p in descendants(self.pid))
+
+    def leftovers(self) -> list[str]:
+        """Processes this stack started that are still alive (after it exited)."""
+        alive = []
+        for pid in sorted(self.seen_pids):
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{pid} {_cmdline(p)[:100]}")
+            except psutil.NoSuchProcess:
+                continue
+        return alive
+
+    def wait_gone(self, timeout: float) -> bool:
+        """Wait until every process this stack started has exited (True) or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while self.leftovers():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send a signal to the `vtfuse serve` process only (as `kill PID` would)."""
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit code after at most `timeout` s (None if still running)."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace_s: float = 90.0) -> int | None:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL the group and any descendant left; returns the exit code."""
+        if self.process is None:
+            return None
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self.remember_pids()
+        code = self.process.poll()
+        if code is None:
+            self.signal(signal.SIGTERM)
+            code = self.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in self.seen_pids:  # Ray and Triton children live in process groups of their own
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                psutil.Process(pid).kill()
+        if code is None:
+            code = self.wait(10)
+        return code
+
+    def __enter__(self) -> ServeStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop(grace_s=20)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove Ray's session directory of this stack (kept when VTFUSE_KEEP_RAY_TMP is set)."""
+        if self.ray_tmp is not None and not os.environ.get("VTFUSE_KEEP_RAY_TMP"):
+            shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+# -- drills ----------------------------------------------------------------------------
+
+
+async def raw_post(url: str, path: str, body: bytes, api_key: str | None = None, timeout: float = 90.0) -> Outcome:
+    """One POST over a fresh socket with a minimal HTTP/1.1 client: far less client CPU than httpx, so that
+    a burst from one process reaches the server nearly at once."""
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    key = f"X-API-Key: {api_key}\r\n" if api_key else ""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{key}\r\n"
+    ).encode()
+    t0 = time.monotonic()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except Exception as e:
+        return Outcome(t0, time.monotonic(), 0, error=_classify_exc(httpx.ConnectError(str(e))))
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)  # Connection: close: read to EOF
+    except Exception as e:
+        return Outcome(t0, time.monotonic(), 0, error=f"dropped: {type(e).__name__}: {e}"[:200])
+    finally:
+        writer.close()
+    t1 = time.monotonic()
+    header, _, payload = raw.partition(b"\r\n\r\n")
+    lines = header.decode(errors="replace").split("\r\n")
+    if not lines or not lines[0].startswith("HTTP/1.1 "):
+        return Outcome(t0, t1, 0, error=f"dropped: no HTTP response ({raw[:60]!r})")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # de-chunk
+        out, rest = b"", payload
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            n = int(size_line.split(b";")[0] or b"0", 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2 :]
+        payload = out
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        obj = None
+    if status == 200:
+        return Outcome(t0, t1, 200, json_body=isinstance(obj, dict))
+    ok = isinstance(obj, dict) and set(obj) == {"error"} and bool(obj["error"].get("message"))
+    code = obj["error"].get("code", "") if ok else payload[:120].decode(errors="replace")
+    return Outcome(t0, t1, status, code, ok, "retry-after" in headers)
+
+
+def drill_burst(url: str, n: int = 400, api_key: str | None = None) -> dict[str, Any]:
+    """`n` requests at once, each on its own connection; each must be answered, quickly, as 200/429/503/504
+    with JSON errors (the sockets are opened and written before any answer is read)."""
+    bodies = vqa_bodies()
+
+    async def main() -> list[Outcome]:
+        return list(await asyncio.gather(*(raw_post(url, "/v1/vqa", bodies[i % 16], api_key) for i in range(n))))
+
+    t0 = time.monotonic()
+    outcomes = asyncio.run(main())
+    return {"drill": "burst", **summarize(outcomes, t0)}
+
+
+def _run_loop_with(url: str, clients: int, action: Any, duration_s: float, **kw: Any) -> list[Outcome]:
+    """Drive a closed loop for `duration_s` while `action()` runs in a thread (started 3 s in)."""
+
+    async def main() -> list[Outcome]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(closed_loop(url, clients, stop, **kw))
+        await asyncio.sleep(3.0)
+        await asyncio.to_thread(action)
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end and not task.done():
+            await asyncio.sleep(0.2)
+        stop.set()
+        return await task
+
+    return asyncio.run(main())
+
+
+def drill_triton_kill(
+    url: str,
+    root_pid: int | None = None,
+    clients: int = 24,
+    sig: int = signal.SIGKILL,
+    window_s: float = 90.0,
+    api_key: str | None = None,
+) -> dict[str, Any]:
+    """Kill tritonserver while `clients` callers send VQA; wait for /readyz and steady 200s again."""
+    old = find_tritonserver(root_pid)
+    if old is None:
+        raise RuntimeError("no tritonserver process found: is `vtfuse serve` running?")
+    fault: dict[str, Any] = {}
+
+    def kill() -> None:
+        fault["at"] = time.monotonic()
+        fault["old_pid"] = old.pid
+        old.send_signal(sig)
+
+    def watch() -> None:  # readiness and the new pid, in the background
+        while time.monotonic() - fault.get("at", time.monotonic()) < window_s:
+            new = find_tritonserver(root_pid)
+            if new is not None and new.pid != old.pid and "new_pid" not in fault:
+                fault["new_pid"] = new.pid
+                fault["new_parent_chain"] = [p.pid for p in new.parents()][:4]
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=3) as r:
+                    if r.status == 200 and "at" in fault and "new_pid" in fault:
+                        fault.setdefault("ready_s", round(time.monotonic() - fault["at"], 2))
+            except OSError:
+                fault.setdefault("unready_seen", True)
+            if "ready_s" in fault:
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+
+    def act() -> None:
+        kill()
+        watcher.start()
+
+    # Keep the load on until readiness is back plus a few seconds of steady 200s (at most window_s).
+    async def main() -> list[Outcome]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(closed_loop(url, clients, stop, api_key=api_key))
+        await asyncio.sleep(3.0)
+        act()
+        while time.monotonic() - fault["at"] < window_s and "ready_s" not in fault:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(8.0)
+        stop.set()
+        return await task
+
+    outcomes = asyncio.run(main())
+    watcher.join(timeout=5)
+    return {
+        "drill": "triton_kill",
+        "signal": signal.Signals(sig).name,
+        "clients": clients,
+        "old_pid": fault.get("old_pid"),
+        "new_pid": fault.get("new_pid"),
+        "new_parent_chain": fault.get("new_parent_chain", []),
+        "readyz_back_s": fault.get("ready_s"),
+        **summarize(outcomes),
+        **recovery(outcomes, fault["at"]),
+    }
+
+
+def drill_replica_kill(
+    url: str, root_pid: int | None = None, clients: int = 16, api_key: str | None = None
+) -> dict[str, Any]:
+    """SIGKILL one Ingress replica under load: its in-flight calls are retried elsewhere, Serve replaces it."""
+    before = find_replicas(root_pid)
+    if not before:
+        raise RuntimeError("no Ingress replica process found")
+    fault: dict[str, Any] = {}
+
+    def kill() -> None:
+        victim = before[0]
+        fault["at"] = time.monotonic()
+        fault["killed_pid"] = victim.pid
+        victim.kill()
+
+    outcomes = _run_loop_with(url, clients, kill, duration_s=12.0, api_key=api_key)
+    # Serve replaces the replica: wait for a new process with the same title.
+    deadline = time.monotonic() + 90
+    replaced = None
+    while time.monotonic() < deadline:
+        now = {p.pid for p in find_replicas(root_pid)}
+        new = now - {p.pid for p in before}
+        if new and len(now) >= len(before):
+            replaced = round(time.monotonic() - fault["at"], 2)
+            break
+        time.sleep(0.5)
+    return {
+        "drill": "replica_kill",
+        "clients": clients,
+        "replicas": len(before),
+        "killed_pid": fault["killed_pid"],
+        "replaced_s": replaced,
+        **summarize(outcomes),
+        **recovery(outcomes, fault["at"]),
+    }
+
+
+def drill_drain(stack: ServeStack, clients: int = 16, api_key: str | None = None) -> dict[str, Any]:
+    """SIGTERM to `vtfuse serve` under load: in-flight requests complete, new ones are refused, all of it exits."""
+    stack.remember_pids()
+    triton = find_tritonserver(stack.pid)
+    fault: dict[str, Any] = {}
+
+    def term() -> None:
+        fault["at"] = time.monotonic()
+        stack.signal(signal.SIGTERM)
+
+    async def main() -> list[Outcome]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(closed_loop(stack.url, clients, stop, stop_on_refusal=True, api_key=api_key))
+        await asyncio.sleep(3.0)
+        term()
+        code = await asyncio.to_thread(stack.wait, 120)
+        fault["exit_code"] = code
+        fault["exit_s"] = round(time.monotonic() - fault["at"], 2)
+        fault["all_gone"] = await asyncio.to_thread(stack.wait_gone, 120)  # `make` exits before its child
+        fault["all_gone_s"] = round(time.monotonic() - fault["at"], 2)
+        stop.set()
+        return await task
+
+    outcomes = asyncio.run(main())
+    in_flight = [o for o in outcomes if o.start < fault["at"] < o.end]
+    after = [o for o in outcomes if o.start >= fault["at"]]
+    return {
+        "drill": "drain",
+        "clients": clients,
+        "exit_code": fault["exit_code"],
+        "exit_s": fault["exit_s"],
+        "all_exited_s": fault["all_gone_s"] if fault["all_gone"] else None,
+        "in_flight_at_sigterm": len(in_flight),
+        "in_flight_ok": sum(o.status == 200 for o in in_flight),
+        "after_sigterm": dict(Counter(str(o.status) if o.status else o.error.split(":")[0] for o in after)),
+        "triton_pid": triton.pid if triton else None,
+        "triton_alive_after": bool(triton and triton.is_running() and triton.status() != psutil.STATUS_ZOMBIE),
+        "leftover_processes": stack.leftovers(),
+        **summarize(outcomes),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: one drill (against --url) or `all` (each on a fresh stack); prints JSON."""
+    p = argparse.ArgumentParser(prog="python -m loadtests.chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("drill", choices=["burst", "triton-kill", "replica-kill", "drain", "all"])
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="a running stack's API (not for drain/all)")
+    p.add_argument("--requests", type=int, default=400, help="burst size")
+    p.add_argument("--clients", type=int, default=24)
+    p.add_argument("--signal", default="SIGKILL", help="signal for triton-kill (SIGKILL or SIGTERM)")
+    p.add_argument("--api-key", default=os.environ.get("VTFUSE_API_KEY"), help="X-API-Key (env VTFUSE_API_KEY)")
+    p.add_argument("--out", help="also write the JSON here")
+    ns = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sig = signal.Signals[ns.signal]
+    results: list[dict[str, Any]] = []
+    if ns.drill == "burst":
+        results.append(drill_burst(ns.url, ns.requests, ns.api_key))
+    elif ns.drill == "triton-kill":
+        results.append(drill_triton_kill(ns.url, clients=ns.clients, sig=sig, api_key=ns.api_key))
+    elif ns.drill == "replica-kill":
+        results.append(drill_replica_kill(ns.url, clients=ns.clients, api_key=ns.api_key))
+    elif ns.drill == "drain":
+        with ServeStack(tag="drain") as stack:
+            results.append(drill_drain(stack, ns.clients))
+    else:
+        with ServeStack(tag="chaos") as stack:
+            results.append(drill_burst(stack.url, ns.requests))
+            results.append(drill_triton_kill(stack.url, stack.pid, ns.clients, sig))
+            results.append(drill_replica_kill(stack.url, stack.pid, min(ns.clients, 16)))
+            results.append(drill_drain(stack, min(ns.clients, 16)))
+    text = json.dumps(results if len(results) > 1 else results[0], indent=2)
+    print(text)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
