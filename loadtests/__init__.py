@@ -1,0 +1,1 @@
+"""Load generators, the naive baseline and the benchmark runner (see loadtests/README.md)."""

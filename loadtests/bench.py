@@ -1,0 +1,316 @@
+"""`make bench`: every figure of SPEC §7 measured in one run on this machine; summary.json, per-run JSON, plots.
+
+Setups are measured one at a time (everything else stopped), the load generator on the same
+machine. The offered load of every comparison is a closed loop at concurrency 32 for the
+same duration. Steps:
+
+1. the machine's fp32 matmul ceiling (4096², ONNX Runtime's thread count) and FLOPs/item;
+2. in-process ONNX Runtime engines per batch size (`tiny`, `small`);
+3. Triton direct gRPC `vqa` (`tiny`): a concurrency sweep, engine batch counts at c=32;
+   then the same repository with dynamic batching removed from every model;
+4. Ray Serve → Triton (`tiny`): /v1/vqa at c=32, one image × 64 captions through
+   /v1/retrieve against one single-question /v1/vqa at c=1;
+5. `small`: Triton direct gRPC and Ray Serve → Triton at c=32;
+6. the naive server (FastAPI + PyTorch eager, one worker per core) on `tiny` and `small`.
+
+`--quick` is a smoke run: seconds-long windows, a 2048² matmul, and `tiny` stands in for
+`small` (no `small` repository needed; its setups reuse tiny's servers); its figures say
+nothing about speed.
+
+    python -m loadtests.bench [--quick] [--out loadtests/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loadtests import engine_bench, flops, grpc_driver, http_driver, servers
+from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
+from loadtests.int8 import int8_replacements
+from serving.triton.launcher import TritonServer
+
+log = logging.getLogger("loadtests.bench")
+
+TINY_REPO = REPO_ROOT / "model_repository"
+SMALL_REPO = REPO_ROOT / "build" / "model_repository-small"
+C = 32  # the offered load of every comparison
+CONTENDED = 0.10  # share of all cores other processes may take during a measurement before it is repeated
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Durations and sweeps of one bench run."""
+
+    quick: bool = False
+    duration_s: float = 20.0
+    warmup_s: float = 4.0
+    small_duration_s: float = 30.0
+    sweep: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    engine_min_time_s: float = 2.0
+    matmul_reps: int = 5
+    matmul_n: int = 4096
+    latency_requests_s: float = 10.0  # c=1 windows of the retrieve/vqa latency ratio
+    attempts: int = 3  # measurements taken while other work used the CPU are repeated
+    serve: bool = True
+    tiny_repo: Path = TINY_REPO
+    small_repo: Path = SMALL_REPO
+    fp32_repos: tuple[Path, Path] | None = None  # (tiny, small) to count FLOPs from when the engines are int8
+
+    @classmethod
+    def quick_run(cls, serve: bool = True, tiny_repo: Path = TINY_REPO) -> BenchSettings:
+        """The smoke run's settings: `tiny` in both roles."""
+        return cls(
+            quick=True, duration_s=3.0, warmup_s=1.0, small_duration_s=3.0, sweep=(1, C), batches=(1, 8),
+            engine_min_time_s=0.2, matmul_reps=1, matmul_n=2048, latency_requests_s=2.0, serve=serve, attempts=1,
+            tiny_repo=tiny_repo, small_repo=tiny_repo,
+        )
+
+
+class Bench:
+    """One bench run: stages write their raw results under `out/`, failures are recorded, not fatal."""
+
+    def __init__(self, settings: BenchSettings, out: Path) -> None:
+        self.s = settings
+        self.out = out
+        self.runs_dir = out / "runs"
+        self.raw: dict[str, Any] = {}
+        self.runs: dict[str, RunResult] = {}
+        self.errors: dict[str, str] = {}
+        self.corpus: list[Sample] = make_corpus(64, seed=0)
+
+    def stage(self, name: str, fn: Callable[[], None]) -> None:
+        log.info("== %s", name)
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 — one failed setup must not lose the others' figures
+            log.error("stage %s failed: %s", name, e)
+            self.errors[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        log.info("   %s took %.0f s", name, time.perf_counter() - t)
+
+    def uncontended(self, label: str, fn: Callable[[], T]) -> tuple[T, float, int]:
+        """`fn`'s result, the CPU share other work took meanwhile, attempts (repeated while contended)."""
+        return uncontended(fn, label, self.s.attempts, CONTENDED)
+
+    def keep(self, res: RunResult, share: float, attempts: int) -> RunResult:
+        res.extra["foreign_cpu_share"] = share  # other work on the machine during the run, of all cores
+        res.extra["attempts"] = attempts
+        self.runs[res.name] = res
+        write_json(self.runs_dir / f"{res.name}.json", res.to_dict())
+        log.info(
+            "   %-34s %8.1f req/s  p50 %7.1f ms  p99 %7.1f ms  errors %d  foreign cpu %.2f",
+            res.name, res.throughput_rps, res.p50_ms, res.p99_ms, res.error_count, share,
+        )
+        return res
+
+    # -- measurements ---------------------------------------------------------------------------
+    def grpc(self, url: str, name: str, concurrency: int, metrics_url: str | None = None,
+             duration: float | None = None) -> RunResult:
+        def once() -> RunResult:
+            return asyncio.run(grpc_driver.drive(
+                url, self.corpus, concurrency=concurrency, duration_s=duration or self.s.duration_s,
+                warmup_s=self.s.warmup_s, metrics_url=metrics_url, name=name,
+            ))
+
+        return self.keep(*self.uncontended(name, once))
+
+    def http(self, url: str, name: str, concurrency: int, kind: str = "vqa", duration: float | None = None,
+             metrics_url: str | None = None) -> RunResult:
+        def once() -> RunResult:
+            before = grpc_driver.scrape(metrics_url) if metrics_url else ""
+            res = asyncio.run(http_driver.drive(
+                url, self.corpus, kind=kind, concurrency=concurrency, duration_s=duration or self.s.duration_s,
+                warmup_s=self.s.warmup_s, name=name,
+            ))
+            if metrics_url:  # warm-up included: the engines' batching over the whole run
+                res.extra["triton_batches"] = grpc_driver.batch_delta(before, grpc_driver.scrape(metrics_url))
+            return res
+
+        return self.keep(*self.uncontended(name, once))
+
+    def ceiling(self) -> None:
+        ceiling, share, attempts = self.uncontended("ceiling", lambda: flops.matmul_ceiling(
+            self.s.matmul_n, flops.ort_threads(), self.s.matmul_reps))
+        self.raw["ceiling"] = ceiling | {"foreign_cpu_share": share, "attempts": attempts}
+        tiny, small = self.s.fp32_repos or (self.s.tiny_repo, self.s.small_repo)
+        self.raw["flops"] = {
+            "tiny": flops.count_item(flops.repository_onnx(tiny)),
+            "small": flops.count_item(flops.repository_onnx(small)),
+        }
+        write_json(self.out / "ceiling_flops.json", {"ceiling": self.raw["ceiling"], "flops": self.raw["flops"]})
+
+    def engines(self) -> None:
+        for preset, repo in (("tiny", self.s.tiny_repo), ("small", self.s.small_repo)):
+            res, share, attempts = self.uncontended(f"in-process {preset}", lambda repo=repo: engine_bench.sweep(
+                repo, self.s.batches, min_time_s=self.s.engine_min_time_s))
+            res |= {"foreign_cpu_share": share, "attempts": attempts}
+            self.raw[f"engine_{preset}"] = res
+            write_json(self.out / f"engine-{preset}.json", res)
+            log.info("   in-process %s: best %.1f items/s at batch %d", preset, res["best"]["items_per_s"],
+                     res["best"]["batch"])
+
+    @property
+    def shared(self) -> bool:
+        """True when `small` is the tiny repository (quick runs): its setups reuse tiny's servers."""
+        return self.s.small_repo.resolve() == self.s.tiny_repo.resolve()
+
+    def triton_tiny(self) -> None:
+        with servers.triton(self.s.tiny_repo, "tiny") as t:
+            for c in self.s.sweep:
+                if c != C:
+                    self.grpc(t.url_grpc, f"triton-grpc-tiny-c{c}", c)
+            self.grpc(t.url_grpc, f"triton-grpc-tiny-c{C}", C, metrics_url=t.url_metrics)
+            if self.shared:
+                self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
+            if self.s.serve:
+                self.stage("serve-tiny", lambda: self.serve_tiny(t))
+
+    def serve_tiny(self, t: TritonServer) -> None:
+        with servers.serve_app(t.url_grpc, self.s.tiny_repo, "tiny", "tiny") as app:
+            for c in self.s.sweep:
+                self.http(app.url, f"serve-http-tiny-c{c}", c, metrics_url=t.url_metrics if c == C else None)
+            self.http(app.url, "serve-http-tiny-vqa1-c1", 1, "vqa", self.s.latency_requests_s)
+            self.http(app.url, "serve-http-tiny-retrieve64-c1", 1, "retrieve64", self.s.latency_requests_s)
+            if self.shared:
+                self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s,
+                          metrics_url=t.url_metrics)
+
+    def triton_tiny_unbatched(self) -> None:
+        dest = REPO_ROOT / "build" / "bench" / "model_repository-tiny-nobatch"
+        servers.variant_repository(self.s.tiny_repo, dest, servers.no_dynamic_batching)
+        with servers.triton(dest, "tiny-nobatch") as t:
+            self.grpc(t.url_grpc, f"triton-grpc-tiny-nobatch-c{C}", C, metrics_url=t.url_metrics)
+
+    def triton_small(self) -> None:
+        if self.shared:
+            return
+        with servers.triton(self.s.small_repo, "small") as t:
+            self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
+            if self.s.serve:
+                self.stage("serve-small", lambda: self.serve_small(t))
+
+    def serve_small(self, t: TritonServer) -> None:
+        with servers.serve_app(t.url_grpc, self.s.small_repo, "small", "small") as app:
+            self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s, metrics_url=t.url_metrics)
+
+    def naive(self) -> None:
+        with servers.baseline("tiny") as b:
+            for c in self.s.sweep:
+                self.http(b.url, f"naive-tiny-c{c}", c)
+            if self.shared:
+                self.http(b.url, f"naive-small-c{C}", C, duration=self.s.small_duration_s)
+                return
+        with servers.baseline("small") as b:
+            self.http(b.url, f"naive-small-c{C}", C, duration=self.s.small_duration_s)
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.stage("ceiling+flops", self.ceiling)
+        self.stage("engines", self.engines)
+        self.stage("triton-tiny", self.triton_tiny)
+        self.stage("triton-tiny-nobatch", self.triton_tiny_unbatched)
+        self.stage("triton-small", self.triton_small)
+        self.stage("naive", self.naive)
+        from loadtests.report import summary
+
+        result = summary(self, started)
+        write_json(self.out / "summary.json", result)
+        self.stage("plots", self.plots)
+        return result
+
+    def plots(self) -> None:
+        from loadtests.plots import plot_all
+
+        plot_all(self.runs, self.raw, self.out)
+
+
+def ensure_small_repository(path: Path) -> None:
+    """Build the `small` repository (export stages 1, 2, 4) unless it is there."""
+    if (path / "fusion" / "1" / "model.onnx").exists():
+        return
+    log.info("building %s (vtfuse export all --checkpoint small)", path)
+    subprocess.run(
+        [sys.executable, "-m", "serving.cli", "export", "all", "--target", "embedded", "--checkpoint", "small",
+         "--repo", str(path)],
+        cwd=REPO_ROOT, check=True,
+    )
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: short windows, tiny in place of small")
+    p.add_argument("--no-serve", action="store_true", help="skip the Ray Serve setups")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default loadtests/results, "
+                   "or build/bench-quick with --quick)")
+    p.add_argument("--wait-quiet", type=float, default=None,
+                   help="seconds to wait for other work to leave the CPU first (default 600, --quick 0)")
+    p.add_argument("--engine-threads", type=int, help="measure with the engines' intra_op_threads set to this")
+    p.add_argument("--engine-instances", type=int, help="measure with this many instances of each engine")
+    p.add_argument("--int8", action="store_true", help="measure with dynamic-int8 engines (loadtests/int8.py)")
+    p.add_argument("--tiny-repo", type=Path, default=TINY_REPO)
+    p.add_argument("--small-repo", type=Path, default=SMALL_REPO)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM, and SIGINT even when started in the background (where it is ignored), stop every server first.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    out = args.out or (REPO_ROOT / ("build/bench-quick" if args.quick else "loadtests/results"))
+    if args.wait_quiet is None:
+        args.wait_quiet = 0.0 if args.quick else 600.0
+    if not args.quick:
+        ensure_small_repository(args.small_repo)
+    fp32_repos = (args.tiny_repo, args.tiny_repo if args.quick else args.small_repo)
+    if args.engine_threads or args.engine_instances or args.int8:
+        # Variant repositories under build/bench/; the committed ones stay untouched.
+        edit = servers.engine_settings(args.engine_threads, args.engine_instances)
+        tag = f"t{args.engine_threads or 'x'}-i{args.engine_instances or 'x'}{'-int8' if args.int8 else ''}"
+        for preset in ("tiny",) if args.quick else ("tiny", "small"):
+            src = getattr(args, f"{preset}_repo")
+            swap = int8_replacements(src, preset) if args.int8 else None
+            dest = REPO_ROOT / "build" / "bench" / f"model_repository-{preset}-{tag}"
+            setattr(args, f"{preset}_repo", servers.variant_repository(src, dest, edit, swap))
+    if args.quick:
+        settings = BenchSettings.quick_run(serve=not args.no_serve, tiny_repo=args.tiny_repo)
+    else:
+        settings = BenchSettings(serve=not args.no_serve, tiny_repo=args.tiny_repo, small_repo=args.small_repo)
+    settings = replace(settings, fp32_repos=fp32_repos)
+    bench = Bench(settings, out)
+    bench.raw["engine_overrides"] = {
+        "intra_op_threads": args.engine_threads, "instances": args.engine_instances, "int8": args.int8,
+    }
+    bench.raw["repositories"] = {"tiny": str(settings.tiny_repo), "small": str(settings.small_repo)}
+    if args.wait_quiet > 0:
+        busy = wait_quiet(timeout_s=args.wait_quiet)
+        if busy >= 0.15:
+            log.warning("the CPU is %.0f %% busy with other work: figures will be low", 100 * busy)
+        bench.raw["cpu_busy_before"] = busy
+    result = bench.run()
+    log.info("summary: %s", out / "summary.json")
+    for k, v in result.items():
+        if k not in ("machine", "versions", "details", "errors"):
+            log.info("   %-32s %s", k, v)
+    if bench.errors:
+        log.error("failed stages: %s", ", ".join(bench.errors))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

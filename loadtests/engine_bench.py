@@ -1,0 +1,156 @@
+"""In-process ONNX Runtime benchmark of the three engines per batch size: the ceiling the served stack is held to.
+
+An item is one (image, question) through `image_encoder`, `text_encoder` and `fusion`, run in
+sequence at batch B with the real intermediate features, as the served path does. Session
+options default to those of the served engines (serving/triton/python_models/engine.py:
+full graph optimisation, sequential execution, one inter-op thread) with one intra-op
+thread per core and thread spinning off (`IN_PROCESS`); `SessionSettings` varies them for
+the levers.
+
+    python -m loadtests.engine_bench --repository build/model_repository-small --batches 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from loadtests.flops import ENGINES, ort_threads, repository_onnx
+from serving.model.config import FusionConfig
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """ONNX Runtime session options varied by the levers (defaults: the served engines' plus threads = cores)."""
+
+    intra_threads: int = 0  # 0: one per core
+    inter_threads: int = 1
+    opt_level: str = "all"
+    mem_arena: bool = True
+    spinning: bool = True
+    parallel: bool = False
+
+    def options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = OPT_LEVELS[self.opt_level]
+        so.intra_op_num_threads = self.intra_threads or ort_threads()
+        so.inter_op_num_threads = self.inter_threads
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+        so.enable_cpu_mem_arena = self.mem_arena
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return so
+
+
+# The in-process reference: the served options with thread spinning off. Three sessions run back
+# to back, and a spinning idle pool of one steals the cores from the next (measured: loadtests/levers.py).
+IN_PROCESS = SessionSettings(spinning=False)
+
+
+def repository_config(repository: str | Path) -> FusionConfig:
+    """The preset installed in a repository (fusion/1/checkpoint/config.json)."""
+    return FusionConfig.from_json(Path(repository) / "fusion" / "1" / "checkpoint" / "config.json")
+
+
+class Engines:
+    """The three engine sessions of one preset, run in sequence as one item batch."""
+
+    def __init__(self, paths: dict[str, Path], cfg: FusionConfig, settings: SessionSettings | None = None):
+        settings = settings or IN_PROCESS
+        self.cfg = cfg
+        self.settings = settings
+        self.sessions = {
+            e: ort.InferenceSession(str(paths[e]), settings.options(), providers=["CPUExecutionProvider"])
+            for e in ENGINES
+        }
+
+    def inputs(self, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Random pixels and question-length token ids (about a third of max_text_len), batch `batch`."""
+        rng = np.random.default_rng(seed)
+        c = self.cfg
+        pixels = rng.integers(0, 256, (batch, c.image_size, c.image_size, 3), dtype=np.uint8)
+        ids = np.zeros((batch, c.max_text_len), dtype=np.int64)
+        n = max(3, c.max_text_len // 3)
+        ids[:, :n] = rng.integers(4, c.vocab_size, (batch, n))
+        mask = (ids != 0).astype(np.int64)
+        return pixels, ids, mask
+
+    def run(self, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """One item batch through the three engines; every output returned."""
+        img = self.sessions["image_encoder"].run(None, {"PIXELS": pixels})
+        txt = self.sessions["text_encoder"].run(None, {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+        fused = self.sessions["fusion"].run(
+            None, {"IMAGE_FEATURES": img[0], "TEXT_FEATURES": txt[0], "ATTENTION_MASK": mask}
+        )
+        names = ("IMAGE_FEATURES", "IMAGE_EMBEDDING", "TEXT_FEATURES", "TEXT_EMBEDDING",
+                 "VQA_LOGITS", "ITM_LOGIT", "CROSS_ATTENTION")
+        return dict(zip(names, [*img, *txt, *fused]))
+
+    def time_batch(self, batch: int, min_time_s: float = 2.0, min_reps: int = 3) -> dict[str, Any]:
+        """Median seconds per item batch over at least `min_reps` runs and `min_time_s` seconds."""
+        x = self.inputs(batch)
+        self.run(*x)  # warm-up (arena growth, first-run allocations)
+        times: list[float] = []
+        t_end = time.perf_counter() + min_time_s
+        while len(times) < min_reps or time.perf_counter() < t_end:
+            t = time.perf_counter()
+            self.run(*x)
+            times.append(time.perf_counter() - t)
+        med = statistics.median(times)
+        return {"batch": batch, "reps": len(times), "ms_per_batch": med * 1e3, "items_per_s": batch / med}
+
+
+def sweep(
+    repository: str | Path,
+    batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+    settings: SessionSettings = IN_PROCESS,
+    min_time_s: float = 2.0,
+) -> dict[str, Any]:
+    """Items/s per batch size of a repository's engines; `best` is the batch with the most items/s."""
+    eng = Engines(repository_onnx(repository), repository_config(repository), settings)
+    rows = [eng.time_batch(b, min_time_s) for b in batches]
+    best = max(rows, key=lambda r: r["items_per_s"])
+    return {
+        "preset": eng.cfg.name,
+        "repository": str(repository),
+        "settings": asdict(settings) | {"intra_threads": settings.intra_threads or ort_threads()},
+        "rows": rows,
+        "best": best,
+    }
+
+
+def at_batch(result: dict[str, Any], batch: float) -> dict[str, Any]:
+    """The row measured at the batch nearest (in log scale) to `batch`."""
+    return min(result["rows"], key=lambda r: abs(np.log(r["batch"]) - np.log(max(batch, 1.0))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds per batch size")
+    args = p.parse_args(argv)
+    res = sweep(args.repository, tuple(args.batches), replace(IN_PROCESS, intra_threads=args.threads), args.min_time)
+    json.dump(res, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""The levers of loadtests/README.md "Closing the gap", each measured against its baseline in one process.
+
+Sections (`--only` picks some; results merge into `--out`, default loadtests/results/levers.json):
+
+- `ort`: ONNX Runtime session options in-process (threads, graph optimisation, memory arena,
+  spinning, parallel execution) for `tiny` and `small`;
+- `int8`: dynamic int8 quantisation of the three engines: items/s and parity against fp32
+  (VQA answers on rendered scenes for `tiny`; logits and embeddings for `small`);
+- `transport`: Triton direct, `tiny`: encoded images through `vqa` against client-side
+  decoding with uint8 pixels through the engines; HTTP with JSON tensors against binary tensors;
+- `triton`: engine threads, ONNX Runtime thread spinning and instance counts, and int8
+  engines, inside Triton (config.pbtxt parameters of a repository copy);
+- `pool`: gRPC channel pool of the load client, 1 against 4 channels;
+- `serve`: Ray Serve settings in front of `tiny` with tuned engines: preprocessing as its own
+  deployment (2 hops) or inline in the ingress (1 hop), ingress replicas, Triton channels.
+
+Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
+
+    python -m loadtests.levers [--only ort int8 ...] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests import engine_bench, flops, grpc_driver, servers
+from loadtests.common import REPO_ROOT, RESULTS_DIR, Sample, make_corpus, uncontended, write_json
+from loadtests.int8 import INT8_DIR, quantize
+from loadtests.loops import closed_loop
+
+log = logging.getLogger("loadtests.levers")
+
+TINY = REPO_ROOT / "model_repository"
+SMALL = REPO_ROOT / "build" / "model_repository-small"
+SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve")
+
+
+def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
+    """Items/s at `batch` for each session-option variant (one changed at a time from the served default)."""
+    base = engine_bench.IN_PROCESS
+    variants = {
+        "served (threads=cores, opt all, arena on, spinning off)": base,
+        "spinning on (the first committed engine.py)": replace(base, spinning=True),
+        "intra_threads=1": replace(base, intra_threads=1),
+        "opt_level=basic": replace(base, opt_level="basic"),
+        "opt_level=disable": replace(base, opt_level="disable"),
+        "mem_arena=off": replace(base, mem_arena=False),
+        "execution_mode=parallel, inter_threads=2": replace(base, parallel=True, inter_threads=2),
+    }
+    rows = []
+    cfg = engine_bench.repository_config(repo)
+    paths = flops.repository_onnx(repo)
+    for label, settings in variants.items():
+        eng = engine_bench.Engines(paths, cfg, settings)
+        r, share, _ = uncontended(lambda eng=eng: eng.time_batch(batch, min_time_s), label)
+        rows.append({"variant": label, **r, "foreign_cpu_share": share})
+        log.info("   ort %s %-50s %8.1f items/s", cfg.name, label, r["items_per_s"])
+    return rows
+
+
+def _answers_of(engines: engine_bench.Engines, corpus: list[Sample], repo: Path) -> np.ndarray:
+    from serving.model.preprocess import decode_image, load_tokenizer, tokenize
+
+    ckpt = repo / "fusion" / "1" / "checkpoint"
+    tok = load_tokenizer(ckpt / "tokenizer.json")
+    cfg = engines.cfg
+    pixels = np.stack([decode_image(s.image, cfg.image_size) for s in corpus])
+    ids, mask = tokenize(tok, [s.question for s in corpus], cfg.max_text_len)
+    return engines.run(pixels, ids, mask)["VQA_LOGITS"].argmax(axis=1)
+
+
+def int8(repo: Path, batch: int, min_time_s: float, trained: bool) -> dict[str, Any]:
+    """int8 against fp32: items/s at `batch`, output differences, and VQA accuracy when the weights are trained."""
+    cfg = engine_bench.repository_config(repo)
+    fp32 = engine_bench.Engines(flops.repository_onnx(repo), cfg)
+    q = engine_bench.Engines(quantize(repo, INT8_DIR / cfg.name), cfg)
+    x = fp32.inputs(16, seed=1)
+    a, b = fp32.run(*x), q.run(*x)
+    parity = {
+        name: {
+            "max_abs_diff": float(np.abs(a[name] - b[name]).max()),
+            "max_abs_ref": float(np.abs(a[name]).max()),
+        }
+        for name in ("VQA_LOGITS", "ITM_LOGIT", "IMAGE_EMBEDDING", "TEXT_EMBEDDING")
+    }
+    cosines = [(a[k] * b[k]).sum(axis=1).min() for k in ("IMAGE_EMBEDDING", "TEXT_EMBEDDING")]
+    parity["embedding_cosine_min"] = float(min(cosines))
+    agree = a["VQA_LOGITS"].argmax(axis=1) == b["VQA_LOGITS"].argmax(axis=1)
+    parity["vqa_argmax_agreement_random_inputs"] = float(agree.mean())
+    out: dict[str, Any] = {
+        "preset": cfg.name,
+        "fp32": uncontended(lambda: fp32.time_batch(batch, min_time_s), "fp32")[0],
+        "int8": uncontended(lambda: q.time_batch(batch, min_time_s), "int8")[0],
+        "parity": parity,
+        "model_bytes": {
+            "fp32": sum(p.stat().st_size for p in flops.repository_onnx(repo).values()),
+            "int8": sum((INT8_DIR / cfg.name / f"{e}.onnx").stat().st_size for e in flops.ENGINES),
+        },
+    }
+    if trained:
+        corpus = make_corpus(200, seed=11)
+        truth = np.array([s.answer for s in corpus])
+        answers = np.array(json.loads((repo / "fusion" / "1" / "checkpoint" / "answers.json").read_text()))
+        pa, pb = answers[_answers_of(fp32, corpus, repo)], answers[_answers_of(q, corpus, repo)]
+        out["vqa_accuracy"] = {"fp32": float((pa == truth).mean()), "int8": float((pb == truth).mean()),
+                               "agreement": float((pa == pb).mean()), "samples": len(corpus)}
+    out["speedup"] = out["int8"]["items_per_s"] / out["fp32"]["items_per_s"]
+    log.info("   int8 %s: %.1f → %.1f items/s (×%.2f)", cfg.name, out["fp32"]["items_per_s"],
+             out["int8"]["items_per_s"], out["speedup"])
+    return out
+
+
+async def _http_image_encoder(url: str, corpus: list[Sample], binary: bool, c: int, d: float, w: float) -> Any:
+    import tritonclient.http.aio as httpaio
+    from tritonclient.http import InferInput, InferRequestedOutput
+
+    pre = grpc_driver.engine_inputs(corpus, TINY)
+    client = httpaio.InferenceServerClient(url, conn_limit=c)
+
+    async def call(i: int) -> int:
+        t = InferInput("PIXELS", list(pre[i % len(pre)][0].shape), "UINT8")
+        t.set_data_from_numpy(pre[i % len(pre)][0], binary_data=binary)
+        await client.infer("image_encoder", [t], outputs=[InferRequestedOutput("IMAGE_FEATURES", binary_data=binary)])
+        return 1
+
+    try:
+        return await closed_loop(call, c, d, w, name=f"http-image_encoder-{'binary' if binary else 'json'}",
+                                 classify=grpc_driver.classify)
+    finally:
+        await client.close()
+
+
+def transport(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
+    """Encoded bytes through `vqa` against uint8 pixels through the engines; JSON against binary HTTP tensors."""
+    rows = {}
+    with servers.triton(TINY, "levers-transport") as t:
+        for target in ("vqa", "engines"):
+            r, share, _ = uncontended(lambda target=target: asyncio.run(grpc_driver.drive(
+                t.url_grpc, corpus, target=target, concurrency=32, duration_s=duration, warmup_s=warmup,
+                repository=TINY, name=f"grpc-{target}")), target)
+            rows[f"grpc {target} c32"] = r.to_dict() | {"foreign_cpu_share": share}
+        for binary in (False, True):
+            r, share, _ = uncontended(lambda binary=binary: asyncio.run(_http_image_encoder(
+                t.url_http.removeprefix("http://"), corpus, binary, 32, duration, warmup)), "http")
+            rows[f"http image_encoder {'binary' if binary else 'json'} c32"] = r.to_dict() | {
+                "foreign_cpu_share": share}
+    return _brief(rows)
+
+
+def pool(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
+    """The load client's gRPC channels: 1 against 4, `vqa` at c=32 and c=64."""
+    rows = {}
+    with servers.triton(TINY, "levers-pool") as t:
+        for c in (32, 64):
+            for n in (1, 4):
+                r, share, _ = uncontended(lambda c=c, n=n: asyncio.run(grpc_driver.drive(
+                    t.url_grpc, corpus, concurrency=c, duration_s=duration, warmup_s=warmup, pool_size=n,
+                    name=f"pool{n}-c{c}")), f"pool {n}")
+                rows[f"pool {n} c{c}"] = r.to_dict() | {"foreign_cpu_share": share}
+    return _brief(rows)
+
+
+def tuned_tiny() -> Path:
+    """`tiny` with the engine settings the `triton` section found best (1 thread, 2 instances)."""
+    return servers.variant_repository(TINY, REPO_ROOT / "build" / "bench" / "model_repository-tiny-tuned",
+                                      servers.engine_settings(threads=1, instances=2))
+
+
+def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
+    """Ray Serve in front of one Triton (`tiny`, tuned engines): hops, replicas and Triton channels, /v1/vqa c=32."""
+    from loadtests import http_driver
+
+    repo = tuned_tiny()
+    variants = [
+        ("preprocess deployment (2 hops), 1 ingress, pool 2", {"preprocess": "deployment"}),
+        ("preprocess inline (1 hop), 1 ingress, pool 2", {"preprocess": "inline"}),
+        ("preprocess inline, 2 ingress replicas, pool 2", {"preprocess": "inline", "ingress_replicas": 2}),
+        ("preprocess inline, 1 ingress, pool 1", {"preprocess": "inline", "pool_size": 1}),
+        ("preprocess inline, 1 ingress, pool 4", {"preprocess": "inline", "pool_size": 4}),
+    ]
+    rows = {}
+    with servers.triton(repo, "levers-serve") as t:
+        r, share, _ = uncontended(lambda: asyncio.run(grpc_driver.drive(
+            t.url_grpc, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name="direct")), "direct")
+        rows["Triton direct gRPC (0 Serve hops)"] = r.to_dict() | {"foreign_cpu_share": share}
+        for label, kw in variants:
+            try:
+                with servers.serve_app(t.url_grpc, repo, "tiny", "levers", **kw) as app:
+                    r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
+                        app.url, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name=label)), label)
+                rows[label] = r.to_dict() | {"foreign_cpu_share": share}
+            except Exception as e:  # noqa: BLE001 — one variant failing keeps the others
+                rows[label] = {"error": str(e)}
+            log.info("   serve %-55s %s", label, rows[label].get("throughput_rps"))
+    return _brief(rows)
+
+
+def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
+    """Engine threads, ORT spinning and instances inside Triton (`vqa` at c=32), one repository copy each."""
+    variants = {
+        "threads 2, spinning on, 1 instance (first committed)": {"allow_spinning": "1"},
+        "threads 2, spinning off, 1 instance": {"allow_spinning": "0"},
+        "threads 1, 1 instance": {"intra_op_threads": "1"},
+        "threads 1, 2 instances": {"intra_op_threads": "1", "count": "2"},
+        "threads 2, spinning off, 2 instances": {"allow_spinning": "0", "count": "2"},
+        "int8 engines, threads 1, 2 instances": {"intra_op_threads": "1", "count": "2", "int8": "1"},
+    }
+    rows = {}
+    name = engine_bench.repository_config(repo).name
+    for label, params in variants.items():
+        def edit(model: str, config: Any, params: dict[str, str] = params) -> None:
+            if model not in flops.ENGINES:
+                return
+            for k, v in params.items():
+                if k == "int8":
+                    continue
+                if k == "count":
+                    config.instance_group[0].count = int(v)
+                else:
+                    config.parameters[k].string_value = v
+
+        dest = REPO_ROOT / "build" / "bench" / f"levers-{name}"
+        swap: dict[str, dict[str, Path]] = {e: {} for e in flops.ENGINES}
+        if params.get("int8"):
+            int8_paths = quantize(repo, INT8_DIR / name)
+            for e in flops.ENGINES:
+                swap[e]["model.onnx"] = int8_paths[e]
+        servers.variant_repository(repo, dest, edit, swap)
+        with servers.triton(dest, f"levers-{name}") as t:
+            r, share, _ = uncontended(lambda t=t, label=label: asyncio.run(grpc_driver.drive(
+                t.url_grpc, corpus, concurrency=32, duration_s=duration, warmup_s=warmup,
+                metrics_url=t.url_metrics, name=label)), label)
+        rows[label] = r.to_dict() | {"engines_avg_batch": r.extra["triton_batches"]["engines_avg_batch"],
+                                     "foreign_cpu_share": share}
+        log.info("   triton %s %-50s %8.1f req/s p99 %.0f ms", name, label, r.throughput_rps, r.p99_ms)
+    keep = ("throughput_rps", "p50_ms", "p99_ms", "error_count", "engines_avg_batch", "foreign_cpu_share")
+    return {k: {f: v.get(f) for f in keep} for k, v in rows.items()}
+
+
+def _brief(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    keep = ("throughput_rps", "p50_ms", "p99_ms", "error_count", "completed", "error", "foreign_cpu_share")
+    return {k: {f: v.get(f) for f in keep if f in v} for k, v in rows.items()}
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=3.0)
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds per in-process measurement")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "levers.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # stop every server first, as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    corpus = make_corpus(64)
+    for section in args.only:
+        log.info("== %s", section)
+        if section == "ort":
+            results["ort"] = {"tiny batch 32": ort_options(TINY, 32, args.min_time)}
+            if SMALL.exists():
+                results["ort"]["small batch 16"] = ort_options(SMALL, 16, args.min_time)
+        elif section == "int8":
+            results["int8"] = {"tiny": int8(TINY, 32, args.min_time, trained=True)}
+            if SMALL.exists():
+                results["int8"]["small"] = int8(SMALL, 16, args.min_time, trained=False)
+        elif section == "transport":
+            results["transport"] = transport(corpus, args.duration, args.warmup)
+        elif section == "pool":
+            results["pool"] = pool(corpus, args.duration, args.warmup)
+        elif section == "serve":
+            results["serve"] = serve(corpus, args.duration, args.warmup)
+        elif section == "triton":
+            results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
+            if SMALL.exists():
+                results["triton"]["small"] = triton_engines(SMALL, corpus, 2 * args.duration, args.warmup)
+        write_json(args.out, results)
+    json.dump(results, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

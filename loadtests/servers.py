@@ -1,0 +1,208 @@
+"""Start and stop the servers a benchmark measures: Triton (with config variants), the naive baseline, Ray Serve.
+
+Every server runs as a child process in its own process group on free ports, and is always
+stopped (SIGTERM, then SIGKILL of the group) when its context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.model.io_spec import ENGINES
+from serving.triton.launcher import TritonServer, TritonSettings
+from serving.triton.model_config import dump_config, load_config
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOG_DIR = REPO_ROOT / "build" / "bench" / "logs"
+# Large built artefacts are linked into a variant repository, never copied.
+LINKED = ("model.onnx", "model.plan")
+
+ConfigEdit = Callable[[str, object], None]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(
+    url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, log_path: Path | None = None
+) -> None:
+    """Poll `url` until it answers 200; fail fast if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {proc.returncode} before it was ready:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s: {last}")
+
+
+def variant_repository(
+    src: str | Path,
+    dest: str | Path,
+    edit: Callable[[str, object], None],
+    replace: dict[str, dict[str, Path]] | None = None,
+) -> Path:
+    """Copy a built repository to `dest` (artefacts linked) with every config.pbtxt passed through `edit`.
+
+    `edit(model_name, config)` changes a parsed ModelConfig in place; `replace` maps a model
+    to {file name in its version folder: the file to put there instead} (a bench variant of
+    its model.py, or another model.onnx).
+    """
+    replace = replace or {}
+    src, dest = Path(src).resolve(), Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    for model_dir in sorted(p.parent for p in src.glob("*/config.pbtxt")):
+        out = dest / model_dir.name
+        for f in model_dir.rglob("*"):
+            if "__pycache__" in f.parts or f.is_dir():
+                continue
+            target = out / f.relative_to(model_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = replace.get(model_dir.name, {}).get(f.name, f)
+            if f.name in LINKED:
+                target.symlink_to(Path(source).resolve())
+            elif source is not f:
+                shutil.copy2(source, target)
+            elif f.name != "config.pbtxt":
+                shutil.copy2(f, target)
+        config = load_config(model_dir / "config.pbtxt")
+        edit(model_dir.name, config)
+        (out / "config.pbtxt").write_text(dump_config(config))
+    return dest
+
+
+def engine_settings(threads: int | None = None, instances: int | None = None) -> Callable[[str, object], None]:
+    """Config edit: the engines' `intra_op_threads` and instance count (None: as they are)."""
+
+    def edit(name: str, config: object) -> None:
+        if name not in ENGINES:
+            return
+        if threads is not None:
+            config.parameters["intra_op_threads"].string_value = str(threads)  # type: ignore[attr-defined]
+        if instances is not None:
+            config.instance_group[0].count = instances  # type: ignore[attr-defined]
+
+    return edit
+
+
+def no_dynamic_batching(name: str, config: object) -> None:
+    """Config edit: drop `dynamic_batching` (each request runs alone, as it arrives)."""
+    config.ClearField("dynamic_batching")  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def triton(repository: str | Path, tag: str, timeout: float = 300.0) -> Iterator[TritonServer]:
+    """A tritonserver on free ports over `repository`; its log in build/bench/logs/triton-<tag>.log."""
+    settings = TritonSettings(
+        repository=Path(repository), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        exit_timeout_s=10,
+    )
+    log_path = LOG_DIR / f"triton-{tag}.log"
+    log_path.unlink(missing_ok=True)
+    server = TritonServer(settings, log_path=log_path)
+    server.start()
+    try:
+        server.wait_ready(timeout=timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d did not stop within %.0f s: killing its group", proc.pid, grace_s)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Http:
+    """A running HTTP server: base URL and its process."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@contextlib.contextmanager
+def spawn(cmd: list[str], ready_path: str, port: int, tag: str, timeout: float = 180.0) -> Iterator[Http]:
+    """Run `cmd` in its own process group, wait for GET `ready_path` → 200, stop the group on exit."""
+    log_path = LOG_DIR / f"{tag}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url + ready_path, timeout, proc, log_path)
+            yield Http(url, proc)
+        finally:
+            _stop_group(proc)
+
+
+@contextlib.contextmanager
+def baseline(checkpoint: str, workers: int | None = None, threads: int = 1) -> Iterator[Http]:
+    """The naive FastAPI + PyTorch server on a free port (one worker per core by default)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "loadtests.baseline", "--checkpoint", checkpoint, "--port", str(port),
+           "--workers", str(workers or os.cpu_count() or 1), "--threads", str(threads)]
+    with spawn(cmd, "/healthz", port, f"naive-{Path(checkpoint).name}") as h:
+        yield h
+
+
+@contextlib.contextmanager
+def serve_app(
+    triton_url: str,
+    repository: str | Path,
+    model: str,
+    tag: str,
+    preprocess: str = "deployment",
+    ingress_replicas: int = 1,
+    pool_size: int = 2,
+    timeout: float = 240.0,
+) -> Iterator[Http]:
+    """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "loadtests.serve_app", "--triton-url", triton_url, "--repository", str(repository),
+           "--model", model, "--http-port", str(port), "--preprocess", preprocess,
+           "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size)]
+    with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout) as h:
+        yield h

@@ -1,0 +1,83 @@
+"""The load tools end to end against real servers, and `make bench QUICK=1`: they run and write valid JSON.
+
+No speed is asserted anywhere: figures are benchmarks, not tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtests import servers
+from serving.model.checkpoint import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+SUMMARY_KEYS = (
+    "engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_throughput_tiny",
+    "vs_naive_throughput_small_http", "vs_naive_throughput_tiny_http", "avg_batch_c32", "batching_speedup_tiny",
+    "retrieve64_over_vqa1",
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def test_grpc_driver_open_loop_writes_its_json(triton, tmp_path):
+    out = tmp_path / "open.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "loadtests.grpc_driver", "--url", triton.url_grpc, "--rate", "20", "--duration", "2",
+         "--warmup", "0.5", "--samples", "8", "--metrics-url", triton.url_metrics, "--out", str(out)],
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "open" and data["rate"] == 20
+    assert data["completed"] > 0 and data["error_count"] == 0
+    assert data["p50_ms"] <= data["p99_ms"]
+    assert data["extra"]["triton_batches"]["models"]["vqa"]["inference_count"] >= data["completed"]
+
+
+def test_locust_mix_against_the_naive_server_writes_its_json(tmp_path):
+    out = tmp_path / "locust.json"
+    with servers.baseline("tiny", workers=1) as b:
+        r = subprocess.run(
+            [sys.executable, "-m", "locust", "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4",
+             "-t", "4s", "-H", b.url, "--vtfuse-json", str(out), "--only-summary", "--skip-log-setup"],
+            cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+        )
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["endpoints"]) == {"/v1/vqa", "/v1/match", "/v1/retrieve", "/v1/embed"}
+    assert data["total"]["requests"] > 0 and data["total"]["failures"] == 0, data["errors"]
+
+
+def test_make_bench_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench"
+    r = subprocess.run(
+        ["make", "bench", "QUICK=1", f"BENCH_OUT={out}"], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["quick"] is True and summary["errors"] == {}
+    for key in SUMMARY_KEYS:
+        v = summary[key]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (key, v)
+    assert summary["machine"]["cores"] >= 1 and summary["versions"]["onnxruntime"] != "absent"
+    assert summary["commit"]
+    for name in summary["runs"]:
+        run = json.loads((out / "runs" / f"{name}.json").read_text())
+        assert run["completed"] > 0 and run["error_count"] == 0, (name, run["errors"])
+    for png in ("throughput_vs_concurrency.png", "latency_cdf_c32.png", "engine_items_per_batch.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(out / "engine-small.json").exists() and Path(out / "ceiling_flops.json").exists()

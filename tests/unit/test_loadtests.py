@@ -1,0 +1,261 @@
+"""The load tools without servers: loops, statistics, FLOP counting, metrics deltas, config variants, summary, tune."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from export.tune import Candidate, grid, parse_preferred, pick_best
+from loadtests import flops, grpc_driver, http_driver, report, servers
+from loadtests.common import RunResult, make_corpus, summarize, write_json
+from loadtests.loops import closed_loop, open_loop
+from serving.triton.model_config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_corpus_has_varied_sizes_and_decodable_images():
+    corpus = make_corpus(32, seed=3)
+    sides = {s.side for s in corpus}
+    assert len(sides) >= 3
+    assert {s.fmt for s in corpus} == {"PNG", "JPEG"}
+    for s in corpus[:8]:
+        img = Image.open(io.BytesIO(base64.b64decode(s.image_b64)))
+        assert img.size == (s.side, s.side)
+        assert s.question and s.answer and len(s.captions) == 8
+
+
+def test_closed_loop_counts_successes_and_errors_in_the_window():
+    async def call(i: int) -> int:
+        await asyncio.sleep(0.002)
+        if i % 3 == 0:
+            raise ConnectionError("refused")
+        return 1
+
+    res = asyncio.run(closed_loop(call, concurrency=4, duration_s=0.5, warmup_s=0.1, name="fake"))
+    assert res.mode == "closed" and res.concurrency == 4
+    assert res.completed > 20
+    assert res.errors.get("ConnectionError", 0) > 5
+    assert res.throughput_rps == pytest.approx(res.completed / res.duration_s)
+    assert res.p50_ms <= res.p90_ms <= res.p99_ms <= res.max_ms
+    assert res.latencies_ms == sorted(res.latencies_ms)
+
+
+def test_open_loop_reports_overflow_when_the_server_stalls():
+    async def slow(i: int) -> int:
+        await asyncio.sleep(0.3)
+        return 1
+
+    res = asyncio.run(open_loop(slow, rate=200, duration_s=0.4, warmup_s=0.0, max_inflight=2, drain_s=2))
+    assert res.mode == "open" and res.rate == 200
+    assert res.errors.get("client_overflow", 0) > 10
+    assert res.completed <= 4
+
+
+def test_open_loop_times_from_the_scheduled_arrival():
+    async def fast(i: int) -> int:
+        await asyncio.sleep(0.001)
+        return 2
+
+    res = asyncio.run(open_loop(fast, rate=300, duration_s=0.5, warmup_s=0.1))
+    assert res.completed > 50 and not res.errors
+    assert res.items == 2 * res.completed
+    assert res.p50_ms >= 1.0
+
+
+def test_summarize_of_no_requests_is_nan_and_json_writes_null(tmp_path):
+    from collections import Counter
+
+    res = summarize("none", "closed", [], Counter({"http_503": 3}), 2.0, concurrency=8)
+    assert res.completed == 0 and res.error_count == 3 and np.isnan(res.p99_ms)
+    data = json.loads(write_json(tmp_path / "r.json", res).read_text())
+    assert data["p99_ms"] is None and data["errors"] == {"http_503": 3}
+
+
+def _synthetic_graph(path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [5, 3, 3, 3], np.zeros(135, np.float32).tolist())
+    m = helper.make_tensor("m", TensorProto.FLOAT, [8, 4], np.zeros(32, np.float32).tolist())
+    g = helper.make_tensor("g", TensorProto.FLOAT, [2, 5 * 8 * 4], np.zeros(320, np.float32).tolist())
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 5 * 8 * 4])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),  # (B, 5, 8, 8): 320 outputs × 27 MACs
+        helper.make_node("MatMul", ["c", "m"], ["mm"]),  # (B, 5, 8, 4): 160 outputs × 8 MACs
+        helper.make_node("Reshape", ["mm", "shape"], ["flat"]),  # (B, 160)
+        helper.make_node("Gemm", ["flat", "g"], ["y"], transB=1),  # (B, 2): 2 outputs × 160 MACs
+    ]
+    graph = helper.make_graph(nodes, "g", [x], [y], [w, m, g, shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_flops_count_matmul_gemm_conv_from_the_graph(tmp_path):
+    _synthetic_graph(tmp_path / "g.onnx")
+    r = flops.count_graph(tmp_path / "g.onnx")
+    assert r["macs"] == {"Conv": 320 * 27, "MatMul": 160 * 8, "Gemm": 2 * 160}
+    assert r["flops_per_item"] == 2 * (320 * 27 + 160 * 8 + 2 * 160)
+    assert r["nodes_without_shapes"] == []
+
+
+def test_flops_of_the_committed_tiny_engines_match_the_architecture():
+    try:
+        paths = flops.repository_onnx(REPO / "model_repository")
+    except FileNotFoundError:
+        pytest.skip("model_repository is not built")
+    r = flops.count_item(paths)
+    assert all(not e["nodes_without_shapes"] for e in r["engines"].values())
+    # tiny: ~0.1 GFLOP per item; the conv stem and all attention matmuls included.
+    assert 5e7 < r["flops_per_item"] < 5e8
+
+
+METRICS_BEFORE = """# HELP nv_inference_count x
+nv_inference_count{model="fusion",version="1"} 100
+nv_inference_exec_count{model="fusion",version="1"} 10
+nv_inference_count{model="image_encoder",version="1"} 100
+nv_inference_exec_count{model="image_encoder",version="1"} 10
+nv_inference_count{model="vqa",version="1"} 100
+nv_inference_exec_count{model="vqa",version="1"} 50
+"""
+METRICS_AFTER = """nv_inference_count{model="fusion",version="1"} 420
+nv_inference_exec_count{model="fusion",version="1"} 30
+nv_inference_count{model="image_encoder",version="1"} 420
+nv_inference_exec_count{model="image_encoder",version="1"} 50
+nv_inference_count{model="vqa",version="1"} 420
+nv_inference_exec_count{model="vqa",version="1"} 70
+"""
+
+
+def test_batch_delta_is_items_over_executions_between_scrapes():
+    d = grpc_driver.batch_delta(METRICS_BEFORE, METRICS_AFTER)
+    assert d["models"]["fusion"]["avg_batch"] == pytest.approx(16.0)
+    assert d["models"]["image_encoder"]["avg_batch"] == pytest.approx(8.0)
+    assert d["models"]["vqa"]["avg_batch"] == pytest.approx(16.0)
+    assert d["engines_avg_batch"] == pytest.approx(640 / 60)
+
+
+def test_no_batching_variant_keeps_everything_but_dynamic_batching(tmp_path):
+    src = tmp_path / "src"
+    for cfg in (REPO / "model_repository").glob("*/config.pbtxt"):
+        (src / cfg.parent.name / "1").mkdir(parents=True)
+        shutil.copy(cfg, src / cfg.parent.name / "config.pbtxt")
+    (src / "fusion" / "1" / "model.onnx").write_bytes(b"onnx")
+    dest = servers.variant_repository(src, tmp_path / "dest", servers.no_dynamic_batching)
+    for cfg in src.glob("*/config.pbtxt"):
+        before, after = load_config(cfg), load_config(dest / cfg.parent.name)
+        assert not after.HasField("dynamic_batching")
+        before.ClearField("dynamic_batching")
+        assert after == before
+    assert (dest / "fusion" / "1" / "model.onnx").is_symlink()
+
+
+def test_engine_settings_edit_touches_only_the_engines(tmp_path):
+    edit = servers.engine_settings(threads=1, instances=2)
+    for name in ("fusion", "vqa"):
+        config = load_config(REPO / "model_repository" / name)
+        before = load_config(REPO / "model_repository" / name)
+        edit(name, config)
+        if name == "vqa":
+            assert config == before
+        else:
+            assert config.parameters["intra_op_threads"].string_value == "1"
+            assert config.instance_group[0].count == 2
+
+
+def test_http_bodies_follow_the_public_api():
+    corpus = make_corpus(4)
+    path, bodies, items = http_driver.bodies(corpus, "vqa")
+    assert path == "/v1/vqa" and items == 1
+    b = json.loads(bodies[0])
+    assert b["questions"] == [corpus[0].question] and base64.b64decode(b["image"]) == corpus[0].image
+    path, bodies, items = http_driver.bodies(corpus, "retrieve64", model="small")
+    b = json.loads(bodies[1])
+    assert path == "/v1/retrieve" and items == 64 and len(b["texts"]) == 64 and b["model"] == "small"
+
+
+def _run(name: str, rps: float, p99: float, avg_batch: float | None = None, mode: str = "closed") -> RunResult:
+    r = RunResult(name, mode, 32, 0.0, 10.0, int(rps * 10), int(rps * 10), {}, rps, rps, p99 / 2, p99 * 0.8, p99,
+                  p99 / 2, p99 * 1.2)
+    if avg_batch is not None:
+        r.extra["triton_batches"] = {"engines_avg_batch": avg_batch, "models": {}}
+    return r
+
+
+def test_summary_computes_every_ratio_from_the_raw_figures():
+    runs = {r.name: r for r in [
+        _run("triton-grpc-tiny-c32", 1000, 50, avg_batch=12.0),
+        _run("triton-grpc-tiny-nobatch-c32", 400, 120),
+        _run("naive-tiny-c32", 250, 200),
+        _run("serve-http-tiny-c32", 300, 180, avg_batch=6.0),
+        _run("serve-http-tiny-vqa1-c1", 50, 25),
+        _run("serve-http-tiny-retrieve64-c1", 20, 60),
+        _run("triton-grpc-small-c32", 18, 2000, avg_batch=30.0),
+        _run("serve-http-small-c32", 16, 2500, avg_batch=20.0),
+        _run("naive-small-c32", 8, 5000),
+    ]}
+    engine_small = {"rows": [{"batch": 1, "items_per_s": 10.0}, {"batch": 16, "items_per_s": 19.0},
+                             {"batch": 32, "items_per_s": 20.0}], "best": {"batch": 32, "items_per_s": 20.0}}
+    raw = {"ceiling": {"flops_per_s": 2e11, "best_library": "torch", "threads": 2},
+           "flops": {"small": {"flops_per_item": 1e10}}, "engine_small": engine_small}
+    bench = SimpleNamespace(runs=runs, raw=raw, errors={}, s=SimpleNamespace(quick=False, duration_s=10,
+                                                                              small_duration_s=10, warmup_s=2))
+    s = report.summary(bench, 0.0)
+    for key in ("engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_throughput_tiny",
+                "vs_naive_throughput_small_http", "vs_naive_throughput_tiny_http", "avg_batch_c32",
+                "batching_speedup_tiny", "retrieve64_over_vqa1", "machine", "versions", "commit"):
+        assert key in s
+    assert s["engine_efficiency"] == pytest.approx(1e10 * 20 / 2e11, abs=1e-4)
+    assert s["served_over_engine_grpc"] == pytest.approx(18 / 20, abs=1e-4)  # avg batch 30 → the batch-32 row
+    assert s["served_over_engine_http"] == pytest.approx(16 / 19, abs=1e-4)  # avg batch 20 → the batch-16 row
+    assert s["vs_naive_throughput_tiny"] == pytest.approx(4.0)
+    assert s["vs_naive_throughput_tiny_p99_ms"] == pytest.approx(
+        {"triton_grpc": 50, "naive": 200, "triton_grpc_p50": 25, "naive_p50": 100, "triton_grpc_rps": 1000,
+         "naive_rps": 250, "triton_grpc_errors": 0, "naive_errors": 0})
+    assert s["vs_naive_throughput_small_http"] == pytest.approx(2.0)
+    assert s["vs_naive_throughput_tiny_http"] == pytest.approx(1.2)
+    assert s["avg_batch_c32"] == pytest.approx(12.0)
+    assert s["batching_speedup_tiny"] == pytest.approx(2.5)
+    assert s["retrieve64_over_vqa1"] == pytest.approx(30 / 12.5, abs=1e-4)
+    assert s["targets"]["vs_naive_throughput_small_http"]["met"] is True
+    assert s["targets"]["vs_naive_p99_tiny_under_half"]["met"] is True  # 50 ms < 200 ms / 2
+
+
+def test_summary_leaves_a_failed_setup_null():
+    bench = SimpleNamespace(runs={}, raw={}, errors={"naive": "boom"},
+                            s=SimpleNamespace(quick=True, duration_s=1, small_duration_s=1, warmup_s=1))
+    s = report.summary(bench, 0.0)
+    assert s["vs_naive_throughput_tiny"] is None and s["targets"]["avg_batch_c32"]["met"] is None
+    assert s["errors"] == {"naive": "boom"}
+
+
+def test_tune_candidate_edits_batching_and_instances():
+    config = load_config(REPO / "model_repository" / "fusion")
+    Candidate(500, (8, 16, 128), 2, threads=1).apply(config)
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]  # 128 > max_batch_size dropped
+    assert config.instance_group[0].count == 2
+    assert config.parameters["intra_op_threads"].string_value == "1"
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 256  # untouched
+
+
+def test_tune_grid_and_pick_best_respect_the_budget():
+    assert len(grid([0, 1000], [(), (16,)], [1, 2])) == 8
+    assert parse_preferred("none") == () and parse_preferred("16,32") == (16, 32)
+    rows = [
+        {"label": "a", "throughput_rps": 900, "p99_ms": 200, "errors": {}},
+        {"label": "b", "throughput_rps": 700, "p99_ms": 90, "errors": {}},
+        {"label": "c", "throughput_rps": 800, "p99_ms": 80, "errors": {"grpc_UNAVAILABLE": 2}},
+        {"label": "d", "throughput_rps": 600, "p99_ms": 50, "errors": {}},
+    ]
+    assert pick_best(rows, 100)["label"] == "b"
+    assert pick_best(rows, 10) is None
