@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,7 +87,7 @@ def measure(candidate: Candidate, repository: Path, models: list[str], work: Pat
             duration_s: float, warmup_s: float) -> dict[str, Any]:
     """Start Triton on the candidate's repository copy and drive `vqa` at `concurrency`."""
     from loadtests import grpc_driver, servers
-    from loadtests.common import ForeignCpu, make_corpus
+    from loadtests.common import make_corpus, uncontended
 
     def edit(name: str, config: Any) -> None:
         if name in models:
@@ -98,13 +97,11 @@ def measure(candidate: Candidate, repository: Path, models: list[str], work: Pat
     row: dict[str, Any] = {"candidate": asdict(candidate), "label": candidate.label}
     try:
         with servers.triton(variant, "tune") as t:
-            foreign = ForeignCpu()
-            foreign.start()
-            res = asyncio.run(grpc_driver.drive(
+            # A run during which other work took the CPU is repeated once the machine is quiet.
+            res, foreign_share, _ = uncontended(lambda: asyncio.run(grpc_driver.drive(
                 t.url_grpc, make_corpus(64), concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
                 metrics_url=t.url_metrics, name="tune",
-            ))
-            foreign_share = foreign.stop() / ((duration_s + warmup_s) * (os.cpu_count() or 1))
+            )), candidate.label)
     except Exception as e:  # noqa: BLE001 — a candidate Triton refuses is a row, not the end of the sweep
         log.error("%s: %s", candidate.label, e)
         return row | {"throughput_rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": {type(e).__name__: 1}}
