@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from ray import serve
@@ -148,11 +149,10 @@ class Preprocessor:
             start += n
 
 
-class PreprocessFn:
+class PreprocessFn(Protocol):
     """What the ingress awaits for preprocessing: a Serve handle or an in-process preprocessor."""
 
-    async def __call__(self, item: PreprocessItem) -> Preprocessed:  # pragma: no cover - interface
-        raise NotImplementedError
+    async def __call__(self, item: PreprocessItem) -> Preprocessed: ...
 
 
 class InlinePreprocess(PreprocessFn):
