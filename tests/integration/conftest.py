@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from loadtests.servers import wait_http
 from serving.app.settings import AppArgs, DeploymentDefaults, Limits, ModelSpec
 from serving.model.checkpoint import REPO_ROOT
 from serving.triton.launcher import TritonServer
@@ -28,20 +27,6 @@ class ServeApp:
     metrics_port: int
     triton: TritonServer
     args: AppArgs
-
-
-def _wait_http_ok(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError as e:
-            last = e
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s: {last}")
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +67,7 @@ def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
         serve.start(**serve_options("127.0.0.1", http_port, grpc_port))
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         app = ServeApp(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", metrics_port, triton, args)
-        _wait_http_ok(app.http_url + "/readyz", timeout=120)
+        wait_http(app.http_url + "/readyz", timeout=120)
         yield app
     finally:
         try:
