@@ -1,4 +1,4 @@
-"""`vtfuse train` and `vtfuse export onnx|check|engine|install|all`: the export pipeline's subcommands.
+"""`vtfuse train` and `vtfuse export onnx|check|quantize|engine|install|all`: the export pipeline's subcommands.
 
 Each stage's function returns an exit code: 0 done, 1 failed (parity, a missing stage, a bad
 checkpoint), 3 skipped because TensorRT or a GPU is missing here (the reason on stderr). Results
@@ -68,6 +68,19 @@ def _stage_check(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": report["ok"], "worst": summary(report), "end_to_end": report["end_to_end"]}
 
 
+def _stage_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from export.quantize import quantize
+
+    report = quantize(_onnx_dir(args), n=args.quantize_samples, threads=args.threads)
+    return {k: report[k] for k in ("ok", "n", "figures", "bytes")}
+
+
+def _precision(args: argparse.Namespace) -> str:
+    from export.install import DEFAULT_PRECISION
+
+    return str(args.precision or DEFAULT_PRECISION[args.target])
+
+
 def _stage_engine(args: argparse.Namespace) -> dict[str, Any]:
     from export.engine import DEFAULT_CACHE, build_engines
     from export.render_repo import COMMITTED_REPO
@@ -86,7 +99,8 @@ def _stage_install(args: argparse.Namespace) -> dict[str, Any]:
     from export.render_repo import COMMITTED_REPO
 
     source_repo = args.source_repo or COMMITTED_REPO
-    return install(_onnx_dir(args), args.target, repo=args.repo, version=args.version, source_repo=source_repo)
+    return install(_onnx_dir(args), args.target, repo=args.repo, version=args.version, source_repo=source_repo,
+                   precision=_precision(args))
 
 
 def _run(stage: str, fn: Any, args: argparse.Namespace) -> tuple[int, Any]:
@@ -114,10 +128,19 @@ def _single(stage: str, fn: Any) -> Callable[[argparse.Namespace], int]:
 
 
 def _all(args: argparse.Namespace) -> int:
-    """Stages 1-4 for one target; stage 3 runs for `tensorrt` only, and its SKIP is an error there."""
+    """Stages 1-4 for one target.
+
+    Stage 2b (int8) runs for `--precision int8`, the embedded default; stage 3 runs for
+    `tensorrt` only, and its SKIP is an error there.
+    """
     results: dict[str, Any] = {"onnx_dir": str(_onnx_dir(args)), "target": args.target}
     for stage, fn in (("onnx", _stage_onnx), ("check", _stage_check)):
         code, results[stage] = _run(stage, fn, args)
+        if code:
+            _print(results)
+            return code
+    if _precision(args) == "int8":
+        code, results["quantize"] = _run("quantize", _stage_quantize, args)
         if code:
             _print(results)
             return code
@@ -153,6 +176,11 @@ def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
 
 
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize-samples", type=int, default=200,
+                   help="fresh renders the int8 engines are judged on against fp32 (default 200)")
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="plan cache root, per GPU and TensorRT version (default build/trt_cache/)")
     p.add_argument("--no-fp16", action="store_true", help="build FP32 plans")
@@ -163,6 +191,9 @@ def _install_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=TARGETS, default="embedded", help="repository kind (default embedded)")
     p.add_argument("--repo", help="destination (default model_repository/ or build/model_repository-<target>/)")
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default=None,
+                   help="engines to install: fp32, or the dynamic-int8 ones of `export quantize` "
+                   "(default: int8 for embedded, fp32 for the NGC targets)")
 
 
 def register(subparsers: Any) -> None:
@@ -188,6 +219,12 @@ def register(subparsers: Any) -> None:
     _check_args(p)
     p.set_defaults(func=_single("check", _stage_check))
 
+    p = stages.add_parser("quantize", help="stage 2b: dynamic-int8 engines judged against fp32; writes int8/")
+    _common(p)
+    _quantize_args(p)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: one per core)")
+    p.set_defaults(func=_single("quantize", _stage_quantize))
+
     p = stages.add_parser("engine", help="stage 3: TensorRT plans (exit 3 where TensorRT or a GPU is missing)")
     _common(p)
     _repo_args(p)
@@ -204,6 +241,7 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     _check_args(p)
+    _quantize_args(p)
     _repo_args(p)
     _engine_args(p)
     _install_args(p)

@@ -2,12 +2,13 @@
 
 Per model version folder:
 
-- engines: `model.onnx` (targets `embedded`, `onnxruntime`) or `model.plan` (`tensorrt`);
+- engines: `model.onnx` (targets `embedded`, `onnxruntime`; fp32, or with `precision="int8"` the
+  dynamic-int8 copies of `vtfuse export quantize`) or `model.plan` (`tensorrt`);
 - every model: `checkpoint/{config,tokenizer,answers}.json` (preprocess and vqa read them; the
   engines carry them too, so each folder says what it was built from);
-- `manifest.json`: sha256 of every installed file and of config.pbtxt, the parity figures,
-  export settings (opset, preset, target), the source checkpoint and the sha256 of its
-  `model.safetensors`, and the time.
+- `manifest.json`: sha256 of every installed file and of config.pbtxt, the parity figures, the
+  precision (and the int8 figures), export settings (opset, preset, target), the source
+  checkpoint and the sha256 of its `model.safetensors`, and the time.
 
 `embedded` installs into the committed `model_repository/` (whose configs must already describe
 the preset: `tiny`), or renders a full Python-backend repository when `--repo` names another
@@ -27,6 +28,7 @@ from export.check import PARITY_FILE
 from export.engine import ENGINES_FILE
 from export.errors import InstallError
 from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
+from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
     COMMITTED_REPO,
     TARGETS,
@@ -42,6 +44,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+PRECISIONS = ("fp32", "int8")
+# The precision a target gets unless told: the embedded (CPU, Python-backend) repository serves
+# int8 (2.2× fp32 on `small` here, answers unchanged on `tiny`: loadtests/README.md); the NGC
+# targets keep fp32 ONNX, which TensorRT and ONNX Runtime's GPU providers build their own precision from.
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -60,9 +67,9 @@ def _engine_parity(parity: dict[str, Any] | None, engine: str | None) -> dict[st
     }
 
 
-def _artefact_source(onnx_dir: Path, engine: str, target: str, export_info: dict[str, Any]) -> Path:
+def _artefact_source(onnx_dir: Path, engine: str, target: str, export_info: dict[str, Any], precision: str) -> Path:
     if target != "tensorrt":
-        return onnx_dir / f"{engine}.onnx"
+        return onnx_dir / (f"{INT8_DIR}/{engine}.onnx" if precision == "int8" else f"{engine}.onnx")
     engines = _read_json(onnx_dir / ENGINES_FILE)
     if engines is None or engine not in engines.get("engines", {}):
         raise InstallError(
@@ -108,6 +115,7 @@ def install(
     version: int = 1,
     source_repo: str | Path = COMMITTED_REPO,
     require_parity: bool = True,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Install a stage-1 folder's artefacts into a model repository for `target`.
 
@@ -118,7 +126,9 @@ def install(
             `build/model_repository-<target>/`).
         version: the version folder to install into.
         source_repo: the committed repository rendered from.
-        require_parity: refuse to install artefacts that stage 2 has not passed.
+        require_parity: refuse to install artefacts that stage 2 (and for int8, stage 2b) has not passed.
+        precision: `fp32` or `int8` (the engines of `vtfuse export quantize`); None: the
+            target's default (`DEFAULT_PRECISION`).
 
     Returns:
         {"repo", "target", "version", "models": {model: manifest path}}.
@@ -138,8 +148,12 @@ def install(
         raise InstallError(f"no {PARITY_FILE} in {onnx_dir}: run `vtfuse export check` before installing")
     if require_parity and parity is not None and not parity.get("ok", False):
         raise InstallError(f"{onnx_dir / PARITY_FILE} records a parity failure: fix the export before installing")
+    precision = precision or DEFAULT_PRECISION[target]
+    if precision not in PRECISIONS:
+        raise InstallError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    int8 = _int8_report(onnx_dir, target, require_parity) if precision == "int8" else None
     trt_info = _read_json(onnx_dir / ENGINES_FILE) if target == "tensorrt" else None
-    sources = {e: _artefact_source(onnx_dir, e, target, info) for e in ENGINES}  # checked before writing
+    sources = {e: _artefact_source(onnx_dir, e, target, info, precision) for e in ENGINES}  # checked before writing
 
     dest = Path(repo) if repo is not None else default_repo(target)
     if dest.resolve() == Path(source_repo).resolve():
@@ -183,7 +197,11 @@ def install(
             "config_pbtxt_sha256": sha256_file(model_dir / "config.pbtxt"),
             "artefacts": {p.relative_to(vdir).as_posix(): sha256_file(p) for p in installed},
             "parity": _engine_parity(parity, model if model in ENGINES else None),
+            "precision": precision,
         }
+        if int8 is not None:
+            manifest["int8"] = {k: int8.get(k) for k in ("method", "weight_type", "op_types", "onnxruntime", "n",
+                                                          "criteria", "figures", "ok")}
         if trt_info is not None and model in ENGINES:
             entry = trt_info["engines"][model]
             manifest["tensorrt"] = {
@@ -197,4 +215,19 @@ def install(
         manifests[model] = vdir / MANIFEST
     log.info("installed %s (%s, version %d) into %s: %s", cfg.name, target, version, dest, ", ".join(manifests))
     models = {m: str(p) for m, p in manifests.items()}
-    return {"repo": str(dest), "target": target, "version": version, "models": models}
+    return {"repo": str(dest), "target": target, "version": version, "precision": precision, "models": models}
+
+
+def _int8_report(onnx_dir: Path, target: str, require_parity: bool) -> dict[str, Any] | None:
+    """The int8 judgement of `vtfuse export quantize`, checked before anything is written."""
+    if target == "tensorrt":
+        raise InstallError("--precision int8 is for the ONNX targets: TensorRT builds FP16 plans from the fp32 ONNX")
+    report = read_quantize_report(onnx_dir)
+    if report is None:
+        raise InstallError(f"no {onnx_dir / INT8_DIR}: run `vtfuse export quantize` before installing int8 engines")
+    if require_parity and not report.get("ok", False):
+        raise InstallError(
+            f"the int8 engines of {onnx_dir} missed their criteria ({'; '.join(report.get('failures', []))}): "
+            "install fp32 with --precision fp32"
+        )
+    return report

@@ -10,6 +10,7 @@ import torch
 
 from export.check import check_parity, write_report
 from export.onnx_export import export_onnx, load_source
+from export.quantize import quantize
 from export.render_repo import BUILT_ARTEFACTS, COMMITTED_REPO, model_dirs
 from serving.model.checkpoint import Checkpoint
 
@@ -33,10 +34,11 @@ def tiny() -> Checkpoint:
 
 @pytest.fixture(scope="session")
 def onnx_dir(tiny: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stage 1 and 2 run once: ONNX files, export.json, checkpoint/, parity.json."""
+    """Stages 1, 2 and 2b run once: ONNX files, export.json, checkpoint/, parity.json, int8/."""
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(tiny, out, source=SOURCE)
     write_report(check_parity(tiny, out, threads=1), out)
+    quantize(out, n=50, threads=1)
     return out
 
 
