@@ -155,6 +155,8 @@ def judge_int8(
         ids, mask = tokenize(tok, texts, cfg.max_text_len)
         pixels = np.concatenate([px] * 3)
         outs = {"fp32": fp32(pixels, ids, mask), "int8": int8(pixels, ids, mask)}
+        if i == 0:
+            first, first_out = (pixels, ids, mask), outs["int8"]
         for p, o in outs.items():
             pred[p].append(o["VQA_LOGITS"][:k].argmax(-1))
             itm = o["ITM_LOGIT"][:, 0]
@@ -167,6 +169,12 @@ def judge_int8(
         max_logit_diff = max(
             max_logit_diff, float(np.abs(outs["fp32"]["VQA_LOGITS"] - outs["int8"]["VQA_LOGITS"]).max())
         )
+    # Activations get one scale per batch: a row's outputs move a little with its batch-mates.
+    alone = [int8(*(a[j : j + 1] for a in first)) for j in range(min(8, len(first[0])))]
+    figures_batch = min(
+        _cosine_min(np.concatenate([o[name] for o in alone]), first_out[name][: len(alone)])
+        for name in ("IMAGE_EMBEDDING", "TEXT_EMBEDDING")
+    )
     truth = np.array([answers.index(q.answer) if q.answer in answers else -1 for q in qas])
     p32, p8 = np.concatenate(pred["fp32"]), np.concatenate(pred["int8"])
     acc32, acc8 = float((p32 == truth).mean()), float((p8 == truth).mean())
@@ -181,6 +189,7 @@ def judge_int8(
             p: float(np.concatenate(order[p]).mean()) for p in ("fp32", "int8")
         },
         "embedding_cosine_min": cos,
+        "batch_invariance_cosine_min": figures_batch,
     }
     failures = []
     vqa_trained = acc32 >= criteria.trained_vqa_accuracy

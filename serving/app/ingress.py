@@ -67,7 +67,9 @@ class Ingress:
             if preprocess is not None
             else InlinePreprocess(Preprocessor(runtimes, args.limits.max_pixels, self.metrics))
         )
-        self.pipeline = Pipeline(runtimes, self.triton, pre, self.metrics, args.engine_max_batch)
+        self.pipeline = Pipeline(
+            runtimes, self.triton, pre, self.metrics, args.engine_max_batch, max_pixels=args.limits.max_pixels
+        )
         self.collector = MetricsCollector(args.metrics_urls)
         log.info(
             "ingress up: triton %s%s, models %s (default %s), preprocess %s, auth %s, rate limit %s",

@@ -40,7 +40,15 @@ from serving.app.schemas import (
     VqaResponse,
 )
 from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
-from serving.errors import Overloaded, ShuttingDown, UpstreamTimeout, UpstreamUnavailable, VtfuseError
+from serving.errors import (
+    InvalidInput,
+    Overloaded,
+    ShuttingDown,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    VtfuseError,
+)
+from serving.model.preprocess import DEFAULT_MAX_PIXELS, check_image_header
 from serving.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -128,8 +136,11 @@ class Pipeline:
         metrics: ApiMetrics,
         engine_max_batch: int = 64,
         preprocess_retries: int = 2,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.preprocess_retries = preprocess_retries
+        self.max_pixels = max_pixels
+        self.no_server_vqa: set[str] = set()  # models whose `vqa` Triton does not serve
         self.runtimes = runtimes
         self.triton = triton
         self.preprocess_fn = preprocess
@@ -211,9 +222,65 @@ class Pipeline:
             return await self.retrieve(task, ctx)
         return await self.embed(task, ctx)
 
+    def server_side(self, task: VqaTask, rt: ModelRuntime) -> bool:
+        """Whether a VQA task goes to Triton's `vqa` model whole (see `vqa_in_triton`)."""
+        return (
+            rt.spec.vqa is not None
+            and not rt.spec.version
+            and rt.name not in self.no_server_vqa
+            and len(task.questions) == 1
+            and task.top_k == 1
+            and not task.return_attention
+        )
+
+    async def vqa_in_triton(self, task: VqaTask, rt: ModelRuntime, ctx: RequestContext) -> VqaAnswer | None:
+        """One question about one image as one call to Triton's `vqa` (BLS over the same engines).
+
+        The encoded image goes to Triton as is and is decoded there, batched with every other
+        caller's: no pixels or features cross between Ray and Triton, one gRPC call instead of
+        three (measured in loadtests/README.md). The ingress checks the pixel limit from the
+        header; a request Triton refuses (a corrupt image, a question over the token limit)
+        returns None and takes the ingress path, whose decoding names the exact 4xx.
+        """
+        assert rt.spec.vqa is not None
+        check_image_header(task.image, self.max_pixels)
+        inputs = {
+            "IMAGE": np.array([[task.image]], dtype=object),
+            "QUESTION": np.array([[task.questions[0].encode()]], dtype=object),
+        }
+        t = time.perf_counter()
+        try:
+            out = await self.triton.infer(
+                rt.spec.vqa, inputs, ["ANSWER", "SCORE"], deadline=ctx.deadline, request_id=ctx.request_id
+            )
+        except InvalidInput:
+            return None
+        except UpstreamUnavailable as e:
+            if "does not serve" not in e.message:
+                raise
+            log.warning("Triton does not serve %s: model %s runs VQA from the ingress", rt.spec.vqa, rt.name)
+            self.no_server_vqa.add(rt.name)
+            return None
+        raw = out["ANSWER"].reshape(-1)[0]
+        answer = raw.decode() if isinstance(raw, bytes) else str(raw)
+        sent = len(task.image) + len(task.questions[0])
+        self.metrics.triton_call("vqa", time.perf_counter() - t, sent, len(answer) + 4)
+        score = float(out["SCORE"].reshape(-1)[0])
+        return VqaAnswer(
+            question=task.questions[0], answer=answer, score=score, top_k=[AnswerScore(answer=answer, score=score)]
+        )
+
     async def vqa(self, task: VqaTask, ctx: RequestContext) -> VqaResponse:
-        """Image encoded once, questions once, fusion on one row per question."""
+        """Image encoded once, questions once, fusion on one row per question.
+
+        One question with top_k 1 and no attention goes to Triton's `vqa` whole where the
+        model names one (`vqa_in_triton`).
+        """
         rt = self.runtime(task)
+        if self.server_side(task, rt):
+            answer = await self.vqa_in_triton(task, rt, ctx)
+            if answer is not None:
+                return VqaResponse(model=task.model, answers=[answer])
         plan = router.plan_vqa(len(task.questions), task.return_attention)
         pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.questions, ctx.request_id), ctx)
         (img_call, txt_call), (fus_call,) = plan
@@ -386,4 +453,7 @@ class Pipeline:
     async def ready(self, model: str, timeout_s: float = 2.0) -> dict[str, bool]:
         """Readiness of every Triton engine `model` routes to."""
         rt = self.runtimes[model]
-        return await self.triton.models_ready([(e, rt.spec.version) for e in rt.spec.engines()], timeout_s)
+        models = [(e, rt.spec.version) for e in rt.spec.engines()]
+        if rt.spec.vqa is not None and model not in self.no_server_vqa:
+            models.append((rt.spec.vqa, ""))
+        return await self.triton.models_ready(models, timeout_s)

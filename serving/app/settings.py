@@ -64,6 +64,12 @@ class ModelSpec(BaseModel):
     text_encoder: str = "text_encoder"
     fusion: str = "fusion"
     version: str = Field(default="", description="Triton model version of all three engines; empty: Triton's latest.")
+    vqa: str | None = Field(
+        default=None,
+        description="Triton's server-side VQA model (BLS over these same engines, e.g. `vqa`): a /v1/vqa call "
+        "with one question, top_k 1 and no attention is sent there as one gRPC call with the encoded image, "
+        "decoded and batched inside Triton; None: every call runs the three engines from the ingress.",
+    )
     checkpoint: str | None = Field(
         default=None,
         description="Folder with config.json, tokenizer.json, answers.json; default: the one installed "

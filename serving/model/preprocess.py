@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +22,44 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
 DEFAULT_MAX_PIXELS = 4096 * 4096
 # The resampling filter used when serving; training draws from several so any filter works.
 RESAMPLE = Image.Resampling.BILINEAR
+T = TypeVar("T")
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open an image lazily (header only) and check its format and pixel count."""
+    img: Image.Image = Image.open(io.BytesIO(data))
+    if img.format not in ALLOWED_FORMATS:
+        raise UnsupportedMediaType(f"image format {img.format} is not accepted: send PNG, JPEG or WebP bytes")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    return img
+
+
+def _checked(fn: Callable[[], T]) -> T:
+    """Run an image operation, turning PIL's failures into the API's 413/415 errors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return fn()
+    except (PayloadTooLarge, UnsupportedMediaType):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise PayloadTooLarge(f"image refused as a decompression bomb: {e}") from e
+    except UnidentifiedImageError as e:  # its text holds the repr of our buffer: say what it means
+        raise UnsupportedMediaType("bytes are not a readable PNG, JPEG or WebP image (no known image header)") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise UnsupportedMediaType(f"bytes are not a readable PNG, JPEG or WebP image ({e})") from e
+
+
+def check_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header alone, no pixel decoded: format and pixel limit checked.
+
+    Raises:
+        UnsupportedMediaType: not an image of an allowed format (a corrupt body passes: only decoding finds it).
+        PayloadTooLarge: more pixels than `max_pixels`.
+    """
+    return _checked(lambda: _open(data, max_pixels).size)
 
 
 def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -31,26 +70,16 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
         PayloadTooLarge: more pixels than `max_pixels` (a decompression bomb is refused
             from its header, before any pixel is decoded).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img: Image.Image = Image.open(io.BytesIO(data))
-            if img.format not in ALLOWED_FORMATS:
-                raise UnsupportedMediaType(f"image format {img.format} is not accepted: send PNG, JPEG or WebP bytes")
-            w, h = img.size
-            if w * h > max_pixels:
-                raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-            img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), RESAMPLE)
-            return np.asarray(img, dtype=np.uint8)
-    except (PayloadTooLarge, UnsupportedMediaType):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise PayloadTooLarge(f"image refused as a decompression bomb: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise UnsupportedMediaType(f"bytes are not a readable PNG, JPEG or WebP image ({e})") from e
+
+    def decode() -> np.ndarray:
+        img = _open(data, max_pixels)
+        img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), RESAMPLE)
+        return np.asarray(img, dtype=np.uint8)
+
+    return _checked(decode)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -35,7 +35,8 @@ def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
 
     Two ingress replicas make the cross-replica metrics test meaningful; the Preprocess
     deployment is on so @serve.batch runs for real (the inline composition is tested by
-    side apps). `tiny@1` routes to version 1 of the same engines. The cluster is always
+    side apps). `tiny` sends one-question VQA calls to Triton's `vqa`, as the shipped config
+    does; `tiny@1` routes every call to version 1 of the same engines from the ingress. The cluster is always
     shut down, whatever happens during start-up or the tests.
     """
     import ray
@@ -47,7 +48,8 @@ def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
     args = AppArgs(
         triton_url=triton.url_grpc,
         preprocess="deployment",  # the composition with the extra hop: @serve.batch and request ids across it
-        models={"tiny": ModelSpec(), "tiny@1": ModelSpec(version="1")},
+        # As shipped, `tiny` sends one-question VQA to Triton's `vqa`; `tiny@1` runs the engines from the ingress.
+        models={"tiny": ModelSpec(vqa="vqa"), "tiny@1": ModelSpec(version="1")},
         limits=TEST_LIMITS,
         deployments=DeploymentDefaults(ingress_replicas=2, preprocess_replicas=1),
     )

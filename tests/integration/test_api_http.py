@@ -171,11 +171,18 @@ def test_embed_routes_images_and_texts(http):
     assert hits >= 4, f"{hits}/6 images nearest their own caption"
     only_i = http.post("/v1/embed", json={"images": [b64(imgs[0])]}).json()
     only_t = http.post("/v1/embed", json={"texts": [caps[0]]}).json()
-    assert only_i["text_embeddings"] == [] and np.allclose(only_i["image_embeddings"][0], ie[0], atol=1e-5)
-    assert only_t["image_embeddings"] == [] and np.allclose(only_t["text_embeddings"][0], te[0], atol=1e-5)
+
+    def same(a: list, b: np.ndarray) -> bool:
+        # The int8 engines quantise activations with one scale per batch, so a row's embedding moves
+        # slightly with the rows it is batched with (export/README.md): equal up to cosine 0.999.
+        a2, b2 = np.atleast_2d(a), np.atleast_2d(b)
+        return bool(((a2 * b2).sum(axis=1) >= 0.999).all())
+
+    assert only_i["text_embeddings"] == [] and same(only_i["image_embeddings"][0], ie[0])
+    assert only_t["image_embeddings"] == [] and same(only_t["text_embeddings"][0], te[0])
     m = http.post("/v1/embed", files=[("images", ("a", imgs[0])), ("images", ("b", imgs[1]))], data={"texts": caps[:1]})
     assert m.status_code == 200, m.text
-    assert np.allclose(m.json()["image_embeddings"], ie[:2], atol=1e-5)
+    assert same(m.json()["image_embeddings"], ie[:2])
 
 
 def test_model_field_routes_to_a_served_model_or_version(http):
@@ -217,6 +224,7 @@ def test_probes_docs_and_request_ids(http):
         "image_encoder": True,
         "text_encoder": True,
         "fusion": True,
+        "vqa": True,  # where one-question calls go (ModelSpec.vqa)
     }
     assert http.get("/docs").status_code == 200
     spec = http.get("/openapi.json").json()
