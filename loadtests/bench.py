@@ -4,8 +4,10 @@ Setups are measured one at a time (everything else stopped), the load generator 
 machine. The offered load of every comparison is a closed loop at concurrency 32 for the
 same duration. Steps:
 
-1. the machine's fp32 matmul ceiling (4096², ONNX Runtime's thread count) and FLOPs/item;
-2. in-process ONNX Runtime engines per batch size (`tiny`, `small`);
+1. the machine's fp32 matmul ceiling (4096², ONNX Runtime's thread count), its int8 one where
+   the engines are int8, and FLOPs/item;
+2. in-process ONNX Runtime engines per batch size (`tiny`, `small` as installed; `small` fp32
+   from its stage-1 folder too when the installed engines are int8, for `engine_efficiency`);
 3. Triton direct gRPC `vqa` (`tiny`): a concurrency sweep, engine batch counts at c=32;
    then the same repository with dynamic batching removed from every model;
 4. Ray Serve → Triton (`tiny`): /v1/vqa at c=32, one image × 64 captions through
@@ -31,13 +33,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loadtests import engine_bench, flops, grpc_driver, http_driver, servers
+from export.onnx_export import default_onnx_dir
+from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, servers
 from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
-from loadtests.int8 import int8_replacements
 from serving.triton.launcher import TritonServer
 
 log = logging.getLogger("loadtests.bench")
@@ -67,7 +69,7 @@ class BenchSettings:
     serve: bool = True
     tiny_repo: Path = TINY_REPO
     small_repo: Path = SMALL_REPO
-    fp32_repos: tuple[Path, Path] | None = None  # (tiny, small) to count FLOPs from when the engines are int8
+    small_onnx: Path = default_onnx_dir("small")  # stage-1 folder of `small`: its fp32 graphs
 
     @classmethod
     def quick_run(cls, serve: bool = True, tiny_repo: Path = TINY_REPO) -> BenchSettings:
@@ -75,7 +77,7 @@ class BenchSettings:
         return cls(
             quick=True, duration_s=3.0, warmup_s=1.0, small_duration_s=3.0, sweep=(1, C), batches=(1, 8),
             engine_min_time_s=0.2, matmul_reps=1, matmul_n=2048, latency_requests_s=2.0, serve=serve, attempts=1,
-            tiny_repo=tiny_repo, small_repo=tiny_repo,
+            tiny_repo=tiny_repo, small_repo=tiny_repo, small_onnx=default_onnx_dir("tiny"),
         )
 
 
@@ -141,25 +143,41 @@ class Bench:
 
         return self.keep(*self.uncontended(name, once))
 
+    @property
+    def small_int8(self) -> bool:
+        return engine_bench.repository_precision(self.s.small_repo) == "int8"
+
     def ceiling(self) -> None:
-        ceiling, share, attempts = self.uncontended("ceiling", lambda: flops.matmul_ceiling(
-            self.s.matmul_n, flops.ort_threads(), self.s.matmul_reps))
+        n, threads, reps = self.s.matmul_n, flops.ort_threads(), self.s.matmul_reps
+        ceiling, share, attempts = self.uncontended("ceiling", lambda: flops.matmul_ceiling(n, threads, reps))
         self.raw["ceiling"] = ceiling | {"foreign_cpu_share": share, "attempts": attempts}
-        tiny, small = self.s.fp32_repos or (self.s.tiny_repo, self.s.small_repo)
+        if self.small_int8:
+            c8, share, attempts = self.uncontended("ceiling int8", lambda: flops.matmul_ceiling_int8(n, threads, reps))
+            self.raw["ceiling_int8"] = c8 | {"foreign_cpu_share": share, "attempts": attempts}
+        # MatMulInteger counts as MatMul: both precisions give the same FLOPs per item.
         self.raw["flops"] = {
-            "tiny": flops.count_item(flops.repository_onnx(tiny)),
-            "small": flops.count_item(flops.repository_onnx(small)),
+            "tiny": flops.count_item(flops.repository_onnx(self.s.tiny_repo)),
+            "small": flops.count_item(flops.repository_onnx(self.s.small_repo)),
         }
-        write_json(self.out / "ceiling_flops.json", {"ceiling": self.raw["ceiling"], "flops": self.raw["flops"]})
+        write_json(self.out / "ceiling_flops.json", {k: self.raw[k] for k in ("ceiling", "ceiling_int8", "flops")
+                                                     if k in self.raw})
 
     def engines(self) -> None:
-        for preset, repo in (("tiny", self.s.tiny_repo), ("small", self.s.small_repo)):
-            res, share, attempts = self.uncontended(f"in-process {preset}", lambda repo=repo: engine_bench.sweep(
-                repo, self.s.batches, min_time_s=self.s.engine_min_time_s))
+        setups: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            (p, lambda repo=repo: engine_bench.sweep(repo, self.s.batches, min_time_s=self.s.engine_min_time_s))
+            for p, repo in (("tiny", self.s.tiny_repo), ("small", self.s.small_repo))
+        ]
+        if self.small_int8:  # engine_efficiency is defined against the fp32 ceiling: time the fp32 graphs too
+            fp32 = {e: self.s.small_onnx / f"{e}.onnx" for e in flops.ENGINES}
+            cfg = engine_bench.repository_config(self.s.small_repo)
+            setups.append(("small-fp32", lambda: engine_bench.sweep_paths(
+                fp32, cfg, self.s.batches, min_time_s=self.s.engine_min_time_s) | {"precision": "fp32"}))
+        for name, fn in setups:
+            res, share, attempts = self.uncontended(f"in-process {name}", fn)
             res |= {"foreign_cpu_share": share, "attempts": attempts}
-            self.raw[f"engine_{preset}"] = res
-            write_json(self.out / f"engine-{preset}.json", res)
-            log.info("   in-process %s: best %.1f items/s at batch %d", preset, res["best"]["items_per_s"],
+            self.raw[f"engine_{name.replace('-', '_')}"] = res
+            write_json(self.out / f"engine-{name}.json", res)
+            log.info("   in-process %s: best %.1f items/s at batch %d", name, res["best"]["items_per_s"],
                      res["best"]["batch"])
 
     @property
@@ -263,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds to wait for other work to leave the CPU first (default 600, --quick 0)")
     p.add_argument("--engine-threads", type=int, help="measure with the engines' intra_op_threads set to this")
     p.add_argument("--engine-instances", type=int, help="measure with this many instances of each engine")
-    p.add_argument("--int8", action="store_true", help="measure with dynamic-int8 engines (loadtests/int8.py)")
+    p.add_argument("--precision", choices=("fp32", "int8"),
+                   help="measure with these engines (from each preset's stage-1 folder) in copies of the "
+                   "repositories under build/bench/ (default: the engines installed)")
     p.add_argument("--tiny-repo", type=Path, default=TINY_REPO)
     p.add_argument("--small-repo", type=Path, default=SMALL_REPO)
     args = p.parse_args(argv)
@@ -276,25 +296,24 @@ def main(argv: list[str] | None = None) -> int:
         args.wait_quiet = 0.0 if args.quick else 600.0
     if not args.quick:
         ensure_small_repository(args.small_repo)
-    fp32_repos = (args.tiny_repo, args.tiny_repo if args.quick else args.small_repo)
-    if args.engine_threads or args.engine_instances or args.int8:
+    if args.engine_threads or args.engine_instances or args.precision:
         # Variant repositories under build/bench/; the committed ones stay untouched.
         edit = servers.engine_settings(args.engine_threads, args.engine_instances)
-        tag = f"t{args.engine_threads or 'x'}-i{args.engine_instances or 'x'}{'-int8' if args.int8 else ''}"
+        tag = f"t{args.engine_threads or 'x'}-i{args.engine_instances or 'x'}-{args.precision or 'installed'}"
         for preset in ("tiny",) if args.quick else ("tiny", "small"):
             src = getattr(args, f"{preset}_repo")
-            swap = int8_replacements(src, preset) if args.int8 else None
+            swap = precision.replacements(preset, args.precision) if args.precision else None
             dest = REPO_ROOT / "build" / "bench" / f"model_repository-{preset}-{tag}"
             setattr(args, f"{preset}_repo", servers.variant_repository(src, dest, edit, swap))
     if args.quick:
         settings = BenchSettings.quick_run(serve=not args.no_serve, tiny_repo=args.tiny_repo)
     else:
         settings = BenchSettings(serve=not args.no_serve, tiny_repo=args.tiny_repo, small_repo=args.small_repo)
-    settings = replace(settings, fp32_repos=fp32_repos)
     bench = Bench(settings, out)
     bench.raw["engine_overrides"] = {
-        "intra_op_threads": args.engine_threads, "instances": args.engine_instances, "int8": args.int8,
+        "intra_op_threads": args.engine_threads, "instances": args.engine_instances, "precision": args.precision,
     }
+    bench.raw["serve_composition"] = servers.shipped_serve_composition()
     bench.raw["repositories"] = {"tiny": str(settings.tiny_repo), "small": str(settings.small_repo)}
     if args.wait_quiet > 0:
         busy = wait_quiet(timeout_s=args.wait_quiet)

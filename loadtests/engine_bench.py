@@ -115,6 +115,12 @@ class Engines:
         return {"batch": batch, "reps": len(times), "ms_per_batch": med * 1e3, "items_per_s": batch / med}
 
 
+def repository_precision(repository: str | Path) -> str:
+    """`fp32` or `int8`: the engines a repository serves (its manifest; fp32 before precisions were recorded)."""
+    manifest = Path(repository) / "fusion" / "1" / "manifest.json"
+    return str(json.loads(manifest.read_text()).get("precision", "fp32")) if manifest.exists() else "fp32"
+
+
 def sweep(
     repository: str | Path,
     batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
@@ -122,12 +128,24 @@ def sweep(
     min_time_s: float = 2.0,
 ) -> dict[str, Any]:
     """Items/s per batch size of a repository's engines; `best` is the batch with the most items/s."""
-    eng = Engines(repository_onnx(repository), repository_config(repository), settings)
+    res = sweep_paths(repository_onnx(repository), repository_config(repository), batches, settings, min_time_s)
+    return res | {"repository": str(repository), "precision": repository_precision(repository)}
+
+
+def sweep_paths(
+    paths: dict[str, Path],
+    cfg: FusionConfig,
+    batches: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+    settings: SessionSettings = IN_PROCESS,
+    min_time_s: float = 2.0,
+) -> dict[str, Any]:
+    """Items/s per batch size of three engine files."""
+    eng = Engines(paths, cfg, settings)
     rows = [eng.time_batch(b, min_time_s) for b in batches]
     best = max(rows, key=lambda r: r["items_per_s"])
     return {
-        "preset": eng.cfg.name,
-        "repository": str(repository),
+        "preset": cfg.name,
+        "files": {e: str(p) for e, p in paths.items()},
         "settings": asdict(settings) | {"intra_threads": settings.intra_threads or ort_threads()},
         "rows": rows,
         "best": best,

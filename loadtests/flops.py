@@ -1,13 +1,16 @@
 """FLOPs per item counted from the ONNX graphs, and this machine's fp32 matmul ceiling.
 
 FLOPs are 2 × the multiply-adds of every MatMul, Gemm and Conv node (elementwise ops,
-softmax and layer norms are not counted). Shapes come from shape inference with the batch
-axis fixed at 1: ONNX Runtime's symbolic shape inference, falling back to onnx's own with
-data propagation. MatMul: numel(output) × K; Gemm: M × N × K; Conv: numel(output) ×
-(C_in / groups) × prod(kernel). An item is one (image, question) through all three engines.
+softmax and layer norms are not counted); in the dynamic-int8 graphs a MatMul is a
+MatMulInteger, counted the same way, so both precisions count the same FLOPs per item.
+Shapes come from shape inference with the batch axis fixed at 1: ONNX Runtime's symbolic
+shape inference, falling back to onnx's own with data propagation. MatMul: numel(output) × K;
+Gemm: M × N × K; Conv: numel(output) × (C_in / groups) × prod(kernel). An item is one
+(image, question) through all three engines.
 
 The ceiling is the best fp32 matmul FLOP/s of an n×n×n product (n = 4096) over ONNX Runtime
-(MLAS) and PyTorch (oneDNN/MKL), each with the intra-op thread count ONNX Runtime uses.
+(MLAS) and PyTorch (oneDNN/MKL), each with the intra-op thread count ONNX Runtime uses; the
+int8 ceiling, ONNX Runtime's MatMulInteger (uint8 × int8), the kernel of the int8 engines.
 """
 
 from __future__ import annotations
@@ -71,16 +74,16 @@ def count_graph(path: str | Path, batch: int = 1) -> dict[str, Any]:
     """MACs per op type and FLOPs per item of one ONNX graph (batch fixed at `batch`)."""
     model = _infer(_with_batch(onnx.load(str(path)), batch))
     shapes = _shapes(model)
-    macs: dict[str, int] = {"MatMul": 0, "Gemm": 0, "Conv": 0}
+    macs: dict[str, int] = {"MatMul": 0, "MatMulInteger": 0, "Gemm": 0, "Conv": 0}
     unknown: list[str] = []
     for node in model.graph.node:
         if node.op_type not in macs:
             continue
         try:
             out = shapes[node.output[0]]
-            if node.op_type == "MatMul":
+            if node.op_type in ("MatMul", "MatMulInteger"):
                 a = shapes[node.input[0]]
-                macs["MatMul"] += _numel(out) * int(a[-1])  # type: ignore[arg-type]
+                macs[node.op_type] += _numel(out) * int(a[-1])  # type: ignore[arg-type]
             elif node.op_type == "Gemm":
                 a = shapes[node.input[0]]
                 trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
@@ -119,11 +122,14 @@ def ort_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _matmul_onnx(n: int) -> bytes:
-    a = helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])
-    b = helper.make_tensor_value_info("B", TensorProto.FLOAT, [n, n])
-    c = helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm", [a, b], [c])
+def _matmul_onnx(n: int, int8: bool = False) -> bytes:
+    """fp32 MatMul, or the MatMulInteger (uint8 activations × int8 weights → int32) of the int8 engines."""
+    ta, tb, tc = (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32) if int8 else (TensorProto.FLOAT,) * 3
+    a = helper.make_tensor_value_info("A", ta, [n, n])
+    b = helper.make_tensor_value_info("B", tb, [n, n])
+    c = helper.make_tensor_value_info("C", tc, [n, n])
+    op = "MatMulInteger" if int8 else "MatMul"
+    graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["C"])], "mm", [a, b], [c])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
@@ -162,3 +168,18 @@ def matmul_ceiling(n: int = 4096, threads: int | None = None, reps: int = 5) -> 
         pass
     best_by = max(results, key=lambda k: results[k])
     return {"n": n, "threads": threads, "flops_per_s": results[best_by], "best_library": best_by, "by_library": results}
+
+
+def matmul_ceiling_int8(n: int = 4096, threads: int | None = None, reps: int = 5) -> dict[str, Any]:
+    """Best int8 n×n×n MatMulInteger op/s through ONNX Runtime (the kernel the int8 engines run)."""
+    import onnxruntime as ort
+
+    threads = threads or ort_threads()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    b = rng.integers(-128, 128, (n, n), dtype=np.int8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(_matmul_onnx(n, int8=True), so, providers=["CPUExecutionProvider"])
+    best = _best(lambda: sess.run(None, {"A": a, "B": b}), 2.0 * n**3, reps)
+    return {"n": n, "threads": threads, "ops_per_s": best, "library": "onnxruntime MatMulInteger (u8 × s8)"}

@@ -33,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtests import engine_bench, flops, grpc_driver, servers
+from loadtests import engine_bench, flops, grpc_driver, precision, servers
 from loadtests.common import REPO_ROOT, RESULTS_DIR, Sample, make_corpus, uncontended, write_json
-from loadtests.int8 import INT8_DIR, quantize
 from loadtests.loops import closed_loop
 
 log = logging.getLogger("loadtests.levers")
@@ -59,7 +58,7 @@ def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any
     }
     rows = []
     cfg = engine_bench.repository_config(repo)
-    paths = flops.repository_onnx(repo)
+    paths = precision.engine_files(cfg.name, "fp32")  # the options measured on the fp32 graphs
     for label, settings in variants.items():
         eng = engine_bench.Engines(paths, cfg, settings)
         r, share, _ = uncontended(lambda eng=eng: eng.time_batch(batch, min_time_s), label)
@@ -82,8 +81,9 @@ def _answers_of(engines: engine_bench.Engines, corpus: list[Sample], repo: Path)
 def int8(repo: Path, batch: int, min_time_s: float, trained: bool) -> dict[str, Any]:
     """int8 against fp32: items/s at `batch`, output differences, and VQA accuracy when the weights are trained."""
     cfg = engine_bench.repository_config(repo)
-    fp32 = engine_bench.Engines(flops.repository_onnx(repo), cfg)
-    q = engine_bench.Engines(quantize(repo, INT8_DIR / cfg.name), cfg)
+    files = {p: precision.engine_files(cfg.name, p) for p in ("fp32", "int8")}
+    fp32 = engine_bench.Engines(files["fp32"], cfg)
+    q = engine_bench.Engines(files["int8"], cfg)
     x = fp32.inputs(16, seed=1)
     a, b = fp32.run(*x), q.run(*x)
     parity = {
@@ -103,8 +103,7 @@ def int8(repo: Path, batch: int, min_time_s: float, trained: bool) -> dict[str, 
         "int8": uncontended(lambda: q.time_batch(batch, min_time_s), "int8")[0],
         "parity": parity,
         "model_bytes": {
-            "fp32": sum(p.stat().st_size for p in flops.repository_onnx(repo).values()),
-            "int8": sum((INT8_DIR / cfg.name / f"{e}.onnx").stat().st_size for e in flops.ENGINES),
+            p: sum(f.stat().st_size for f in files[p].values()) for p in ("fp32", "int8")
         },
     }
     if trained:
@@ -181,12 +180,16 @@ def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any
     from loadtests import http_driver
 
     repo = tuned_tiny()
+    off: dict[str, Any] = {"server_vqa": None}  # every call runs the three engines from the ingress
     variants = [
-        ("preprocess deployment (2 hops), 1 ingress, pool 2", {"preprocess": "deployment"}),
-        ("preprocess inline (1 hop), 1 ingress, pool 2", {"preprocess": "inline"}),
-        ("preprocess inline, 2 ingress replicas, pool 2", {"preprocess": "inline", "ingress_replicas": 2}),
-        ("preprocess inline, 1 ingress, pool 1", {"preprocess": "inline", "pool_size": 1}),
-        ("preprocess inline, 1 ingress, pool 4", {"preprocess": "inline", "pool_size": 4}),
+        ("preprocess deployment (2 hops), 1 ingress, pool 2",
+         {"preprocess": "deployment", "ingress_replicas": 1} | off),
+        ("preprocess inline (1 hop), 1 ingress, pool 2", {"preprocess": "inline", "ingress_replicas": 1} | off),
+        ("preprocess inline, 2 ingress replicas, pool 2", {"preprocess": "inline", "ingress_replicas": 2} | off),
+        ("preprocess inline, 1 ingress, pool 1", {"preprocess": "inline", "ingress_replicas": 1, "pool_size": 1} | off),
+        ("preprocess inline, 1 ingress, pool 4", {"preprocess": "inline", "ingress_replicas": 1, "pool_size": 4} | off),
+        ("inline, 2 ingress, one-question calls to Triton's vqa (shipped)", {"preprocess": "inline",
+                                                                             "ingress_replicas": 2}),
     ]
     rows = {}
     with servers.triton(repo, "levers-serve") as t:
@@ -230,11 +233,7 @@ def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: fl
                     config.parameters[k].string_value = v
 
         dest = REPO_ROOT / "build" / "bench" / f"levers-{name}"
-        swap: dict[str, dict[str, Path]] = {e: {} for e in flops.ENGINES}
-        if params.get("int8"):
-            int8_paths = quantize(repo, INT8_DIR / name)
-            for e in flops.ENGINES:
-                swap[e]["model.onnx"] = int8_paths[e]
+        swap = precision.replacements(name, "int8" if params.get("int8") else "fp32")
         servers.variant_repository(repo, dest, edit, swap)
         with servers.triton(dest, f"levers-{name}") as t:
             r, share, _ = uncontended(lambda t=t, label=label: asyncio.run(grpc_driver.drive(

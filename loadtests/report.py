@@ -2,8 +2,9 @@
 
 Keys (numbers; `null` where a setup failed, the reason under `errors`):
 
-- `engine_efficiency`: `small` in-process ONNX Runtime at its best batch, FLOPs/item × items/s ÷
-  the measured fp32 matmul FLOP/s;
+- `engine_efficiency`: `small` in-process ONNX Runtime, fp32 graphs, at its best batch, FLOPs/item ×
+  items/s ÷ the measured fp32 matmul FLOP/s; where the served engines are int8,
+  `engine_efficiency_int8` holds the same for them against the int8 (MatMulInteger) ceiling;
 - `served_over_engine_grpc` / `served_over_engine_http`: `small` items/s through Triton direct
   gRPC / Ray Serve → Triton at c=32 ÷ in-process items/s at the batch the engines ran at
   (the measured row nearest their average batch in that run);
@@ -77,16 +78,23 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     raw: dict[str, Any] = bench.raw
     details: dict[str, Any] = {}
 
-    eff = None
-    if "ceiling" in raw and "flops" in raw and "engine_small" in raw:
-        best = raw["engine_small"]["best"]
+    def efficiency(engine: str, ceiling: str, per_s: str) -> float | None:
+        if ceiling not in raw or "flops" not in raw or engine not in raw:
+            return None
+        best = raw[engine]["best"]
         fl = raw["flops"]["small"]["flops_per_item"]
-        eff = round(fl * best["items_per_s"] / raw["ceiling"]["flops_per_s"], 4)
-        details["engine_efficiency"] = {
+        details[f"{engine}_efficiency"] = {
             "flops_per_item": fl, "items_per_s": best["items_per_s"], "batch": best["batch"],
-            "achieved_flops_per_s": fl * best["items_per_s"], "ceiling_flops_per_s": raw["ceiling"]["flops_per_s"],
-            "ceiling_library": raw["ceiling"]["best_library"], "threads": raw["ceiling"]["threads"],
+            "precision": raw[engine].get("precision", "fp32"), "achieved_flops_per_s": fl * best["items_per_s"],
+            "ceiling_per_s": raw[ceiling][per_s], "ceiling_library": raw[ceiling].get("best_library",
+                                                                                     raw[ceiling].get("library")),
+            "threads": raw[ceiling]["threads"],
         }
+        return round(fl * best["items_per_s"] / raw[ceiling][per_s], 4)
+
+    fp32_engine = "engine_small_fp32" if "engine_small_fp32" in raw else "engine_small"
+    eff = efficiency(fp32_engine, "ceiling", "flops_per_s")
+    eff8 = efficiency("engine_small", "ceiling_int8", "ops_per_s") if fp32_engine != "engine_small" else None
 
     grpc_small = _run(runs, f"triton-grpc-small-c{C}")
     http_small = _run(runs, f"serve-http-small-c{C}")
@@ -119,6 +127,7 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "engine_efficiency": eff,
+        "engine_efficiency_int8": eff8,
         "served_over_engine_grpc": sog,
         "served_over_engine_http": soh,
         "vs_naive_throughput_tiny": vnt,
@@ -138,6 +147,7 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
         "bench_seconds": round(time.time() - started, 1),
         "repositories": raw.get("repositories"),
         "engine_overrides": raw.get("engine_overrides"),
+        "serve_composition": raw.get("serve_composition"),
         "cpu_busy_before": raw.get("cpu_busy_before"),
         "foreign_cpu_share_max": max(
             [r.extra.get("foreign_cpu_share") or 0.0 for r in runs.values()]

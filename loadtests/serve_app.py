@@ -31,10 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="tiny", help="name requests use for the repository's preset")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--grpc-port", type=int, default=0, help="Serve gRPC proxy port (0: a free one)")
-    p.add_argument("--preprocess", choices=("deployment", "inline"), default="deployment")
-    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--preprocess", choices=("deployment", "inline"), default="inline")
+    p.add_argument("--ingress-replicas", type=int, default=2)
     p.add_argument("--preprocess-replicas", type=int, default=1)
     p.add_argument("--pool-size", type=int, default=2, help="gRPC channels to Triton per ingress replica")
+    p.add_argument("--server-vqa", default="vqa",
+                   help="Triton model for one-question /v1/vqa calls (ModelSpec.vqa); empty: off")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _stop)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_url=args.triton_url,
         triton_pool_size=args.pool_size,
         repository=str(args.repository.resolve()),
-        models={args.model: ModelSpec()},
+        models={args.model: ModelSpec(vqa=args.server_vqa or None)},
         default_model=args.model,
         preprocess=args.preprocess,
         deployments=DeploymentDefaults(

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serving.model.io_spec import ENGINES
 from serving.triton.launcher import TritonServer, TritonSettings
@@ -188,21 +189,48 @@ def baseline(checkpoint: str, workers: int | None = None, threads: int = 1) -> I
         yield h
 
 
+def shipped_serve_composition() -> dict[str, Any]:
+    """`preprocess`, the Ingress replica count and the default model's server-side `vqa` model of
+    deploy/serve_config.yaml (what `vtfuse serve` runs)."""
+    from serving.app.cli import DEFAULT_CONFIG, load_serve_config
+
+    app = load_serve_config(DEFAULT_CONFIG)["applications"][0]
+    args = app["args"]
+    ingress: dict[str, Any] = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
+    default = (args.get("models") or {}).get(args.get("default_model", "tiny")) or {}
+    return {
+        "preprocess": args.get("preprocess", "inline"),
+        "ingress_replicas": ingress.get("num_replicas", 1),
+        "server_vqa": default.get("vqa"),
+    }
+
+
 @contextlib.contextmanager
 def serve_app(
     triton_url: str,
     repository: str | Path,
     model: str,
     tag: str,
-    preprocess: str = "deployment",
-    ingress_replicas: int = 1,
+    preprocess: str | None = None,
+    ingress_replicas: int | None = None,
+    server_vqa: str | None = "shipped",
     pool_size: int = 2,
     timeout: float = 240.0,
 ) -> Iterator[Http]:
-    """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port."""
+    """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port.
+
+    Unset, `preprocess`, `ingress_replicas` and `server_vqa` (Triton's `vqa` for one-question
+    calls; None: off) are those of the shipped deploy/serve_config.yaml, so the bench measures
+    the composition users run.
+    """
+    shipped = shipped_serve_composition()
+    preprocess = preprocess or shipped["preprocess"]
+    ingress_replicas = ingress_replicas or shipped["ingress_replicas"]
+    server_vqa = shipped["server_vqa"] if server_vqa == "shipped" else server_vqa
     port = free_port()
     cmd = [sys.executable, "-m", "loadtests.serve_app", "--triton-url", triton_url, "--repository", str(repository),
            "--model", model, "--http-port", str(port), "--preprocess", preprocess,
-           "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size)]
+           "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size),
+           "--server-vqa", server_vqa or ""]
     with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout) as h:
         yield h

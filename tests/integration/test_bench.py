@@ -81,3 +81,9 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     for png in ("throughput_vs_concurrency.png", "latency_cdf_c32.png", "engine_items_per_batch.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Path(out / "engine-small.json").exists() and Path(out / "ceiling_flops.json").exists()
+    # The shipped engines are int8: efficiency is reported against both ceilings, from both precisions.
+    assert json.loads((out / "engine-small.json").read_text())["precision"] == "int8"
+    assert json.loads((out / "engine-small-fp32.json").read_text())["precision"] == "fp32"
+    assert summary["engine_efficiency_int8"] > 0
+    assert "ceiling_int8" in json.loads((out / "ceiling_flops.json").read_text())
+    assert summary["serve_composition"] == {"preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}

@@ -103,9 +103,21 @@ def _synthetic_graph(path: Path) -> None:
 def test_flops_count_matmul_gemm_conv_from_the_graph(tmp_path):
     _synthetic_graph(tmp_path / "g.onnx")
     r = flops.count_graph(tmp_path / "g.onnx")
-    assert r["macs"] == {"Conv": 320 * 27, "MatMul": 160 * 8, "Gemm": 2 * 160}
+    assert r["macs"] == {"Conv": 320 * 27, "MatMul": 160 * 8, "MatMulInteger": 0, "Gemm": 2 * 160}
     assert r["flops_per_item"] == 2 * (320 * 27 + 160 * 8 + 2 * 160)
     assert r["nodes_without_shapes"] == []
+
+
+def test_int8_graphs_count_the_same_flops_as_fp32(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _synthetic_graph(tmp_path / "g.onnx")
+    quantize_dynamic(tmp_path / "g.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+    r = flops.count_graph(tmp_path / "q.onnx")
+    # The quantizer turns both the MatMul and the Gemm into MatMulInteger.
+    assert r["macs"]["MatMulInteger"] == 160 * 8 + 2 * 160 and r["macs"]["MatMul"] == r["macs"]["Gemm"] == 0
+    assert r["flops_per_item"] == flops.count_graph(tmp_path / "g.onnx")["flops_per_item"]
 
 
 def test_flops_of_the_committed_tiny_engines_match_the_architecture():
