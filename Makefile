@@ -73,8 +73,9 @@ deploy-check: install $(TOOLS_VENV)/.installed
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-# The `small` benchmark model (seeded random weights): export stages 1, 2, 4 into build/.
-$(SMALL_REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed
+# The `small` benchmark model (seeded random weights): export stages 1, 2, 2b, 4 into build/,
+# rendered from the committed configs (so it is rebuilt when one of them changes).
+$(SMALL_REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed $(wildcard model_repository/*/config.pbtxt)
 	$(PY) -m serving.cli export all --target embedded --checkpoint small --repo $(SMALL_REPOSITORY)
 
 # Every SPEC §7 figure in one run → loadtests/results/ (see loadtests/README.md);

@@ -11,8 +11,9 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
 - `triton`: engine threads, ONNX Runtime thread spinning and instance counts, and int8
   engines, inside Triton (config.pbtxt parameters of a repository copy);
 - `pool`: gRPC channel pool of the load client, 1 against 4 channels;
-- `serve`: Ray Serve settings in front of `tiny` with tuned engines: preprocessing as its own
-  deployment (2 hops) or inline in the ingress (1 hop), ingress replicas, Triton channels.
+- `serve`: Ray Serve settings in front of `tiny` as installed: preprocessing as its own
+  deployment (2 hops) or inline in the ingress (1 hop), ingress replicas, Triton channels,
+  one-question calls sent whole to Triton's `vqa`, Ray's gRPC transport from proxy to replica.
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -169,17 +170,11 @@ def pool(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]
     return _brief(rows)
 
 
-def tuned_tiny() -> Path:
-    """`tiny` with the engine settings the `triton` section found best (1 thread, 2 instances)."""
-    return servers.variant_repository(TINY, REPO_ROOT / "build" / "bench" / "model_repository-tiny-tuned",
-                                      servers.engine_settings(threads=1, instances=2))
-
-
 def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
-    """Ray Serve in front of one Triton (`tiny`, tuned engines): hops, replicas and Triton channels, /v1/vqa c=32."""
+    """Ray Serve in front of one Triton (`tiny` as installed): hops, replicas, Triton channels, /v1/vqa c=32."""
     from loadtests import http_driver
 
-    repo = tuned_tiny()
+    repo = TINY
     off: dict[str, Any] = {"server_vqa": None}  # every call runs the three engines from the ingress
     variants = [
         ("preprocess deployment (2 hops), 1 ingress, pool 2",
@@ -190,6 +185,9 @@ def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any
         ("preprocess inline, 1 ingress, pool 4", {"preprocess": "inline", "ingress_replicas": 1, "pool_size": 4} | off),
         ("inline, 2 ingress, one-question calls to Triton's vqa (shipped)", {"preprocess": "inline",
                                                                              "ingress_replicas": 2}),
+        # Ray's proxy talks to replicas over gRPC instead of actor calls (part of Ray's
+        # RAY_SERVE_THROUGHPUT_OPTIMIZED mode; not shipped: see loadtests/README.md).
+        ("shipped + RAY_SERVE_PROXY_USE_GRPC=1", {"env": {"RAY_SERVE_PROXY_USE_GRPC": "1"}}),
     ]
     rows = {}
     with servers.triton(repo, "levers-serve") as t:

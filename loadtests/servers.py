@@ -164,12 +164,13 @@ def _env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def spawn(cmd: list[str], ready_path: str, port: int, tag: str, timeout: float = 180.0) -> Iterator[Http]:
-    """Run `cmd` in its own process group, wait for GET `ready_path` → 200, stop the group on exit."""
+def spawn(cmd: list[str], ready_path: str, port: int, tag: str, timeout: float = 180.0,
+          env: dict[str, str] | None = None) -> Iterator[Http]:
+    """Run `cmd` in its own process group (`env` added to ours), wait for GET `ready_path` → 200, stop the group."""
     log_path = LOG_DIR / f"{tag}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env() | (env or {}), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -216,6 +217,7 @@ def serve_app(
     server_vqa: str | None = "shipped",
     pool_size: int = 2,
     timeout: float = 240.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Http]:
     """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port.
 
@@ -232,5 +234,5 @@ def serve_app(
            "--model", model, "--http-port", str(port), "--preprocess", preprocess,
            "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size),
            "--server-vqa", server_vqa or ""]
-    with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout) as h:
+    with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout, env=env) as h:
         yield h
