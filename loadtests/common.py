@@ -283,13 +283,17 @@ def uncontended(
 
 
 def git_commit() -> str:
-    """The checkout's commit (with `-dirty` when the tree has uncommitted changes), or `unknown`."""
+    """The checkout's commit (with `-dirty` when code has uncommitted changes), or `unknown`.
+
+    Files under loadtests/results/ do not count: a bench run rewrites them before it asks.
+    """
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)loadtests/results"],
+            cwd=REPO_ROOT, capture_output=True, text=True,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
