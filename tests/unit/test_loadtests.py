@@ -18,6 +18,7 @@ from PIL import Image
 
 from export.tune import Candidate, grid, parse_preferred, pick_best
 from loadtests import flops, grpc_driver, http_driver, report, servers
+from loadtests.bench import BenchSettings
 from loadtests.common import RunResult, make_corpus, summarize, write_json
 from loadtests.loops import closed_loop, open_loop
 from serving.triton.model_config import load_config
@@ -219,16 +220,21 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
                              {"batch": 32, "items_per_s": 20.0}], "best": {"batch": 32, "items_per_s": 20.0}}
     raw = {"ceiling": {"flops_per_s": 2e11, "best_library": "torch", "threads": 2},
            "flops": {"small": {"flops_per_item": 1e10}}, "engine_small": engine_small}
-    bench = SimpleNamespace(runs=runs, raw=raw, errors={}, s=SimpleNamespace(quick=False, duration_s=10,
-                                                                              small_duration_s=10, warmup_s=2))
+    bench = SimpleNamespace(runs=runs, raw=raw, errors={}, s=BenchSettings(duration_s=10, small_duration_s=10,
+                                                                            warmup_s=2))
     s = report.summary(bench, 0.0)
     for key in ("engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_throughput_tiny",
                 "vs_naive_throughput_small_http", "vs_naive_throughput_tiny_http", "avg_batch_c32",
                 "batching_speedup_tiny", "retrieve64_over_vqa1", "machine", "versions", "commit"):
         assert key in s
     assert s["engine_efficiency"] == pytest.approx(1e10 * 20 / 2e11, abs=1e-4)
-    assert s["served_over_engine_grpc"] == pytest.approx(18 / 20, abs=1e-4)  # avg batch 30 → the batch-32 row
-    assert s["served_over_engine_http"] == pytest.approx(16 / 19, abs=1e-4)  # avg batch 20 → the batch-16 row
+    assert s["served_over_engine_grpc"] == pytest.approx(18 / 20, abs=1e-4)  # ÷ the best in-process batch
+    assert s["served_over_engine_http"] == pytest.approx(16 / 20, abs=1e-4)
+    # beside it, the ratio at the in-process row nearest the batch the engines ran at
+    assert s["details"]["served_over_engine_grpc"]["at_engines_batch"] == pytest.approx(18 / 20, abs=1e-4)
+    assert s["details"]["served_over_engine_http"]["at_engines_batch"] == pytest.approx(16 / 19, abs=1e-4)
+    assert s["engine_efficiency_int8"] is None  # fp32 engines: no int8 ceiling needed
+    assert s["offered_load"]["windows_per_c32_run"] == 3
     assert s["vs_naive_throughput_tiny"] == pytest.approx(4.0)
     assert s["vs_naive_throughput_tiny_p99_ms"] == pytest.approx(
         {"triton_grpc": 50, "naive": 200, "triton_grpc_p50": 25, "naive_p50": 100, "triton_grpc_rps": 1000,
@@ -244,7 +250,7 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
 
 def test_summary_leaves_a_failed_setup_null():
     bench = SimpleNamespace(runs={}, raw={}, errors={"naive": "boom"},
-                            s=SimpleNamespace(quick=True, duration_s=1, small_duration_s=1, warmup_s=1))
+                            s=BenchSettings.quick_run())
     s = report.summary(bench, 0.0)
     assert s["vs_naive_throughput_tiny"] is None and s["targets"]["avg_batch_c32"]["met"] is None
     assert s["errors"] == {"naive": "boom"}
