@@ -5,9 +5,14 @@ from __future__ import annotations
 import random
 import re
 import socket
+import time
 import urllib.request
+from collections.abc import Callable
+from typing import TypeVar
 
 from serving.shapes import world
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -49,3 +54,20 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+def settled(read: Callable[[], T], period: float = 0.3, timeout: float = 10.0) -> T:
+    """`read()` once two readings `period` apart agree.
+
+    Triton counts a request in its metrics just after the response is on its way, so a
+    count read right after the last answer can miss the last batch.
+    """
+    last = read()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(period)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from serving.shapes import world
-from tests.helpers import fresh_samples, metric_value, scrape
+from tests.helpers import fresh_samples, metric_value, scrape, settled
 
 pytestmark = pytest.mark.integration
 
@@ -17,8 +17,11 @@ ENGINES = ("image_encoder", "text_encoder", "fusion")
 
 
 def counts(triton) -> dict[str, float]:
-    text = scrape(triton.url_metrics)
-    return {m: metric_value(text, "nv_inference_count", model=m) for m in ENGINES}
+    def read() -> dict[str, float]:
+        text = scrape(triton.url_metrics)
+        return {m: metric_value(text, "nv_inference_count", model=m) for m in ENGINES}
+
+    return settled(read)
 
 
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers import fresh_samples, metric_value, scrape
+from tests.helpers import fresh_samples, metric_value, scrape, settled
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +21,13 @@ def b64(data: bytes) -> str:
 
 def vqa_runs(app) -> float:
     """Requests Triton's `vqa` model has answered so far."""
-    return metric_value(scrape(app.triton.url_metrics), "nv_inference_request_success", model="vqa")
+    return settled(lambda: metric_value(scrape(app.triton.url_metrics), "nv_inference_request_success", model="vqa"))
 
 
 def fusion_runs(app) -> float:
-    return metric_value(scrape(app.triton.url_metrics), "nv_inference_request_success", model="fusion")
+    return settled(
+        lambda: metric_value(scrape(app.triton.url_metrics), "nv_inference_request_success", model="fusion")
+    )
 
 
 def test_one_question_goes_to_triton_vqa_and_answers_right(serve_app):
