@@ -145,7 +145,8 @@ def render_config(
     return out
 
 
-def _leading_comments(path: Path) -> str:
+def leading_comments(path: Path) -> str:
+    """The `#` comment lines a config.pbtxt starts with, without the `#`."""
     lines = []
     for line in path.read_text().splitlines():
         if not line.startswith("#"):
@@ -215,7 +216,7 @@ def render_repository(
         shutil.copytree(d, target_dir, ignore=_ignore_for(d.name, target))
         config = render_config(load_config(d / "config.pbtxt"), cfg, target, d.name)
         rel = d.relative_to(REPO_ROOT) if d.is_relative_to(REPO_ROOT) else d
-        header = _leading_comments(d / "config.pbtxt")
+        header = leading_comments(d / "config.pbtxt")
         header += f"\nRendered by `vtfuse export` for target {target}, preset {cfg.name}, from {rel}/config.pbtxt:"
         header += "\nedit that file, not this one."
         (target_dir / "config.pbtxt").write_text(dump_config(config, header.strip()))

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from export.render_repo import dump_config, load_config
+from export.render_repo import dump_config, leading_comments, load_config
 from serving.model.checkpoint import REPO_ROOT
 from serving.model.io_spec import ENGINES
 
@@ -134,16 +134,6 @@ def table(rows: list[dict[str, Any]], best: dict[str, Any] | None, budget: float
             f"{r.get('foreign_cpu_share', '-')} | {'**best**' if r is best else ''} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def leading_comments(path: Path) -> str:
-    """The `#` comment lines a config.pbtxt starts with, without the `#`."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line[1:].strip())
-    return "\n".join(lines)
 
 
 def write_best(best: Candidate, repository: Path, models: list[str], dest: Path) -> list[Path]:
