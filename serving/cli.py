@@ -15,7 +15,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Export-side commands live in export/ (which depends on serving, never the reverse);
     # each registrar is optional so a serving-only install (no torch) still has a CLI.
-    for module in ("export.cli", "export.tune", "serving.triton.cli", "serving.app.cli", "serving.client.cli"):
+    for module in (
+        "export.cli",
+        "export.hf.cli",
+        "export.tune",
+        "serving.triton.cli",
+        "serving.app.cli",
+        "serving.client.cli",
+    ):
         try:
             registrar = importlib.import_module(module).register
         except ImportError as e:

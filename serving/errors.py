@@ -82,6 +82,12 @@ class UnknownModel(SchemaViolation):
     code = "unknown_model"
 
 
+class TaskNotSupported(SchemaViolation):
+    """The request's task (vqa, match, retrieve, embed) is not one the chosen model has."""
+
+    code = "task_not_supported"
+
+
 class Unauthorized(VtfuseError):
     """Missing or wrong API key (HTTP 401)."""
 

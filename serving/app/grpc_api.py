@@ -8,6 +8,7 @@ that status for the client.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import grpc
 from serving.app.auth import check_api_key
 from serving.app.logs import clean_request_id, request_id_var
 from serving.app.metrics import ApiMetrics
+from serving.app.models import describe
 from serving.app.pipeline import Admission, Pipeline, RequestContext
 from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.schemas import (
@@ -33,8 +35,40 @@ from serving.proto import vtfuse_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-ROUTES = {"Vqa": "/v1/vqa", "Match": "/v1/match", "Retrieve": "/v1/retrieve", "Embed": "/v1/embed"}
-EMPTY = {"Vqa": pb.VqaResponse, "Match": pb.MatchResponse, "Retrieve": pb.RetrieveResponse, "Embed": pb.EmbedResponse}
+ROUTES = {
+    "Vqa": "/v1/vqa",
+    "Match": "/v1/match",
+    "Retrieve": "/v1/retrieve",
+    "Embed": "/v1/embed",
+    "ListModels": "/v1/models",
+}
+EMPTY = {
+    "Vqa": pb.VqaResponse,
+    "Match": pb.MatchResponse,
+    "Retrieve": pb.RetrieveResponse,
+    "Embed": pb.EmbedResponse,
+    "ListModels": pb.ListModelsResponse,
+}
+
+
+def list_models(pipeline: Pipeline, default: str) -> pb.ListModelsResponse:
+    """gRPC ListModels: the same entries as HTTP GET /v1/models."""
+    models = []
+    for _, rt in sorted(pipeline.runtimes.items()):
+        d = describe(rt)
+        models.append(
+            pb.ModelInfo(
+                name=d["name"],
+                family=d["family"],
+                architecture=d["architecture"],
+                tasks=d["tasks"],
+                engines=d["engines"],
+                precision=d["precision"],
+                source=d["source"],
+                parity_json=json.dumps(d["parity"], default=str),
+            )
+        )
+    return pb.ListModelsResponse(default_model=default, models=models)
 
 
 def grpc_code(err: VtfuseError) -> grpc.StatusCode:
@@ -125,6 +159,8 @@ async def handle(
         if admission is not None:
             admission.enter()
             admitted = True
+        if method == "ListModels":
+            return list_models(pipeline, args.default_model)
         if req.ByteSize() > args.limits.max_body_bytes:
             raise PayloadTooLarge(
                 f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "

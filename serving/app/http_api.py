@@ -30,6 +30,7 @@ from serving.app import schemas
 from serving.app.auth import check_api_key, presented_key
 from serving.app.logs import clean_request_id, request_id_var
 from serving.app.metrics import CONTENT_TYPE, ApiMetrics
+from serving.app.models import describe
 from serving.app.pipeline import Admission, Pipeline, RequestContext
 from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.settings import AppArgs, Limits
@@ -53,7 +54,9 @@ from serving.errors import (
 log = logging.getLogger(__name__)
 
 TASK_ROUTES = tuple(schemas.REQUEST_MODELS)
-KNOWN_ROUTES = frozenset((*TASK_ROUTES, "/", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc"))
+KNOWN_ROUTES = frozenset(
+    (*TASK_ROUTES, "/", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc")
+)
 # The playground page (GET / and /static/*): plain files shipped as package data, nothing external.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PAGE_HEADERS = {
@@ -79,6 +82,12 @@ _LIST_FIELDS = {
     "/v1/retrieve": {"texts": "texts", "images": "images"},
     "/v1/embed": {"texts": "texts", "text": "texts", "images": "images", "image": "images"},
 }
+
+
+def models_response(pipeline: Pipeline, default: str) -> schemas.ModelsResponse:
+    """Every served model with its family, tasks, engines, precision, source and parity."""
+    infos = [schemas.ModelInfo(**describe(rt)) for _, rt in sorted(pipeline.runtimes.items())]
+    return schemas.ModelsResponse(default=default, models=infos)
 
 
 def error_response(err: VtfuseError) -> JSONResponse:
@@ -400,6 +409,10 @@ def create_api(
     )
     async def embed(request: Request) -> Response:
         return await run_task(request, "/v1/embed")
+
+    @app.get("/v1/models", response_model=schemas.ModelsResponse, summary="Served models, their tasks and engines")
+    async def list_models() -> schemas.ModelsResponse:
+        return models_response(pipeline, args.default_model)
 
     @app.get("/healthz", response_model=schemas.Health, summary="Liveness")
     async def healthz() -> schemas.Health:

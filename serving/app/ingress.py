@@ -141,5 +141,11 @@ class Ingress:
         """gRPC Vtfuse/Embed."""
         return await self._grpc("Embed", request, grpc_context)
 
+    async def ListModels(  # noqa: N802 - gRPC name
+        self, request: pb.ListModelsRequest, grpc_context: Any = None
+    ) -> pb.ListModelsResponse:
+        """gRPC Vtfuse/ListModels."""
+        return await self._grpc("ListModels", request, grpc_context)
+
     async def __del__(self) -> None:
         await self.triton.close()

@@ -1,4 +1,8 @@
-"""Served models at run time: each name's Triton engines, architecture config, tokenizer and answer list."""
+"""Served models at run time: each name's family, Triton engines, config, tokenizer, answers and preprocessing.
+
+Models come from two places: the app's settings (`models:`, the native `tiny` by default) and
+every model `vtfuse import-hf` installed into the repository (its `vtfuse_models.json`).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,22 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from serving.app.settings import AppArgs, ModelSpec
+from serving.families import NATIVE, Family
+from serving.families.imported import (
+    IMPORT_RECORD,
+    TOKENIZER_FILE,
+    ImportRecord,
+    decode_for,
+    load_plain_tokenizer,
+    read_repository_models,
+    tokenize_padded,
+)
 from serving.model.config import FusionConfig
-from serving.model.preprocess import load_tokenizer
+from serving.model.preprocess import decode_image, load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -26,32 +41,68 @@ class ModelRuntime:
 
     name: str
     spec: ModelSpec
-    config: FusionConfig
+    config: FusionConfig | None  # the native model's architecture (None for an imported one)
     tokenizer: Tokenizer
     answers: tuple[str, ...]
+    family: Family = NATIVE
+    record: ImportRecord | None = None  # what import-hf recorded (imported models only)
+    manifest: dict | None = None  # the native fusion engine's install manifest (precision, parity), if any
 
     @property
     def image_size(self) -> int:
-        """Side of the square uint8 image the image encoder takes."""
-        return self.config.image_size
+        """Side of the square uint8 image the native image encoder takes."""
+        return self.config.image_size if self.config is not None else 0
 
     @property
     def max_tokens(self) -> int:
-        """Tokens per text, [CLS] and [SEP] included."""
+        """Tokens per text, special tokens included."""
+        if self.record is not None:
+            return self.record.max_tokens
+        assert self.config is not None
         return self.config.max_text_len
 
     @property
     def grid(self) -> int:
         """Patches per image side (the attention grid)."""
-        return self.config.grid
+        return self.config.grid if self.config is not None else 0
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """API tasks this model answers."""
+        return self.record.tasks if self.record is not None else self.family.tasks
+
+    @property
+    def version(self) -> str:
+        """Triton version of the engines ('' = latest)."""
+        return self.spec.version if self.record is None else ""
 
     def engine(self, role: str) -> str:
-        """Triton model name for a role: image_encoder, text_encoder or fusion."""
+        """Triton model name for a role: image_encoder, text_encoder, fusion (or single_stream)."""
+        if self.record is not None:
+            return self.record.engines[role]
         return {
             "image_encoder": self.spec.image_encoder,
             "text_encoder": self.spec.text_encoder,
             "fusion": self.spec.fusion,
         }[role]
+
+    def engines(self) -> tuple[str, ...]:
+        """Triton model names of every engine."""
+        return tuple(self.engine(r) for r in self.family.roles)
+
+    def decode(self, data: bytes, max_pixels: int) -> np.ndarray:
+        """Encoded image → the uint8 (H, W, 3) pixels this model's image engine takes."""
+        if self.record is not None:
+            return decode_for(self.record.image, data, max_pixels)
+        return decode_image(data, self.image_size, max_pixels)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Texts → (ids, mask) int64: native models pad to max_tokens, imported ones to a multiple of 16."""
+        if not texts:
+            return np.zeros((0, self.max_tokens), np.int64), np.zeros((0, self.max_tokens), np.int64)
+        if self.record is not None:
+            return tokenize_padded(self.tokenizer, texts, self.max_tokens)
+        return tokenize(self.tokenizer, texts, self.max_tokens)
 
 
 def load_runtime(name: str, spec: ModelSpec, folder: Path) -> ModelRuntime:
@@ -67,13 +118,39 @@ def load_runtime(name: str, spec: ModelSpec, folder: Path) -> ModelRuntime:
             "(`vtfuse export all --target embedded`) or set models.{name}.checkpoint"
         )
     answers = tuple(json.loads((folder / "answers.json").read_text()))
+    manifest_path = folder.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     return ModelRuntime(
-        name, spec, FusionConfig.from_json(folder / "config.json"), load_tokenizer(folder / "tokenizer.json"), answers
+        name,
+        spec,
+        FusionConfig.from_json(folder / "config.json"),
+        load_tokenizer(folder / "tokenizer.json"),
+        answers,
+        manifest=manifest,
+    )
+
+
+def load_imported_runtime(record: ImportRecord, folder: Path) -> ModelRuntime:
+    """An imported model's runtime from its checkpoint folder (import.json + tokenizer.json)."""
+    missing = [f for f in (IMPORT_RECORD, TOKENIZER_FILE) if not (folder / f).exists()]
+    if missing:
+        raise ModelFilesMissing(
+            f"imported model {record.name!r}: {', '.join(missing)} missing in {folder}: "
+            f"import it again (`vtfuse import-hf SOURCE --name {record.name}`)"
+        )
+    return ModelRuntime(
+        record.name,
+        ModelSpec(),
+        None,
+        load_plain_tokenizer(folder / TOKENIZER_FILE),
+        record.labels,
+        family=record.family_spec,
+        record=record,
     )
 
 
 def load_runtimes(args: AppArgs) -> dict[str, ModelRuntime]:
-    """Every served model of the app's settings."""
+    """Every served model: the app's settings' models, then each one imported into the repository."""
     out = {}
     for name, spec in args.models.items():
         folder = args.checkpoint_dir(name)
@@ -81,4 +158,40 @@ def load_runtimes(args: AppArgs) -> dict[str, ModelRuntime]:
         log.info(
             "model %s: engines %s version %r, checkpoint %s", name, spec.engines(), spec.version or "latest", folder
         )
+    for name, record in read_repository_models(args.repository).items():
+        if name in out:
+            log.warning("imported model %s is shadowed by the settings' model of the same name", name)
+            continue
+        out[name] = load_imported_runtime(record, record.checkpoint_dir(args.repository))
+        log.info("model %s: imported %s (%s), engines %s", name, record.architecture, record.precision,
+                 out[name].engines())
     return out
+
+
+def describe(rt: ModelRuntime) -> dict:
+    """One model as `GET /v1/models` and gRPC ListModels list it."""
+    if rt.record is not None:
+        r = rt.record
+        return {
+            "name": rt.name,
+            "family": r.family,
+            "architecture": r.architecture,
+            "tasks": list(r.tasks),
+            "engines": dict(r.engines),
+            "precision": r.precision,
+            "source": r.source,
+            "parity": r.parity,
+        }
+    m = rt.manifest or {}
+    parity = m.get("parity") or {}
+    return {
+        "name": rt.name,
+        "family": rt.family.name,
+        "architecture": f"vtfuse FusionModel ({rt.config.name if rt.config else '?'})",
+        "tasks": list(rt.tasks),
+        "engines": {role: rt.engine(role) for role in rt.family.roles},
+        "precision": m.get("precision", "unknown"),
+        "source": str(m.get("source_checkpoint", {}).get("path", "")) if isinstance(m.get("source_checkpoint"), dict)
+        else str(m.get("source_checkpoint", "")),
+        "parity": {k: parity[k] for k in ("tolerance", "ok", "onnxruntime") if k in parity},
+    }

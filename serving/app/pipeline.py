@@ -25,7 +25,6 @@ from serving.app.router import (
     CROSS_ATTENTION,
     IMAGE_EMBEDDING,
     IMAGE_FEATURES,
-    ITM_LOGIT,
     TEXT_EMBEDDING,
     TEXT_FEATURES,
     VQA_LOGITS,
@@ -43,7 +42,9 @@ from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
 from serving.errors import (
     InvalidInput,
     Overloaded,
+    SchemaViolation,
     ShuttingDown,
+    TaskNotSupported,
     UpstreamTimeout,
     UpstreamUnavailable,
     VtfuseError,
@@ -106,6 +107,23 @@ class Admission:
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(poll_s)
         return self.inflight == 0
+
+
+TASK_OF = {VqaTask: "vqa", MatchTask: "match", RetrieveTask: "retrieve", EmbedTask: "embed"}
+
+
+def check_task(task: Task, rt: ModelRuntime) -> None:
+    """Refuse a task the model does not have.
+
+    Raises:
+        TaskNotSupported: 422 naming the model's tasks.
+    """
+    name = TASK_OF[type(task)]
+    if name not in rt.tasks:
+        raise TaskNotSupported(
+            f"model {rt.name!r} does not do {name}: its tasks are {', '.join(rt.tasks)}; "
+            "pick a model that does with `model` (GET /v1/models lists them)"
+        )
 
 
 def preprocess_error(e: BaseException) -> VtfuseError | None:
@@ -191,7 +209,7 @@ class Pipeline:
             feed = {k: v[sl] for k, v in inputs.items()}
             t = time.perf_counter()
             out = await self.triton.infer(
-                engine, feed, list(outputs), deadline=ctx.deadline, request_id=ctx.request_id, version=rt.spec.version
+                engine, feed, list(outputs), deadline=ctx.deadline, request_id=ctx.request_id, version=rt.version
             )
             self.metrics.triton_call(
                 role,
@@ -213,7 +231,12 @@ class Pipeline:
     # -- tasks -------------------------------------------------------------------------
 
     async def run(self, task: Task, ctx: RequestContext) -> Response:
-        """Execute any task."""
+        """Execute any task.
+
+        Raises:
+            TaskNotSupported: the model lacks the task (422, the message lists its tasks).
+        """
+        check_task(task, self.runtime(task))
         if isinstance(task, VqaTask):
             return await self.vqa(task, ctx)
         if isinstance(task, MatchTask):
@@ -225,7 +248,8 @@ class Pipeline:
     def server_side(self, task: VqaTask, rt: ModelRuntime) -> bool:
         """Whether a VQA task goes to Triton's `vqa` model whole (see `vqa_in_triton`)."""
         return (
-            rt.spec.vqa is not None
+            rt.record is None
+            and rt.spec.vqa is not None
             and not rt.spec.version
             and rt.name not in self.no_server_vqa
             and len(task.questions) == 1
@@ -277,6 +301,8 @@ class Pipeline:
         model names one (`vqa_in_triton`).
         """
         rt = self.runtime(task)
+        if rt.family.single_stream:
+            return await self._vqa_single_stream(task, rt, ctx)
         if self.server_side(task, rt):
             answer = await self.vqa_in_triton(task, rt, ctx)
             if answer is not None:
@@ -300,7 +326,7 @@ class Pipeline:
             fus_call.outputs,
             ctx,
         )
-        probs = router.softmax(fused[VQA_LOGITS])
+        probs = rt.family.vqa_probabilities(fused[VQA_LOGITS])
         answers = []
         for i, q in enumerate(task.questions):
             top = router.top_answers(probs[i], list(rt.answers), task.top_k)
@@ -320,27 +346,43 @@ class Pipeline:
             )
         return VqaResponse(model=task.model, answers=answers)
 
+    async def _texts_through_fusion(
+        self,
+        rt: ModelRuntime,
+        image_features: np.ndarray,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        text_features: np.ndarray | None,
+        ctx: RequestContext,
+    ) -> np.ndarray:
+        """ITM probabilities of texts (ids, mask) against image features, one fusion row per text.
+
+        `image_features` has one row (repeated here) or one per text. The fusion takes the
+        text features (native) or the token ids (BLIP re-embeds them), as the family says.
+        """
+        n = ids.shape[0]
+        feats = image_features if image_features.shape[0] == n else np.repeat(image_features, n, axis=0)
+        feed = {"IMAGE_FEATURES": feats}
+        if rt.family.fusion_text_input == "ids":
+            feed.update({"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+        else:
+            assert text_features is not None
+            feed.update({"TEXT_FEATURES": text_features, "ATTENTION_MASK": mask})
+        fused = await self.infer(rt, "fusion", feed, (rt.family.itm_output,), ctx)
+        return rt.family.itm_probability(fused)
+
     async def match(self, task: MatchTask, ctx: RequestContext) -> MatchResponse:
-        """ITM probability of each text: image once, texts once, fusion per text."""
+        """ITM probability of each text: image once, texts once (native), fusion per text."""
         rt = self.runtime(task)
-        (img_call, txt_call), (fus_call,) = router.plan_match(len(task.texts))
+        needs_features = rt.family.fusion_text_input == "features"
         pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.texts, ctx.request_id), ctx)
-        img, txt = await asyncio.gather(
-            self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, img_call.outputs, ctx),
-            self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
-        )
-        fused = await self.infer(
-            rt,
-            "fusion",
-            {
-                "IMAGE_FEATURES": np.repeat(img[IMAGE_FEATURES], fus_call.rows, axis=0),
-                "TEXT_FEATURES": txt[TEXT_FEATURES],
-                "ATTENTION_MASK": pre.mask,
-            },
-            fus_call.outputs,
-            ctx,
-        )
-        scores = router.sigmoid(fused[ITM_LOGIT].reshape(-1))
+        calls = [self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, (IMAGE_FEATURES,), ctx)]
+        if needs_features:
+            feed = {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}
+            calls.append(self.infer(rt, "text_encoder", feed, (TEXT_FEATURES,), ctx))
+        outs = await asyncio.gather(*calls)
+        text_features = outs[1][TEXT_FEATURES] if needs_features else None
+        scores = await self._texts_through_fusion(rt, outs[0][IMAGE_FEATURES], pre.ids, pre.mask, text_features, ctx)
         return MatchResponse(model=task.model, scores=[float(s) for s in scores])
 
     async def retrieve(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
@@ -352,7 +394,7 @@ class Pipeline:
     async def _retrieve_texts(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
         rt = self.runtime(task)
         texts = list(task.texts or [])
-        plan = router.plan_retrieve_texts(len(texts), task.top_k)
+        plan = router.plan_retrieve_texts(len(texts), task.top_k, rt.family.fusion_text_input == "features")
         k = router.shortlist_size(len(texts), task.top_k)
         pre = await self.preprocess(PreprocessItem(task.model, [task.image or b""], texts, ctx.request_id), ctx)
         img_call, txt_call = plan[0]
@@ -362,26 +404,16 @@ class Pipeline:
         )
         cand = router.shortlist(img[IMAGE_EMBEDDING][0], txt[TEXT_EMBEDDING], k)
         ids, mask = pre.ids[cand], pre.mask[cand]
+        feats = None
         if TEXT_FEATURES in txt:
             feats = txt[TEXT_FEATURES][cand]
-        else:  # features for the shortlist only
+        elif len(plan) == 3:  # native: features for the shortlist only
             (again,) = plan[1]
             feats = (
                 await self.infer(rt, "text_encoder", {"INPUT_IDS": ids, "ATTENTION_MASK": mask}, again.outputs, ctx)
             )[TEXT_FEATURES]
-        (fus_call,) = plan[-1]
-        fused = await self.infer(
-            rt,
-            "fusion",
-            {
-                "IMAGE_FEATURES": np.repeat(img[IMAGE_FEATURES], k, axis=0),
-                "TEXT_FEATURES": feats,
-                "ATTENTION_MASK": mask,
-            },
-            fus_call.outputs,
-            ctx,
-        )
-        ranked = router.rerank(cand, fused[ITM_LOGIT], task.top_k)
+        probs = await self._texts_through_fusion(rt, img[IMAGE_FEATURES], ids, mask, feats, ctx)
+        ranked = router.rank(cand, probs, task.top_k)
         return RetrieveResponse(
             model=task.model, results=[RetrieveResult(index=i, score=s, text=texts[i]) for i, s in ranked]
         )
@@ -389,7 +421,7 @@ class Pipeline:
     async def _retrieve_images(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
         rt = self.runtime(task)
         images = list(task.images or [])
-        plan = router.plan_retrieve_images(len(images), task.top_k)
+        plan = router.plan_retrieve_images(len(images), task.top_k, rt.family.fusion_text_input == "features")
         k = router.shortlist_size(len(images), task.top_k)
         pre = await self.preprocess(PreprocessItem(task.model, images, [task.text or ""], ctx.request_id), ctx)
         img_call, txt_call = plan[0]
@@ -405,22 +437,47 @@ class Pipeline:
             feats = (await self.infer(rt, "image_encoder", {"PIXELS": pre.pixels[cand]}, again.outputs, ctx))[
                 IMAGE_FEATURES
             ]
-        (fus_call,) = plan[-1]
-        fused = await self.infer(
-            rt,
-            "fusion",
-            {
-                "IMAGE_FEATURES": feats,
-                "TEXT_FEATURES": np.repeat(txt[TEXT_FEATURES], k, axis=0),
-                "ATTENTION_MASK": np.repeat(pre.mask, k, axis=0),
-            },
-            fus_call.outputs,
-            ctx,
+        text_features = np.repeat(txt[TEXT_FEATURES], k, axis=0) if TEXT_FEATURES in txt else None
+        probs = await self._texts_through_fusion(
+            rt, feats, np.repeat(pre.ids, k, axis=0), np.repeat(pre.mask, k, axis=0), text_features, ctx
         )
-        ranked = router.rerank(cand, fused[ITM_LOGIT], task.top_k)
+        ranked = router.rank(cand, probs, task.top_k)
         return RetrieveResponse(
             model=task.model, results=[RetrieveResult(index=i, score=s, text=None) for i, s in ranked]
         )
+
+    async def _vqa_single_stream(self, task: VqaTask, rt: ModelRuntime, ctx: RequestContext) -> VqaResponse:
+        """VQA on a single-stream model (ViLT): one engine over image and question together, one row per question.
+
+        The image's patches enter the same transformer as each question's tokens, so nothing
+        computed for one question can be reused for the next: N questions cost N full passes.
+        """
+        if task.return_attention:
+            raise SchemaViolation(
+                f"model {rt.name!r} is single-stream: it has no text-to-image attention grid; drop return_attention"
+            )
+        pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.questions, ctx.request_id), ctx)
+        n = len(task.questions)
+        out = await self.infer(
+            rt,
+            "single_stream",
+            {"PIXELS": np.repeat(pre.pixels, n, axis=0), "INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask},
+            (VQA_LOGITS,),
+            ctx,
+        )
+        probs = rt.family.vqa_probabilities(out[VQA_LOGITS])
+        answers = []
+        for i, q in enumerate(task.questions):
+            top = router.top_answers(probs[i], list(rt.answers), task.top_k)
+            answers.append(
+                VqaAnswer(
+                    question=q,
+                    answer=top[0][0],
+                    score=top[0][1],
+                    top_k=[AnswerScore(answer=a, score=s) for a, s in top],
+                )
+            )
+        return VqaResponse(model=task.model, answers=answers)
 
     async def embed(self, task: EmbedTask, ctx: RequestContext) -> EmbedResponse:
         """Images only → image_encoder; texts only → text_encoder; both → both, concurrently."""
@@ -453,7 +510,7 @@ class Pipeline:
     async def ready(self, model: str, timeout_s: float = 2.0) -> dict[str, bool]:
         """Readiness of every Triton engine `model` routes to."""
         rt = self.runtimes[model]
-        models = [(e, rt.spec.version) for e in rt.spec.engines()]
-        if rt.spec.vqa is not None and model not in self.no_server_vqa:
+        models = [(e, rt.version) for e in rt.engines()]
+        if rt.record is None and rt.spec.vqa is not None and model not in self.no_server_vqa:
             models.append((rt.spec.vqa, ""))
         return await self.triton.models_ready(models, timeout_s)

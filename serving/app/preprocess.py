@@ -22,7 +22,6 @@ from serving.app.metrics import ApiMetrics
 from serving.app.models import ModelRuntime, load_runtimes
 from serving.app.settings import AppArgs
 from serving.errors import SchemaViolation, UnknownModel, VtfuseError
-from serving.model.preprocess import decode_image, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +74,13 @@ class Preprocessor:
         self.metrics = metrics
 
     def _decode(self, item: PreprocessItem, rt: ModelRuntime) -> np.ndarray:
-        s = rt.image_size
         if not item.images:
+            s = rt.image_size
             return np.zeros((0, s, s, 3), dtype=np.uint8)
-        return np.stack([decode_image(b, s, self.max_pixels) for b in item.images])
+        return np.stack([rt.decode(b, self.max_pixels) for b in item.images])
 
     def _tokenize_one(self, item: PreprocessItem, rt: ModelRuntime) -> tuple[np.ndarray, np.ndarray]:
-        if not item.texts:
-            return np.zeros((0, rt.max_tokens), np.int64), np.zeros((0, rt.max_tokens), np.int64)
-        return tokenize(rt.tokenizer, item.texts, rt.max_tokens)
+        return rt.tokenize(item.texts)
 
     def run_batch(self, items: list[PreprocessItem]) -> list[Preprocessed]:
         """Preprocess a batch of requests; each gets its tensors or its own error, never the batch's."""
@@ -130,11 +127,7 @@ class Preprocessor:
     def _tokenize_group(self, items: list[PreprocessItem], results: list[Preprocessed], rt: ModelRuntime) -> None:
         texts = [t for it in items for t in it.texts]
         try:
-            ids, mask = (
-                tokenize(rt.tokenizer, texts, rt.max_tokens)
-                if texts
-                else (np.zeros((0, rt.max_tokens), np.int64), np.zeros((0, rt.max_tokens), np.int64))
-            )
+            ids, mask = rt.tokenize(texts)
         except SchemaViolation:  # some request has a bad text: tokenize each alone to blame only it
             for it, res in zip(items, results):
                 try:

@@ -73,14 +73,23 @@ def shortlist_size(n_candidates: int, top_k: int) -> int:
     return min(n_candidates, max(SHORTLIST_MIN, SHORTLIST_PER_K * top_k))
 
 
-def plan_retrieve_texts(n_texts: int, top_k: int) -> tuple[Stage, ...]:
+def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) -> tuple[Stage, ...]:
     """Rank texts for one image.
 
     When every text is shortlisted anyway, text features come with the embeddings in one
     call; otherwise only embeddings first, then features for the shortlist alone (fewer
-    bytes than features for all: 4·L·D bytes each).
+    bytes than features for all: 4·L·D bytes each). Without `text_features` (a fusion that
+    takes token ids, as BLIP's does) the text encoder gives embeddings only.
     """
     k = shortlist_size(n_texts, top_k)
+    if not text_features:
+        return (
+            (
+                EngineCall("image_encoder", 1, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
+                EngineCall("text_encoder", n_texts, (TEXT_EMBEDDING,)),
+            ),
+            (EngineCall("fusion", k, (ITM_LOGIT,)),),
+        )
     if k == n_texts:
         return (
             (
@@ -99,21 +108,25 @@ def plan_retrieve_texts(n_texts: int, top_k: int) -> tuple[Stage, ...]:
     )
 
 
-def plan_retrieve_images(n_images: int, top_k: int) -> tuple[Stage, ...]:
-    """Rank images for one text; the shortlist's features are recomputed from pixels (3·S² bytes up, not 4·P·D down)."""
+def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) -> tuple[Stage, ...]:
+    """Rank images for one text; the shortlist's features are recomputed from pixels (3·S² bytes up, not 4·P·D down).
+
+    Without `text_features` (a fusion that takes token ids) the text encoder gives the embedding only.
+    """
     k = shortlist_size(n_images, top_k)
+    text_outputs = (TEXT_FEATURES, TEXT_EMBEDDING) if text_features else (TEXT_EMBEDDING,)
     if k == n_images:
         return (
             (
                 EngineCall("image_encoder", n_images, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
-                EngineCall("text_encoder", 1, (TEXT_FEATURES, TEXT_EMBEDDING)),
+                EngineCall("text_encoder", 1, text_outputs),
             ),
             (EngineCall("fusion", k, (ITM_LOGIT,)),),
         )
     return (
         (
             EngineCall("image_encoder", n_images, (IMAGE_EMBEDDING,)),
-            EngineCall("text_encoder", 1, (TEXT_FEATURES, TEXT_EMBEDDING)),
+            EngineCall("text_encoder", 1, text_outputs),
         ),
         (EngineCall("image_encoder", k, (IMAGE_FEATURES,)),),
         (EngineCall("fusion", k, (ITM_LOGIT,)),),
@@ -147,7 +160,18 @@ def rerank(candidates: np.ndarray, itm_logits: np.ndarray, top_k: int) -> list[t
         itm_logits: (K,) or (K, 1) ITM logits of those candidates, same order.
         top_k: how many to return.
     """
-    probs = sigmoid(np.asarray(itm_logits, dtype=np.float64).reshape(-1))
+    return rank(candidates, sigmoid(np.asarray(itm_logits, dtype=np.float64).reshape(-1)), top_k)
+
+
+def rank(candidates: np.ndarray, probs: np.ndarray, top_k: int) -> list[tuple[int, float]]:
+    """(index, ITM probability) of the `top_k` most probable shortlisted candidates, best first (ties: shortlist order).
+
+    Args:
+        candidates: (K,) indices into the request's texts or images.
+        probs: (K,) ITM probabilities of those candidates, same order.
+        top_k: how many to return.
+    """
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     order = np.argsort(-probs, kind="stable")[:top_k]
     return [(int(candidates[i]), float(probs[i])) for i in order]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -151,6 +151,22 @@ class ErrorDetail(_Response):
 
 class ErrorResponse(_Response):
     error: ErrorDetail
+
+
+class ModelInfo(_Response):
+    name: str = Field(description="What a request's `model` field names.")
+    family: str = Field(description="vtfuse (the native model), blip_retrieval or vilt_vqa.")
+    architecture: str
+    tasks: list[str] = Field(description="API tasks it answers: vqa, match, retrieve, embed.")
+    engines: dict[str, str] = Field(description="Engine role → Triton model name.")
+    precision: str = Field(description="fp32 or int8 engines.")
+    source: str = Field(description="Where the checkpoint was imported or exported from.")
+    parity: dict[str, Any] = Field(default_factory=dict, description="Parity figures recorded at install.")
+
+
+class ModelsResponse(_Response):
+    default: str = Field(description="The model used when a request names none.")
+    models: list[ModelInfo]
 
 
 class Health(_Response):

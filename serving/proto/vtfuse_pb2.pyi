@@ -140,3 +140,42 @@ class EmbedResponse(_message.Message):
     image_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     text_embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     def __init__(self, model: _Optional[str] = ..., image_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., text_embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "family", "architecture", "tasks", "engines", "precision", "source", "parity_json")
+    class EnginesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PARITY_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    architecture: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    engines: _containers.ScalarMap[str, str]
+    precision: str
+    source: str
+    parity_json: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., architecture: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., engines: _Optional[_Mapping[str, str]] = ..., precision: _Optional[str] = ..., source: _Optional[str] = ..., parity_json: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("default_model", "models")
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    default_model: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

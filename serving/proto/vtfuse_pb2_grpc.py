@@ -54,6 +54,11 @@ class VtfuseStub:
                 request_serializer=serving_dot_proto_dot_vtfuse__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=serving_dot_proto_dot_vtfuse__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/vtfuse.v1.Vtfuse/ListModels',
+                request_serializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class VtfuseServicer:
@@ -87,6 +92,13 @@ class VtfuseServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The served models (the native one and every imported checkpoint) with their tasks and engines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VtfuseServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_VtfuseServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=serving_dot_proto_dot_vtfuse__pb2.EmbedRequest.FromString,
                     response_serializer=serving_dot_proto_dot_vtfuse__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Vtfuse:
             '/vtfuse.v1.Vtfuse/Embed',
             serving_dot_proto_dot_vtfuse__pb2.EmbedRequest.SerializeToString,
             serving_dot_proto_dot_vtfuse__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vtfuse.v1.Vtfuse/ListModels',
+            serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.SerializeToString,
+            serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

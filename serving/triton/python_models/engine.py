@@ -59,13 +59,23 @@ class OnnxEngineModel:
         self.output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in cfg["output"]}
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        sizes: list[int] = []
-        feeds: dict[str, list[np.ndarray]] = {n: [] for n in self.input_names}
-        for req in requests:
-            for n in self.input_names:
-                feeds[n].append(pb_utils.get_input_tensor_by_name(req, n).as_numpy())
-            sizes.append(feeds[self.input_names[0]][-1].shape[0])
-        batch = {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in feeds.items()}
+        feeds = [
+            {n: pb_utils.get_input_tensor_by_name(req, n).as_numpy() for n in self.input_names} for req in requests
+        ]
+        # Engines with variable axes (an imported model's token length or image size): Triton
+        # may hand over requests of different shapes; each shape group runs as one batch.
+        groups: dict[tuple, list[int]] = {}
+        for i, feed in enumerate(feeds):
+            groups.setdefault(tuple(feed[n].shape[1:] for n in self.input_names), []).append(i)
+        responses: list[Any] = [None] * len(requests)
+        for idx in groups.values():
+            for i, resp in zip(idx, self._run_batch([requests[i] for i in idx], [feeds[i] for i in idx])):
+                responses[i] = resp
+        return responses
+
+    def _run_batch(self, requests: list[Any], feeds: list[dict[str, np.ndarray]]) -> list[Any]:
+        sizes = [f[self.input_names[0]].shape[0] for f in feeds]
+        batch = {n: np.concatenate([f[n] for f in feeds]) if len(feeds) > 1 else feeds[0][n] for n in self.input_names}
         try:
             outs = self.session.run(self.output_names, batch)
         except Exception as e:
@@ -73,7 +83,7 @@ class OnnxEngineModel:
                 return [self._error(e)]
             # Some request's values broke the batch: run each alone so only that one fails.
             log.warning("a batch of %d failed (%s): running its requests one by one", len(requests), e)
-            return [self._alone(req, {n: v[i] for n, v in feeds.items()}) for i, req in enumerate(requests)]
+            return [self._alone(req, feed) for req, feed in zip(requests, feeds)]
         responses, start = [], 0
         for req, n in zip(requests, sizes):
             responses.append(self._response(req, [out[start : start + n] for out in outs]))

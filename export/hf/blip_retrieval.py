@@ -1,0 +1,193 @@
+"""`BlipForImageTextRetrieval` → three engines, and their parity cases against the `transformers` forward.
+
+The split follows the module's own `forward`:
+
+- `image_encoder`: `vision_model` → IMAGE_FEATURES (B, 1 + patches, Dv), the last hidden state the
+  ITM pass cross-attends to, and IMAGE_EMBEDDING = normalize(vision_proj(CLS)) for the ITC shortlist;
+- `text_encoder`: `text_encoder` in text-only mode → TEXT_EMBEDDING = normalize(text_proj(CLS));
+- `fusion`: token ids + mask + image features → `text_encoder` with cross-attention → `itm_head`
+  on CLS → ITM_LOGITS (B, 2); the ITM probability is softmax index 1. BLIP's multimodal pass
+  re-embeds the tokens, so the fusion takes ids, not the text encoder's features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from PIL import Image
+from torch import nn
+
+from export.hf.graphs import EngineGraph, Normalize, ParityCase, Tensor, UserView, to_numpy
+from serving.families.imported import ImageProcessing, tokenize_padded
+
+
+def load_model(folder: str) -> nn.Module:
+    """The checkpoint as `transformers` loads it, in eval mode, fp32."""
+    from transformers import BlipForImageTextRetrieval
+
+    return BlipForImageTextRetrieval.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+class ImageEncoder(nn.Module):
+    """PIXELS uint8 (B, H, W, 3) → IMAGE_FEATURES (B, T, Dv), IMAGE_EMBEDDING (B, E)."""
+
+    def __init__(self, model: Any, image: ImageProcessing) -> None:
+        super().__init__()
+        self.model, self.normalize = model, Normalize(image)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.vision_model(pixel_values=self.normalize(pixels)).last_hidden_state  # (B, T, Dv)
+        return hidden, F.normalize(self.model.vision_proj(hidden[:, 0, :]), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """INPUT_IDS, ATTENTION_MASK int64 (B, L) → TEXT_EMBEDDING (B, E) (text-only mode, no cross-attention)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, Dt)
+        return F.normalize(self.model.text_proj(hidden[:, 0, :]), dim=-1)
+
+
+class Fusion(nn.Module):
+    """IMAGE_FEATURES (B, T, Dv), INPUT_IDS, ATTENTION_MASK (B, L) → ITM_LOGITS (B, 2)."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        image_atts = torch.ones(feats.shape[:-1], dtype=torch.long)  # (B, T): every image token attends
+        hidden = self.model.text_encoder(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=feats, encoder_attention_mask=image_atts
+        ).last_hidden_state  # (B, L, Dt)
+        return self.model.itm_head(hidden[:, 0, :])
+
+
+def image_tokens(config: dict[str, Any]) -> tuple[int, int]:
+    """(tokens, width) of the vision tower's last hidden state: CLS + (image_size / patch)²."""
+    v = config["vision_config"]
+    return 1 + (int(v["image_size"]) // int(v["patch_size"])) ** 2, int(v["hidden_size"])
+
+
+def graphs(model: Any, config: dict[str, Any], image: ImageProcessing, example_len: int = 8) -> list[EngineGraph]:
+    """The three engines, traced at batch 2 with `example_len` tokens (both axes stay dynamic)."""
+    if image.mode != "fixed":
+        raise ValueError("BLIP's processor resizes to a fixed height and width: size.shortest_edge is not supported")
+    tokens, width = image_tokens(config)
+    embed = int(config.get("image_text_hidden_size", 256))
+    pixels = torch.randint(0, 256, (2, image.height, image.width, 3), dtype=torch.uint8)
+    ids = torch.randint(0, int(config["text_config"]["vocab_size"]), (2, example_len), dtype=torch.long)
+    mask = torch.ones((2, example_len), dtype=torch.long)
+    feats = torch.randn(2, tokens, width)
+    pix_t = Tensor("PIXELS", "UINT8", (image.height, image.width, 3))
+    ids_t, mask_t = Tensor("INPUT_IDS", "INT64", (-1,)), Tensor("ATTENTION_MASK", "INT64", (-1,))
+    feats_t = Tensor("IMAGE_FEATURES", "FP32", (tokens, width))
+    return [
+        EngineGraph(
+            "image_encoder",
+            ImageEncoder(model, image),
+            (pixels,),
+            (pix_t,),
+            (feats_t, Tensor("IMAGE_EMBEDDING", "FP32", (embed,))),
+            max_batch_size=32,
+        ),
+        EngineGraph(
+            "text_encoder",
+            TextEncoder(model),
+            (ids, mask),
+            (ids_t, mask_t),
+            (Tensor("TEXT_EMBEDDING", "FP32", (embed,)),),
+        ),
+        EngineGraph(
+            "fusion", Fusion(model), (feats, ids, mask), (feats_t, ids_t, mask_t), (Tensor("ITM_LOGITS", "FP32", (2,)),)
+        ),
+    ]
+
+
+def parity_cases(
+    model: Any, processor: Any, tokenizer: Any, image: ImageProcessing, images: list[Image.Image], texts: list[str],
+    max_tokens: int,
+) -> list[ParityCase]:
+    """Each engine's inputs (as the served path builds them) with what `BlipForImageTextRetrieval.forward` gives.
+
+    Pixels are vtfuse's resize of each image, expected outputs come from the processor's own
+    pixel_values, so a preprocessing difference shows as a parity failure.
+    """
+    pixels = np.stack([image.resize(im.convert("RGB")) for im in images])
+    ids, mask = tokenize_padded(tokenizer, texts, max_tokens)
+    cases: list[ParityCase] = []
+    with torch.no_grad():
+        enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        pv = enc["pixel_values"]  # (I, 3, H, W)
+        n_img, n_txt = pv.shape[0], len(texts)
+        itc = model(input_ids=enc["input_ids"][:1].repeat(n_img, 1), attention_mask=enc["attention_mask"][:1]
+                    .repeat(n_img, 1), pixel_values=pv, use_itm_head=False)
+        hidden = itc.last_hidden_state  # (I, T, Dv): transformers' own vision output
+        img_emb = F.normalize(model.vision_proj(hidden[:, 0, :]), dim=-1)
+        cases.append(
+            ParityCase("image_encoder", {"PIXELS": pixels},
+                       {"IMAGE_FEATURES": to_numpy(hidden), "IMAGE_EMBEDDING": to_numpy(img_emb)})
+        )
+        txt = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pv[:1],
+                    use_itm_head=False)
+        txt_emb = F.normalize(model.text_proj(txt.question_embeds[:, 0, :]), dim=-1)
+        cases.append(
+            ParityCase("text_encoder", {"INPUT_IDS": ids, "ATTENTION_MASK": mask},
+                       {"TEXT_EMBEDDING": to_numpy(txt_emb)})
+        )
+        for i in range(n_img):  # every text against image i, through the module's ITM head
+            itm = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        pixel_values=pv[i : i + 1].repeat(n_txt, 1, 1, 1), use_itm_head=True).itm_score
+            cases.append(
+                ParityCase(
+                    "fusion",
+                    {"IMAGE_FEATURES": np.repeat(to_numpy(hidden[i : i + 1]).astype(np.float32), n_txt, axis=0),
+                     "INPUT_IDS": ids, "ATTENTION_MASK": mask},
+                    {"ITM_LOGITS": to_numpy(itm)},
+                    note=f"image {i}",
+                )
+            )
+    return cases
+
+
+def judge(fp32: dict[str, list[dict[str, np.ndarray]]], int8: dict[str, list[dict[str, np.ndarray]]]) -> UserView:
+    """int8 against fp32 as a user sees it: the ITM ranking of the texts per image, probabilities, embeddings."""
+    view = UserView()
+    same_top, rank_pairs, prob_diff = [], [], []
+    for a, b in zip(fp32["fusion"], int8["fusion"]):
+        pa, pb = _itm(a["ITM_LOGITS"]), _itm(b["ITM_LOGITS"])
+        same_top.append(float(np.argmax(pa) == np.argmax(pb)))
+        prob_diff.append(float(np.abs(pa - pb).max()))
+        da, db = np.sign(pa[:, None] - pa[None, :]), np.sign(pb[:, None] - pb[None, :])
+        rank_pairs.append(float((da == db).mean()))
+    cos = []
+    for role, key in (("image_encoder", "IMAGE_EMBEDDING"), ("text_encoder", "TEXT_EMBEDDING")):
+        for a, b in zip(fp32[role], int8[role]):
+            x, y = a[key].astype(np.float64), b[key].astype(np.float64)
+            cos.append(float(((x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))).min()))
+    view.figures = {
+        "itm_top1_agreement": float(np.mean(same_top)),
+        "itm_pair_order_agreement": float(np.mean(rank_pairs)),
+        "itm_probability_max_abs_diff": float(max(prob_diff)),
+        "embedding_cosine_min": float(min(cos)),
+    }
+    if view.figures["itm_top1_agreement"] < 1.0:
+        view.failures.append("the best text of some image changed")
+    if view.figures["embedding_cosine_min"] < 0.99:
+        view.failures.append(f"embedding cosine {view.figures['embedding_cosine_min']:.4f} < 0.99")
+    if view.figures["itm_probability_max_abs_diff"] > 0.05:
+        view.failures.append(f"ITM probability moved by {view.figures['itm_probability_max_abs_diff']:.3f} > 0.05")
+    return view
+
+
+def _itm(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z[:, 1] / z.sum(axis=1)

@@ -1,0 +1,90 @@
+"""What a family's export module declares: each engine as a traceable module with its tensor contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.families.imported import ImageProcessing
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One engine tensor: Triton name and dtype, dims without the batch axis (-1: variable)."""
+
+    name: str
+    dtype: str  # UINT8, INT64, FP32
+    dims: tuple[int, ...]
+
+
+@dataclass
+class EngineGraph:
+    """One engine of an imported model: the module to trace, example inputs, and its contract."""
+
+    role: str
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch_size: int = 64
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Batch axis and every -1 dim of each tensor, named for the exporter."""
+        axes: dict[str, dict[int, str]] = {}
+        for t in (*self.inputs, *self.outputs):
+            d = {0: "batch"}
+            for i, n in enumerate(t.dims):
+                if n < 0:
+                    d[i + 1] = f"{t.name.lower()}_{i + 1}"
+            axes[t.name] = d
+        return axes
+
+
+@dataclass
+class ParityCase:
+    """Engine inputs with the `transformers` module's own outputs for them (float64 numpy)."""
+
+    role: str
+    feed: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    note: str = ""
+
+
+@dataclass
+class UserView:
+    """What a user would see of an engine set, for judging int8 against fp32 (a family computes it)."""
+
+    figures: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+class Normalize(nn.Module):
+    """uint8 NHWC pixels → the processor's rescaled, normalised float NCHW tensor, inside the graph."""
+
+    def __init__(self, image: ImageProcessing) -> None:
+        super().__init__()
+        self.scale = image.rescale_factor if image.do_rescale else 1.0
+        mean = image.mean if image.do_normalize else (0.0, 0.0, 0.0)
+        std = image.std if image.do_normalize else (1.0, 1.0, 1.0)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Cast first (uint8 → float32 is exact), then NHWC → NCHW on floats.
+        x = pixels.float().permute(0, 3, 1, 2) * self.scale  # (B, 3, H, W)
+        return (x - self.mean) / self.std
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor → float64 numpy (for comparisons)."""
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+RunEngines = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]

@@ -1,0 +1,343 @@
+"""`vtfuse import-hf`: a Hugging Face checkpoint → ONNX engines → parity gate → (int8) → a Triton repository.
+
+Steps, each failing loudly before anything is installed:
+
+1. resolve the source and its family (`architectures` in config.json; anything else is refused
+   with the list of what is supported); read its image processor and tokenizer through `transformers`;
+2. compute the parity cases: the family's engine inputs built as the served path builds them
+   (vtfuse's resize, our tokenizer with padding) and the `transformers` module's own outputs
+   on the processor's tensors, for rendered images and texts;
+3. export each engine with the TorchScript exporter (batch, token and, for ViLT, image axes dynamic);
+4. fp32 gate (`export.hf.parity`): a model that misses it is not installed;
+5. int8 (default for the embedded CPU target): ONNX Runtime dynamic quantisation, judged by what
+   users see (the family's `judge`); when it misses, the default falls back to fp32 and says so,
+   an explicit `--precision int8` fails;
+6. install `NAME_<role>/` Triton models (config.pbtxt, `1/model.onnx`, `1/model.py` for the
+   embedded server, `1/checkpoint/` with import.json and tokenizer.json, `1/manifest.json`), next to
+   what the repository holds, and list the model in `vtfuse_models.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.errors import InstallError, ParityError
+from export.hf import parity
+from export.hf.graphs import EngineGraph
+from export.hf.source import HfSource, image_processing, resolve_source, tokenizer_json
+from export.onnx_export import sha256_file
+from export.render_repo import COMMITTED_REPO, ENGINE_BACKENDS, ORT_PARAMETER_MAP
+from serving.families.imported import (
+    IMPORT_RECORD,
+    TOKENIZER_FILE,
+    ImportRecord,
+    check_model_name,
+    load_plain_tokenizer,
+    read_repository_models,
+    write_repository_models,
+)
+
+log = logging.getLogger(__name__)
+
+IMPORT_TARGETS = ("embedded", "onnxruntime")
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32"}
+OPSET = 17
+ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
+# Copied next to import.json so each installed model says what it came from.
+SOURCE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+PYTHON_MODEL = (
+    '"""Triton Python model: an imported engine run by ONNX Runtime (serving/triton/python_models/engine.py)."""\n\n'
+    "from serving.triton.python_models.engine import OnnxEngineModel as TritonPythonModel  # noqa: F401\n"
+)
+
+
+def family_module(family: str) -> ModuleType:
+    """The export module of a family (`export/hf/<family>.py`), imported when needed."""
+    return importlib.import_module(f"export.hf.{family}")
+
+
+def export_graph(graph: EngineGraph, path: Path) -> Path:
+    """Trace one engine to ONNX (TorchScript exporter, opset 17) with its batch and variable axes dynamic."""
+    names_in = [t.name for t in graph.inputs]
+    names_out = [t.name for t in graph.outputs]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks in transformers
+        torch.onnx.export(
+            graph.module.eval(),
+            graph.example,
+            str(path),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=graph.dynamic_axes(),
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return path
+
+
+def quantize_int8(paths: dict[str, Path], dest: Path) -> dict[str, Path]:
+    """ONNX Runtime dynamic int8 (MatMul and Gemm weights, QInt8) of each engine."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from export.quantize import OP_TYPES
+
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # the quantizer logs every tensor it skips
+    try:
+        for role, src in paths.items():
+            out[role] = dest / f"{role}.onnx"
+            quantize_dynamic(src, out[role], weight_type=QuantType.QInt8, op_types_to_quantize=list(OP_TYPES))
+    finally:
+        root.setLevel(level)
+    return out
+
+
+def engine_config(triton_name: str, graph: EngineGraph, target: str, model: str) -> mc.ModelConfig:
+    """config.pbtxt of one imported engine for a target (embedded: Python backend over ONNX Runtime)."""
+    c = mc.ModelConfig(name=triton_name, max_batch_size=graph.max_batch_size)
+    for t in graph.inputs:
+        c.input.append(mc.ModelInput(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.dtype}"), dims=list(t.dims)))
+    for t in graph.outputs:
+        c.output.append(mc.ModelOutput(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.dtype}"), dims=list(t.dims)))
+    group = c.instance_group.add()
+    group.count = 1
+    c.dynamic_batching.max_queue_delay_microseconds = 0
+    policy = c.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = 30_000_000
+    policy.allow_timeout_override = True
+    policy.max_queue_size = 256
+    if target == "embedded":
+        c.backend = "python"
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+        c.parameters["intra_op_threads"].string_value = str(ENGINE_THREADS)
+    else:
+        backend, platform, filename = ENGINE_BACKENDS[target]
+        c.backend, c.platform, c.default_model_filename = backend, platform, filename
+        group.kind = mc.ModelInstanceGroup.KIND_AUTO
+        c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(ENGINE_THREADS)
+    return c
+
+
+def _header(model: str, role: str, source: str, target: str) -> str:
+    return (
+        f"# Imported model {model!r}, engine {role}: written by `vtfuse import-hf {source} --name {model}`\n"
+        f"# (target {target}). Variable dims (-1): token length; for ViLT also image height and width.\n"
+    )
+
+
+def _reference_inputs(src: HfSource) -> tuple[Any, Any]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(src.folder))
+    return processor, getattr(processor, "tokenizer", None)
+
+
+def import_hf(
+    source: str,
+    name: str,
+    *,
+    repo: str | Path | None = None,
+    precision: str | None = None,
+    target: str = "embedded",
+    work_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Import one checkpoint into a Triton repository (see the module doc for the steps).
+
+    Returns:
+        {"name", "family", "tasks", "precision", "engines", "repo", "parity", "int8"}.
+
+    Raises:
+        ImportSourceError / UnsupportedArchitecture: the source cannot be imported.
+        ParityError: the fp32 engines (or explicitly requested int8 ones) miss their gate; nothing installed.
+        InstallError: bad target, precision or name.
+    """
+    t0 = time.monotonic()
+    try:
+        check_model_name(name)
+    except ValueError as e:
+        raise InstallError(str(e)) from None
+    if target not in IMPORT_TARGETS:
+        raise InstallError(
+            f"target {target!r}: import-hf renders {', '.join(IMPORT_TARGETS)} (TensorRT plans of imported "
+            "models are not built yet: use --target onnxruntime for the NGC container)"
+        )
+    if precision not in (None, "fp32", "int8"):
+        raise InstallError(f"precision {precision!r}: choose fp32 or int8")
+    repo = Path(repo) if repo is not None else COMMITTED_REPO
+    src = resolve_source(source)
+    fam = family_module(src.family.name)
+    image = image_processing(src)
+    tok_text, max_tokens = tokenizer_json(src)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"vtfuse-import-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (work / TOKENIZER_FILE).write_text(tok_text)
+    tokenizer = load_plain_tokenizer(work / TOKENIZER_FILE)
+    log.info("import %s: %s (%s), max %d tokens, image %s", name, src.config.get("architectures"), src.family.name,
+             max_tokens, image)
+
+    model = fam.load_model(str(src.folder))
+    processor, _ = _reference_inputs(src)
+    cases = fam.parity_cases(
+        model, processor, tokenizer, image, parity.parity_images(), list(parity.PARITY_TEXTS), max_tokens
+    )
+    graphs = fam.graphs(model, src.config, image)  # after the reference: a family may patch the instance
+    fp32_paths = {g.role: export_graph(g, work / f"{g.role}.onnx") for g in graphs}
+    fp32_out = parity.run_cases(fp32_paths, cases, threads)
+    report = parity.fp32_report(cases, fp32_out)
+    (work / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not report["ok"]:
+        raise ParityError(
+            f"{name}: the fp32 engines differ from transformers: {'; '.join(report['failures'])}",
+            engine=report["failures"][0].split(".")[0],
+            output=report["failures"][0].split(".")[1].split(":")[0],
+            figures=report,
+        )
+    log.info("import %s: fp32 parity ok %s", name, json.dumps(report["engines"]))
+
+    chosen = precision or DEFAULT_PRECISION[target]
+    int8: dict[str, Any] | None = None
+    paths = fp32_paths
+    if chosen == "int8":
+        int8_paths = quantize_int8(fp32_paths, work / "int8")
+        int8_out = parity.run_cases(int8_paths, cases, threads)
+        view = fam.judge(parity.by_role(cases, fp32_out), parity.by_role(cases, int8_out))
+        int8 = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+                "figures": view.figures, "failures": view.failures, "ok": not view.failures}
+        if view.failures and precision == "int8":
+            raise ParityError(
+                f"{name}: int8 engines changed what users see ({'; '.join(view.failures)}): "
+                "import with --precision fp32",
+                engine="all",
+                output="int8",
+                figures=int8,
+            )
+        if view.failures:
+            log.warning("import %s: int8 missed its criteria (%s): installing fp32", name, "; ".join(view.failures))
+            chosen = "fp32"
+        else:
+            paths = int8_paths
+
+    engines = {g.role: f"{name}_{g.role}" for g in graphs}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    parity_summary = {
+        "tolerance": report["tolerance"],
+        "reference": report["reference"],
+        "fp32": report["engines"],
+        "ok": True,
+        **({"int8": int8} if int8 is not None else {}),
+    }
+    record = ImportRecord(
+        name=name,
+        family=src.family.name,
+        architecture=src.family.architecture or "",
+        tasks=src.family.tasks,
+        engines=engines,
+        precision=chosen,
+        source=str(source),
+        image=image,
+        max_tokens=max_tokens,
+        embed_dim=int(src.config.get("image_text_hidden_size", 0) or 0),
+        labels=_labels(src.config) if "vqa" in src.family.tasks else (),
+        parity=parity_summary,
+        created=created,
+    )
+    note = getattr(fam, "check_sampling", None)
+    if note is not None and (msg := note(src.config, image)):
+        log.warning("import %s: %s", name, msg)
+    _install(repo, record, graphs, paths, src, work, target)
+    log.info("import %s: installed %s engines into %s in %.1f s", name, chosen, repo, time.monotonic() - t0)
+    return {
+        "name": name,
+        "family": src.family.name,
+        "tasks": list(src.family.tasks),
+        "precision": chosen,
+        "engines": engines,
+        "repo": str(repo),
+        "parity": report["engines"],
+        "int8": int8,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def _labels(config: dict[str, Any]) -> tuple[str, ...]:
+    id2label = config.get("id2label") or {}
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
+
+
+def _install(
+    repo: Path, record: ImportRecord, graphs: list[EngineGraph], paths: dict[str, Path], src: HfSource, work: Path,
+    target: str,
+) -> None:
+    """Write the Triton models and list the model in the repository (replacing an earlier import of NAME)."""
+    repo.mkdir(parents=True, exist_ok=True)
+    models = read_repository_models(repo)
+    old = models.get(record.name)
+    for triton_name in (old.engines.values() if old else ()):
+        if (repo / triton_name).exists():
+            shutil.rmtree(repo / triton_name)
+    for g in graphs:
+        triton_name = record.engines[g.role]
+        mdir = repo / triton_name
+        if mdir.exists():
+            shutil.rmtree(mdir)
+        vdir = mdir / "1"
+        (vdir / "checkpoint").mkdir(parents=True)
+        config = engine_config(triton_name, g, target, record.name)
+        (mdir / "config.pbtxt").write_text(
+            _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
+        )
+        shutil.copyfile(paths[g.role], vdir / "model.onnx")
+        if target == "embedded":
+            (vdir / "model.py").write_text(PYTHON_MODEL)
+        ckpt = vdir / "checkpoint"
+        (ckpt / IMPORT_RECORD).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        shutil.copyfile(work / TOKENIZER_FILE, ckpt / TOKENIZER_FILE)
+        for f in SOURCE_FILES:
+            if (src.folder / f).exists():
+                shutil.copyfile(src.folder / f, ckpt / f)
+        weights = sorted(src.folder.glob("*.safetensors"))
+        manifest = {
+            "model": triton_name,
+            "served_as": record.name,
+            "role": g.role,
+            "version": 1,
+            "target": target,
+            "family": record.family,
+            "architecture": record.architecture,
+            "tasks": list(record.tasks),
+            "precision": record.precision,
+            "source": record.source,
+            "source_weights_sha256": {w.name: sha256_file(w) for w in weights},
+            "created": record.created,
+            "export": {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": OPSET},
+            "config_pbtxt_sha256": sha256_file(mdir / "config.pbtxt"),
+            "artefacts": {
+                p.relative_to(vdir).as_posix(): sha256_file(p) for p in sorted(vdir.rglob("*")) if p.is_file()
+            },
+            "parity": {
+                "tolerance": record.parity["tolerance"],
+                "fp32": record.parity["fp32"].get(g.role),
+                **({"int8": record.parity["int8"]} if "int8" in record.parity else {}),
+            },
+        }
+        (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    models[record.name] = record
+    write_repository_models(repo, models)
