@@ -1,8 +1,15 @@
-"""Session fixtures: ONE real tritonserver (and, where used, one Ray Serve app) for the whole run."""
+"""Session fixtures: ONE real tritonserver (and, where used, one Ray Serve app) for the whole run.
+
+The server's repository is a copy of the built embedded repository with two imported
+Hugging Face checkpoints added (`blip-test`, `vilt-test`: random-weight BLIP retrieval and
+ViLT VQA built by tests/hf/checkpoints.py, imported fp32 with `vtfuse import-hf`), so the same
+stack serves the native model and imported ones, as `make serve REPOSITORY=...` does.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,14 +19,37 @@ from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer, TritonSett
 from tests.helpers import free_port
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
+HF_MODELS = {"blip-test": "blip", "vilt-test": "vilt"}  # served name → checkpoint folder in `hf_checkpoints`
 
 
 @pytest.fixture(scope="session")
-def triton() -> Iterator[TritonServer]:
-    """A real tritonserver on free ports over the built embedded repository; always stopped."""
-    repo = Path(os.environ.get("VTFUSE_TEST_REPOSITORY", DEFAULT_REPOSITORY))
-    if not (repo / "fusion" / "1" / "model.onnx").exists():
-        pytest.fail(f"{repo} is not built: run `make repository` (vtfuse export all --target embedded) first")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random-weight `save_pretrained` folders: {"blip": BlipForImageTextRetrieval, "vilt": ViltForQuestionAnswering}."""
+    from tests.hf.checkpoints import build_blip, build_vilt
+
+    root = tmp_path_factory.mktemp("hf")
+    return {"blip": build_blip(root / "blip", seed=4), "vilt": build_vilt(root / "vilt", seed=2)}
+
+
+@pytest.fixture(scope="session")
+def test_repository(tmp_path_factory: pytest.TempPathFactory, hf_checkpoints: dict[str, Path]) -> Path:
+    """The built embedded repository, copied, with `blip-test` and `vilt-test` imported into it (fp32)."""
+    from export.hf.importer import import_hf
+
+    base = Path(os.environ.get("VTFUSE_TEST_REPOSITORY", DEFAULT_REPOSITORY))
+    if not (base / "fusion" / "1" / "model.onnx").exists():
+        pytest.fail(f"{base} is not built: run `make repository` (vtfuse export all --target embedded) first")
+    repo = tmp_path_factory.mktemp("repository") / "model_repository"
+    shutil.copytree(base, repo, ignore=shutil.ignore_patterns("__pycache__", "vtfuse_models.json"))
+    for name, key in HF_MODELS.items():
+        import_hf(str(hf_checkpoints[key]), name, repo=repo, precision="fp32")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(test_repository: Path) -> Iterator[TritonServer]:
+    """A real tritonserver on free ports over the test repository (tiny + imported models); always stopped."""
+    repo = test_repository
     settings = TritonSettings(
         repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=10
     )

@@ -31,12 +31,12 @@ HEADS = ("itm_head", "classifier", "vision_proj", "text_proj")
 
 
 def _spread(model: torch.nn.Module, seed: int, std: float) -> None:
-    """Redraw every weight matrix with `std` (heads 2× larger), biases small, LayerNorm gains around 1."""
+    """Redraw every weight matrix with `std` (heads half as large: their logits stay off saturation), biases small, LayerNorm gains around 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                scale = 2 * std if name.startswith(HEADS) else std
+                scale = 0.5 * std if name.startswith(HEADS) else std
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
             elif "norm" in name.lower() and name.endswith("weight"):
                 p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))

@@ -47,6 +47,7 @@ def serve_app(triton: TritonServer) -> Iterator[ServeApp]:
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     args = AppArgs(
         triton_url=triton.url_grpc,
+        repository=str(triton.settings.repository),  # tiny plus the imported blip-test and vilt-test
         preprocess="deployment",  # the composition with the extra hop: @serve.batch and request ids across it
         # As shipped, `tiny` sends one-question VQA to Triton's `vqa`; `tiny@1` runs the engines from the ingress.
         models={"tiny": ModelSpec(vqa="vqa"), "tiny@1": ModelSpec(version="1")},
