@@ -4,6 +4,8 @@
 # them, so stage 3 (engine) runs there, on the pod's GPU; stages 1-2 (ONNX export, ONNX Runtime
 # vs PyTorch parity) run once, here, at image build. The base is the NGC TensorRT image of the
 # same release as the tritonserver image (24.10: TensorRT 10.5), so plans and server agree.
+# With VTFUSE_IMPORT_HF="NAME=SOURCE ..." the entrypoint then imports those Hugging Face
+# checkpoints (`vtfuse import-hf`, folders mounted into the container) next to the native engines.
 #
 #   docker build -f deploy/docker/export.Dockerfile -t vtfuse/export:0.1.0 .
 

@@ -114,8 +114,18 @@ class ImageProcessing:
         return (new_long, new_short) if width <= height else (new_short, new_long)
 
     def resize(self, img: Image.Image) -> np.ndarray:
-        """An RGB PIL image → (H, W, 3) uint8 as the processor resizes it."""
+        """An RGB PIL image → (H, W, 3) uint8 as the processor resizes it.
+
+        Raises:
+            SchemaViolation: the image is so elongated that a side resizes to 0 pixels (422;
+                transformers' processor fails on it too).
+        """
         h, w = self.output_size(img.height, img.width)
+        if h < 1 or w < 1:
+            raise SchemaViolation(
+                f"image is {img.width}x{img.height}: too elongated for this model (it would be resized to {w}x{h} "
+                "pixels): crop it closer to square"
+            )
         if (h, w) != (img.height, img.width):
             img = img.resize((w, h), resample=Image.Resampling(self.resample), reducing_gap=None)
         return np.asarray(img, dtype=np.uint8)

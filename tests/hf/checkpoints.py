@@ -31,7 +31,7 @@ HEADS = ("itm_head", "classifier", "vision_proj", "text_proj")
 
 
 def _spread(model: torch.nn.Module, seed: int, std: float) -> None:
-    """Redraw every weight matrix with `std` (heads half as large: their logits stay off saturation), biases small, LayerNorm gains around 1."""
+    """Redraw weight matrices with `std` (heads with half of it, off saturation), small biases, LayerNorm gains ~1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
