@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import RenderError
+from serving.families.imported import read_repository_models
 from serving.model.checkpoint import REPO_ROOT
 from serving.model.io_spec import ENGINES, VQA_SPEC, EngineSpec, engine_specs, preprocess_spec
 from serving.model.model import FusionConfig
@@ -156,8 +157,13 @@ def leading_comments(path: Path) -> str:
 
 
 def model_dirs(repo: str | Path) -> list[Path]:
-    """Folders of a repository that hold a config.pbtxt, sorted by name."""
-    return sorted(p.parent for p in Path(repo).glob("*/config.pbtxt"))
+    """Folders of a repository that hold a config.pbtxt, sorted by name, except imported models' engines.
+
+    Models that `vtfuse import-hf` installed (listed in the repository's vtfuse_models.json) are
+    left alone: exporting or rendering the native model neither overwrites nor copies them.
+    """
+    imported = {e for r in read_repository_models(repo).values() for e in r.engines.values()}
+    return sorted(p.parent for p in Path(repo).glob("*/config.pbtxt") if p.parent.name not in imported)
 
 
 def config_mismatches(repo: str | Path, cfg: FusionConfig) -> list[str]:

@@ -99,7 +99,10 @@ class _Response(BaseModel):
 
 class AnswerScore(_Response):
     answer: str
-    score: float = Field(description="Softmax probability over the answer vocabulary.")
+    score: float = Field(
+        description="The answer's probability: softmax over the answer vocabulary (tiny), or the sigmoid of its "
+        "logit for models trained with binary cross-entropy (ViLT, as transformers' VQA pipeline scores it)."
+    )
 
 
 class VqaAnswer(_Response):
