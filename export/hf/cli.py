@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--target", choices=("embedded", "onnxruntime"), default="embedded",
                    help="embedded (Python backend over ONNX Runtime) or onnxruntime (NGC container's backend)")
-    p.add_argument("--work-dir", default=None, help="where ONNX files and parity.json go (default: a temp dir)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where ONNX files and parity.json go (default: a temporary folder, removed afterwards)",
+    )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the parity runs")
     p.set_defaults(func=_run)

@@ -182,11 +182,22 @@ def import_hf(
     if precision not in (None, "fp32", "int8"):
         raise InstallError(f"precision {precision!r}: choose fp32 or int8")
     repo = Path(repo) if repo is not None else COMMITTED_REPO
+    if work_dir:
+        return _import(source, name, repo, precision, target, Path(work_dir), threads, t0)
+    # No --work-dir: the ONNX files (fp32 and int8, each the size of the model) go once installed.
+    with tempfile.TemporaryDirectory(prefix=f"vtfuse-import-{name}-") as tmp:
+        return _import(source, name, repo, precision, target, Path(tmp), threads, t0)
+
+
+def _import(
+    source: str, name: str, repo: Path, precision: str | None, target: str, work: Path, threads: int | None,
+    t0: float,
+) -> dict[str, Any]:
+    """`import_hf` once its arguments are checked, with `work` for the ONNX files and parity.json."""
     src = resolve_source(source)
     fam = family_module(src.family.name)
     image = image_processing(src)
     tok_text, max_tokens = tokenizer_json(src)
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=f"vtfuse-import-{name}-"))
     work.mkdir(parents=True, exist_ok=True)
     (work / TOKENIZER_FILE).write_text(tok_text)
     tokenizer = load_plain_tokenizer(work / TOKENIZER_FILE)
@@ -258,6 +269,7 @@ def import_hf(
         labels=_labels(src.config) if "vqa" in src.family.tasks else (),
         parity=parity_summary,
         created=created,
+        max_batch={g.role: g.max_batch_size for g in graphs},
     )
     note = getattr(fam, "check_sampling", None)
     if note is not None and (msg := note(src.config, image)):

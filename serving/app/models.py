@@ -86,6 +86,12 @@ class ModelRuntime:
             "fusion": self.spec.fusion,
         }[role]
 
+    def max_batch(self, role: str) -> int | None:
+        """Rows one request to a role's engine may carry (its max_batch_size), where the model says."""
+        if self.record is not None:
+            return self.record.max_batch.get(role)
+        return None
+
     def engines(self) -> tuple[str, ...]:
         """Triton model names of every engine."""
         return tuple(self.engine(r) for r in self.family.roles)

@@ -200,10 +200,13 @@ class Pipeline:
         outputs: tuple[str, ...],
         ctx: RequestContext,
     ) -> dict[str, np.ndarray]:
-        """One logical engine call, split into requests of at most `engine_max_batch` rows (run concurrently)."""
+        """One logical engine call, split into requests of at most `engine_max_batch` rows (run concurrently).
+
+        An imported engine whose max_batch_size is smaller (BLIP's image encoder, ViLT: 32) gets at most that.
+        """
         engine = rt.engine(role)
         n = next(iter(inputs.values())).shape[0]
-        parts = router.chunks(n, self.engine_max_batch)
+        parts = router.chunks(n, min(self.engine_max_batch, rt.max_batch(role) or self.engine_max_batch))
 
         async def one(sl: slice) -> dict[str, np.ndarray]:
             feed = {k: v[sl] for k, v in inputs.items()}

@@ -210,6 +210,7 @@ class ImportRecord:
     labels: tuple[str, ...] = ()
     parity: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    max_batch: dict[str, int] = field(default_factory=dict)  # role → its config.pbtxt max_batch_size
 
     @property
     def family_spec(self) -> Family:

@@ -81,7 +81,11 @@ class FakeTriton:
 def make_pipeline(args: AppArgs, triton: FakeTriton | None = None) -> tuple[Pipeline, FakeTriton]:
     """A Pipeline with inline preprocessing over a fake Triton."""
     runtimes = load_runtimes(args)
-    fake = triton or FakeTriton(runtimes[args.default_model].config)
+    fake = triton
+    if fake is None:
+        cfg = runtimes[args.default_model].config
+        assert cfg is not None, "FakeTriton answers with a native model's shapes: pass a Triton for an imported one"
+        fake = FakeTriton(cfg)
     metrics = ApiMetrics()
     pre = InlinePreprocess(Preprocessor(runtimes, args.limits.max_pixels, metrics))
     return Pipeline(runtimes, fake, pre, metrics, args.engine_max_batch), fake  # type: ignore[arg-type]

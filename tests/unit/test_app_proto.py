@@ -18,8 +18,13 @@ def test_generated_code_is_up_to_date(tmp_path):
         assert fresh == committed, f"serving/proto/{name} is stale: run `python -m serving.proto`"
 
 
-def test_service_has_the_four_calls():
+def test_service_has_the_four_task_calls_and_list_models():
     from serving.proto import vtfuse_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Vtfuse"]
-    assert [m.name for m in service.methods] == ["Vqa", "Match", "Retrieve", "Embed"]
+    assert [m.name for m in service.methods] == ["Vqa", "Match", "Retrieve", "Embed", "ListModels"]
+    listing = service.methods_by_name["ListModels"]
+    assert listing.output_type.name == "ListModelsResponse"
+    info = pb.ModelInfo(name="blip-base", family="blip_retrieval", tasks=["match", "retrieve", "embed"])
+    info.engines["fusion"] = "blip-base_fusion"
+    assert pb.ModelInfo.FromString(info.SerializeToString()) == info
