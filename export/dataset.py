@@ -1,6 +1,6 @@
 """Pre-rendered training data for stage 0: augmented shapes-world images with every target.
 
-Each sample carries the image (uint8, rendered the many ways SPEC §3 names), its per-patch
+Each sample carries the image (uint8, rendered in many ways), its per-patch
 colour and shape labels (dense supervision for the image tower: without it the binding
 questions stay near chance in the budget), a question with its answer, the true caption and
 a negative caption (mostly one-attribute distractors, the hard case ITM must separate).

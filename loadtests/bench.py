@@ -1,4 +1,4 @@
-"""`make bench`: every figure of SPEC §7 measured in one run on this machine; summary.json, per-run JSON, plots.
+"""`make bench`: every benchmark figure measured in one run on this machine; summary.json, per-run JSON, plots.
 
 Setups are measured one at a time (everything else stopped), the load generator on the same
 machine. The offered load of every comparison is a closed loop at concurrency 32 for the

@@ -1,6 +1,6 @@
 """Asyncio HTTP load driver for the public JSON API (Ray Serve, or the naive baseline, which speaks the same).
 
-Bodies are built once per corpus sample (base64 images in JSON, SPEC §5), so the timed path
+Bodies are built once per corpus sample (base64 images in JSON), so the timed path
 is the HTTP exchange alone. Kinds: `vqa` (one image, one question: one item), `retrieve64`
 (one image × 64 captions, `top_k` 5), `match` (one image × 8 captions), `embed` (one image).
 

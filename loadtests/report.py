@@ -1,4 +1,4 @@
-"""summary.json from one bench run: the ratios of SPEC §7, each with the raw figures it is computed from.
+"""summary.json from one bench run: the benchmark ratios, each with the raw figures it is computed from.
 
 Keys (numbers; `null` where a setup failed, the reason under `errors`):
 

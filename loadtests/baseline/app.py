@@ -1,7 +1,7 @@
 """The server people write first: FastAPI + PyTorch eager, one request per forward pass.
 
 Same model and same preprocessing as the served stack (`serving.model.preprocess`), the same
-JSON API shape (SPEC §5), no batching across requests, no ONNX, no Triton. Each uvicorn
+JSON API shape, no batching across requests, no ONNX, no Triton. Each uvicorn
 worker loads its own copy of the model; `VTFUSE_BASELINE_CHECKPOINT` picks it (`tiny`,
 `small`, `base`, `random:<preset>` or a folder) and `VTFUSE_BASELINE_THREADS` the torch threads per worker
 (default 1: one worker per core, so workers do not fight over cores).

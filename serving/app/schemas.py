@@ -1,4 +1,4 @@
-"""Pydantic request and response bodies of the HTTP API (SPEC §5); unknown fields and wrong types are 422."""
+"""Pydantic request and response bodies of the HTTP API; unknown fields and wrong types are 422."""
 
 from __future__ import annotations
 

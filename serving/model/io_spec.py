@@ -81,7 +81,7 @@ def preprocess_spec(cfg: FusionConfig) -> EngineSpec:
     )
 
 
-# `vqa` for direct clients (SPEC §4): names fixed by the spec.
+# `vqa` for direct clients: names fixed by the public contract.
 VQA_SPEC = EngineSpec(
     "vqa",
     (TensorSpec("IMAGE", "STRING", (1,)), TensorSpec("QUESTION", "STRING", (1,))),

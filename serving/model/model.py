@@ -153,7 +153,7 @@ class TextTower(nn.Module):
 
 
 class FusionModel(nn.Module):
-    """Image tower, text tower, text-to-image cross-attention stack, and the heads of SPEC §2."""
+    """Image tower, text tower, text-to-image cross-attention stack, and the heads."""
 
     def __init__(self, cfg: FusionConfig) -> None:
         super().__init__()

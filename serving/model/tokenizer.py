@@ -9,7 +9,7 @@ from serving.shapes.world import COLOR_NAMES, COUNTS, SHAPES
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)
-# Every word of SPEC §3's questions and captions; anything else maps to [UNK].
+# Every word of the shapes world's questions and captions; anything else maps to [UNK].
 WORDS = (
     "what color colour is the shape object objects how many are there a an and of",
     " ".join(SHAPES),

@@ -1,1 +1,1 @@
-"""The synthetic shapes world the `tiny` model is trained and judged on (SPEC §3)."""
+"""The synthetic shapes world the `tiny` model is trained and judged on."""

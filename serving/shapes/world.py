@@ -1,4 +1,4 @@
-"""The shapes world of SPEC §3: scenes, renders, questions, answers, captions and distractors.
+"""The shapes world: scenes, renders, questions, answers, captions and distractors.
 
 Used by training (with augmentation), by tests and by load generators. Never by the
 serving path: every answer the service gives comes from the model's heads.
@@ -154,7 +154,7 @@ def _count(scene: Scene, shape: str | None = None, color: str | None = None) -> 
 
 
 def all_questions(scene: Scene) -> list[QA]:
-    """Every question SPEC §3 allows about this scene, with its answer."""
+    """Every question the shapes world allows about this scene, with its answer."""
     out: list[QA] = []
     for shape in SHAPES:
         if _count(scene, shape=shape) == 1:

@@ -1,4 +1,4 @@
-"""SPEC §5's error list on the real stack: exact status, the JSON error body, and the service still answers."""
+"""The API's error list on the real stack: exact status, the JSON error body, and the service still answers."""
 
 from __future__ import annotations
 
