@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.errors import RenderError
 from serving.families.imported import read_repository_models
 from serving.model.checkpoint import REPO_ROOT
-from serving.model.io_spec import ENGINES, VQA_SPEC, EngineSpec, engine_specs, preprocess_spec
+from serving.model.io_spec import ENGINES, VQA_TENSORS, EngineSpec, engine_specs, preprocess_spec
 from serving.model.model import FusionConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def model_spec(name: str, cfg: FusionConfig) -> EngineSpec | None:
     if name == "preprocess":
         return preprocess_spec(cfg)
     if name == "vqa":
-        return VQA_SPEC
+        return VQA_TENSORS
     return None
 
 

@@ -126,6 +126,20 @@ def check_task(task: Task, rt: ModelRuntime) -> None:
         )
 
 
+def vqa_answers(task: VqaTask, rt: ModelRuntime, logits: np.ndarray) -> list[VqaAnswer]:
+    """Each question's best answer and top-k from its VQA logits, scored as the model's family says."""
+    probs = rt.family.vqa_probabilities(logits)
+    answers = []
+    for q, row in zip(task.questions, probs):
+        top = router.top_answers(row, list(rt.answers), task.top_k)
+        answers.append(
+            VqaAnswer(
+                question=q, answer=top[0][0], score=top[0][1], top_k=[AnswerScore(answer=a, score=s) for a, s in top]
+            )
+        )
+    return answers
+
+
 def preprocess_error(e: BaseException) -> VtfuseError | None:
     """The API error of a failed preprocessing call (None: a bug, let it surface as a 500)."""
     if isinstance(e, VtfuseError):
@@ -329,24 +343,11 @@ class Pipeline:
             fus_call.outputs,
             ctx,
         )
-        probs = rt.family.vqa_probabilities(fused[VQA_LOGITS])
-        answers = []
-        for i, q in enumerate(task.questions):
-            top = router.top_answers(probs[i], list(rt.answers), task.top_k)
-            grid = tokens = None
-            if task.return_attention:
-                grid = router.attention_grid(fused[CROSS_ATTENTION][i], rt.grid).round(5).tolist()
-                tokens = router.token_list(rt.tokenizer, pre.ids[i], pre.mask[i])
-            answers.append(
-                VqaAnswer(
-                    question=q,
-                    answer=top[0][0],
-                    score=top[0][1],
-                    top_k=[AnswerScore(answer=a, score=s) for a, s in top],
-                    attention=grid,
-                    tokens=tokens,
-                )
-            )
+        answers = vqa_answers(task, rt, fused[VQA_LOGITS])
+        if task.return_attention:
+            for i, a in enumerate(answers):
+                a.attention = router.attention_grid(fused[CROSS_ATTENTION][i], rt.grid).round(5).tolist()
+                a.tokens = router.token_list(rt.tokenizer, pre.ids[i], pre.mask[i])
         return VqaResponse(model=task.model, answers=answers)
 
     async def _texts_through_fusion(
@@ -468,19 +469,7 @@ class Pipeline:
             (VQA_LOGITS,),
             ctx,
         )
-        probs = rt.family.vqa_probabilities(out[VQA_LOGITS])
-        answers = []
-        for i, q in enumerate(task.questions):
-            top = router.top_answers(probs[i], list(rt.answers), task.top_k)
-            answers.append(
-                VqaAnswer(
-                    question=q,
-                    answer=top[0][0],
-                    score=top[0][1],
-                    top_k=[AnswerScore(answer=a, score=s) for a, s in top],
-                )
-            )
-        return VqaResponse(model=task.model, answers=answers)
+        return VqaResponse(model=task.model, answers=vqa_answers(task, rt, out[VQA_LOGITS]))
 
     async def embed(self, task: EmbedTask, ctx: RequestContext) -> EmbedResponse:
         """Images only → image_encoder; texts only → text_encoder; both → both, concurrently."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 IMAGE_FEATURES, IMAGE_EMBEDDING = "IMAGE_FEATURES", "IMAGE_EMBEDDING"
 TEXT_FEATURES, TEXT_EMBEDDING = "TEXT_FEATURES", "TEXT_EMBEDDING"
 VQA_LOGITS, ITM_LOGIT, CROSS_ATTENTION = "VQA_LOGITS", "ITM_LOGIT", "CROSS_ATTENTION"
+ITM_LOGITS = "ITM_LOGITS"  # a two-way ITM head (BLIP), whose fusion takes token ids instead of text features
 SHORTLIST_MIN, SHORTLIST_PER_K = 16, 4
 
 
@@ -88,7 +89,7 @@ def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) ->
                 EngineCall("image_encoder", 1, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
                 EngineCall("text_encoder", n_texts, (TEXT_EMBEDDING,)),
             ),
-            (EngineCall("fusion", k, (ITM_LOGIT,)),),
+            (EngineCall("fusion", k, (ITM_LOGITS,)),),
         )
     if k == n_texts:
         return (
@@ -115,13 +116,14 @@ def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) 
     """
     k = shortlist_size(n_images, top_k)
     text_outputs = (TEXT_FEATURES, TEXT_EMBEDDING) if text_features else (TEXT_EMBEDDING,)
+    itm = ITM_LOGIT if text_features else ITM_LOGITS
     if k == n_images:
         return (
             (
                 EngineCall("image_encoder", n_images, (IMAGE_FEATURES, IMAGE_EMBEDDING)),
                 EngineCall("text_encoder", 1, text_outputs),
             ),
-            (EngineCall("fusion", k, (ITM_LOGIT,)),),
+            (EngineCall("fusion", k, (itm,)),),
         )
     return (
         (
@@ -129,7 +131,7 @@ def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) 
             EngineCall("text_encoder", 1, text_outputs),
         ),
         (EngineCall("image_encoder", k, (IMAGE_FEATURES,)),),
-        (EngineCall("fusion", k, (ITM_LOGIT,)),),
+        (EngineCall("fusion", k, (itm,)),),
     )
 
 

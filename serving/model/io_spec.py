@@ -82,7 +82,7 @@ def preprocess_spec(cfg: FusionConfig) -> EngineSpec:
 
 
 # `vqa` for direct clients: names fixed by the public contract.
-VQA_SPEC = EngineSpec(
+VQA_TENSORS = EngineSpec(
     "vqa",
     (TensorSpec("IMAGE", "STRING", (1,)), TensorSpec("QUESTION", "STRING", (1,))),
     (TensorSpec("ANSWER", "STRING", (1,)), TensorSpec("SCORE", "FP32", (1,))),

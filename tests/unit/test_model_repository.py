@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.model.io_spec import ENGINES, VQA_SPEC, engine_specs, preprocess_spec
+from serving.model.io_spec import ENGINES, VQA_TENSORS, engine_specs, preprocess_spec
 from serving.model.model import FusionConfig
 from serving.triton.launcher import DEFAULT_REPOSITORY
 from serving.triton.model_config import io_of, load_config
@@ -22,7 +22,7 @@ def test_engine_config_matches_io_spec(engine):
 
 def test_preprocess_and_vqa_match_io_spec():
     assert io_of(load_config(DEFAULT_REPOSITORY / "preprocess")) == preprocess_spec(TINY)
-    assert io_of(load_config(DEFAULT_REPOSITORY / "vqa")) == VQA_SPEC
+    assert io_of(load_config(DEFAULT_REPOSITORY / "vqa")) == VQA_TENSORS
 
 
 @pytest.mark.parametrize("model", BATCHED)
