@@ -12,6 +12,7 @@ Where `tensorrt` cannot be imported or no CUDA GPU is visible, every entry point
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -124,9 +125,16 @@ def cache_dir(root: str | Path, gpu: str, trt_version: str) -> Path:
     return Path(root) / f"{slug}-trt{trt_version}"
 
 
-def plan_name(engine: str, onnx_sha256: str, profile: BatchProfile, fp16: bool) -> str:
-    """The cache file name: what the plan was built from and how."""
-    return f"{engine}-{onnx_sha256[:16]}-b{profile.min}-{profile.opt}-{profile.max}{'-fp16' if fp16 else ''}.plan"
+Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input → (min, opt, max) shapes
+
+
+def plan_name(engine: str, onnx_sha256: str, profile: BatchProfile, fp16: bool, shapes: Shapes | None = None) -> str:
+    """The cache file name: what the plan was built from and how (explicit input shapes add a hash of them)."""
+    extra = ""
+    if shapes:
+        extra = "-s" + hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:8]
+    batch = f"b{profile.min}-{profile.opt}-{profile.max}"
+    return f"{engine}-{onnx_sha256[:16]}-{batch}{extra}{'-fp16' if fp16 else ''}.plan"
 
 
 def build_plan(
@@ -137,12 +145,15 @@ def build_plan(
     cache_root: str | Path = DEFAULT_CACHE,
     workspace_gib: float = 4.0,
     rebuild: bool = False,
+    shapes: Shapes | None = None,
 ) -> Path:
     """Build (or reuse from the cache) the TensorRT plan of one ONNX engine.
 
     The network is parsed from ONNX into an explicit-batch network (the only kind TensorRT 10
-    has), with one optimization profile over the batch axis. With `fp16`, FP16 kernels are
-    allowed and normalization layers are pinned to FP32 (their reductions overflow in FP16).
+    has), with one optimization profile over the batch axis; `shapes` gives the full (min, opt,
+    max) shapes of inputs with more variable axes (an imported model's tokens or image sides).
+    With `fp16`, FP16 kernels are allowed and normalization layers are pinned to FP32 (their
+    reductions overflow in FP16).
 
     Raises:
         EngineUnavailable: no TensorRT or no GPU here.
@@ -151,7 +162,7 @@ def build_plan(
     trt, gpu = availability()
     onnx_path = Path(onnx_path)
     engine = onnx_path.stem
-    out = cache_dir(cache_root, gpu, trt.__version__) / plan_name(engine, sha256_file(onnx_path), profile, fp16)
+    out = cache_dir(cache_root, gpu, trt.__version__) / plan_name(engine, sha256_file(onnx_path), profile, fp16, shapes)
     if out.exists() and not rebuild:
         log.info("%s: cached plan %s", engine, out)
         return out
@@ -175,6 +186,9 @@ def build_plan(
     opt_profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
+        if shapes and tensor.name in shapes:
+            opt_profile.set_shape(tensor.name, *shapes[tensor.name])
+            continue
         rest = tuple(tensor.shape)[1:]
         opt_profile.set_shape(tensor.name, (profile.min, *rest), (profile.opt, *rest), (profile.max, *rest))
     config.add_optimization_profile(opt_profile)

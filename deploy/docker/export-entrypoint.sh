@@ -5,8 +5,8 @@
 #
 # Then, for each NAME=SOURCE of $VTFUSE_IMPORT_HF (space-separated; empty: none), import that
 # Hugging Face checkpoint next to them: `vtfuse import-hf SOURCE --name NAME --repo $VTFUSE_REPO
-# --target T`, T the export target, except on tensorrt pods, where imported models run in
-# Triton's ONNX Runtime backend (import-hf builds no TensorRT plans yet). SOURCE is a
+# --target T`, T the export target (on tensorrt pods: FP16 plans built on this pod's GPU,
+# cached in $VTFUSE_PLAN_CACHE, judged against the fp32 ONNX engines). SOURCE is a
 # `save_pretrained` folder mounted into this container (or a hub id, where the pod can reach
 # the hub). A failed import fails the container (exit 1, the reason on stderr); a pair that is
 # not NAME=SOURCE exits 2 before anything runs.
@@ -33,13 +33,7 @@ fi
 if [ -z "$imports" ]; then
   exec python -m serving.cli export install --checkpoint "$preset" --onnx-dir "$work" --target "$target" --repo "$repo"
 fi
-# Imports go in after the native install: `export install` clears the built files of every
-# model already in the repository, imported ones included.
 python -m serving.cli export install --checkpoint "$preset" --onnx-dir "$work" --target "$target" --repo "$repo"
-case "$target" in
-  tensorrt) import_target=onnxruntime ;;
-  *) import_target="$target" ;;
-esac
 # transformers and huggingface_hub keep their cache under HF_HOME; the image's user has no home folder.
 export HF_HOME="${HF_HOME:-${TMPDIR:-/tmp}/huggingface}"
 # A scratch folder, emptied before and after each import.
@@ -50,7 +44,7 @@ for pair in $imports; do
   src="${pair#*=}"
   # The ONNX files of one import (fp32 and int8) live in the work dir until it is installed.
   rm -rf "$import_work" && mkdir -p "$import_work"
-  python -m serving.cli import-hf "$src" --name "$name" --repo "$repo" --target "$import_target" \
-    --work-dir "$import_work"
+  python -m serving.cli import-hf "$src" --name "$name" --repo "$repo" --target "$target" \
+    --work-dir "$import_work" --cache-dir "$cache"
   rm -rf "$import_work"
 done

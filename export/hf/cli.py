@@ -8,11 +8,11 @@ import sys
 
 from serving.families import supported_architectures
 
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
 
 
 def _run(args: argparse.Namespace) -> int:
-    from export.errors import ExportError
+    from export.errors import EngineUnavailable, ExportError
     from export.hf.importer import import_hf
     from serving.families import UnsupportedArchitecture
 
@@ -25,7 +25,11 @@ def _run(args: argparse.Namespace) -> int:
             target=args.target,
             work_dir=args.work_dir,
             threads=args.threads,
+            plan_cache=args.cache_dir,
         )
+    except EngineUnavailable as e:
+        print(f"SKIP import-hf: {e}", file=sys.stderr)
+        return EXIT_SKIPPED
     except (ExportError, UnsupportedArchitecture, FileNotFoundError, ValueError, OSError) as e:
         print(f"FAILED import-hf: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -52,12 +56,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="engine precision (default: int8 for the embedded CPU target where its checks pass, else fp32)",
     )
-    p.add_argument("--target", choices=("embedded", "onnxruntime"), default="embedded",
-                   help="embedded (Python backend over ONNX Runtime) or onnxruntime (NGC container's backend)")
+    p.add_argument(
+        "--target",
+        choices=("embedded", "onnxruntime", "tensorrt"),
+        default="embedded",
+        help="embedded (Python backend over ONNX Runtime), onnxruntime (NGC container's backend) or tensorrt "
+        "(FP16 plans, built on the GPU machine that serves them; exit 3 where TensorRT or a GPU is missing)",
+    )
     p.add_argument(
         "--work-dir",
         default=None,
         help="where ONNX files and parity.json go (default: a temporary folder, removed afterwards)",
     )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads for the parity runs")
+    p.add_argument("--cache-dir", default=None, help="TensorRT plan cache (--target tensorrt; default build/trt_cache)")
     p.set_defaults(func=_run)

@@ -12,7 +12,9 @@ Steps, each failing loudly before anything is installed:
 5. int8 (default for the embedded CPU target): ONNX Runtime dynamic quantisation, judged by what
    users see (the family's `judge`); when it misses, the default falls back to fp32 and says so,
    an explicit `--precision int8` fails;
-6. install `NAME_<role>/` Triton models (config.pbtxt, `1/model.onnx`, `1/model.py` for the
+5b. TensorRT (`--target tensorrt`, `export.hf.tensorrt`): FP16 plans with profiles over every variable
+   axis, judged like int8; where TensorRT or a GPU is missing, `EngineUnavailable` (a skip, exit 3);
+6. install `NAME_<role>/` Triton models (config.pbtxt, `1/model.onnx` or `model.plan`, `1/model.py` for the
    embedded server, `1/checkpoint/` with import.json and tokenizer.json, `1/manifest.json`), next to
    what the repository holds, and list the model in `vtfuse_models.json`.
 """
@@ -52,8 +54,9 @@ from serving.families.imported import (
 
 log = logging.getLogger(__name__)
 
-IMPORT_TARGETS = ("embedded", "onnxruntime")
-DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32"}
+IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt")
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32"}
+ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 OPSET = 17
 ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
 # Copied next to import.json so each installed model says what it came from.
@@ -130,8 +133,11 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str, model: str)
     else:
         backend, platform, filename = ENGINE_BACKENDS[target]
         c.backend, c.platform, c.default_model_filename = backend, platform, filename
-        group.kind = mc.ModelInstanceGroup.KIND_AUTO
-        c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(ENGINE_THREADS)
+        if target == "tensorrt":
+            group.kind = mc.ModelInstanceGroup.KIND_GPU
+        else:
+            group.kind = mc.ModelInstanceGroup.KIND_AUTO
+            c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(ENGINE_THREADS)
     return c
 
 
@@ -158,6 +164,7 @@ def import_hf(
     target: str = "embedded",
     work_dir: str | Path | None = None,
     threads: int | None = None,
+    plan_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Import one checkpoint into a Triton repository (see the module doc for the steps).
 
@@ -175,23 +182,23 @@ def import_hf(
     except ValueError as e:
         raise InstallError(str(e)) from None
     if target not in IMPORT_TARGETS:
-        raise InstallError(
-            f"target {target!r}: import-hf renders {', '.join(IMPORT_TARGETS)} (TensorRT plans of imported "
-            "models are not built yet: use --target onnxruntime for the NGC container)"
-        )
+        raise InstallError(f"target {target!r}: import-hf renders {', '.join(IMPORT_TARGETS)}")
     if precision not in (None, "fp32", "int8"):
         raise InstallError(f"precision {precision!r}: choose fp32 or int8")
+    if target == "tensorrt" and precision == "int8":
+        raise InstallError("--precision int8 is for the ONNX targets: TensorRT builds FP16 plans from the fp32 ONNX")
     repo = Path(repo) if repo is not None else COMMITTED_REPO
     if work_dir:
-        return _import(source, name, repo, precision, target, Path(work_dir), threads, t0)
+        return _import(source, name, repo, precision, target, Path(work_dir), threads, t0, plan_cache)
     # No --work-dir: the ONNX files (fp32 and int8, each the size of the model) go once installed.
     with tempfile.TemporaryDirectory(prefix=f"vtfuse-import-{name}-") as tmp:
-        return _import(source, name, repo, precision, target, Path(tmp), threads, t0)
+        return _import(source, name, repo, precision, target, Path(tmp), threads, t0, plan_cache)
 
 
 def _import(
     source: str, name: str, repo: Path, precision: str | None, target: str, work: Path, threads: int | None,
     t0: float,
+    plan_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """`import_hf` once its arguments are checked, with `work` for the ONNX files and parity.json."""
     src = resolve_source(source)
@@ -246,6 +253,23 @@ def _import(
         else:
             paths = int8_paths
 
+    tensorrt: dict[str, Any] | None = None
+    if target == "tensorrt":
+        from export.hf import tensorrt as hf_trt
+
+        cache = plan_cache or hf_trt.DEFAULT_CACHE
+        plans, tensorrt = hf_trt.build_plans(graphs, fp32_paths, image, max_tokens, cache)  # EngineUnavailable: skip
+        view = fam.judge(parity.by_role(cases, fp32_out), parity.by_role(cases, hf_trt.run_cases(plans, cases)))
+        tensorrt.update(figures=view.figures, failures=view.failures, ok=not view.failures)
+        if view.failures:
+            raise ParityError(
+                f"{name}: the FP16 TensorRT plans changed what users see ({'; '.join(view.failures)})",
+                engine="all",
+                output="tensorrt",
+                figures=tensorrt,
+            )
+        paths, chosen = plans, "fp16"
+
     engines = {g.role: f"{name}_{g.role}" for g in graphs}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parity_summary = {
@@ -254,6 +278,7 @@ def _import(
         "fp32": report["engines"],
         "ok": True,
         **({"int8": int8} if int8 is not None else {}),
+        **({"tensorrt": tensorrt} if tensorrt is not None else {}),
     }
     record = ImportRecord(
         name=name,
@@ -305,6 +330,7 @@ def _install(
     for triton_name in (old.engines.values() if old else ()):
         if (repo / triton_name).exists():
             shutil.rmtree(repo / triton_name)
+    lower_precision: dict[str, Any] = {k: record.parity[k] for k in ("int8", "tensorrt") if k in record.parity}
     for g in graphs:
         triton_name = record.engines[g.role]
         mdir = repo / triton_name
@@ -316,7 +342,7 @@ def _install(
         (mdir / "config.pbtxt").write_text(
             _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
         )
-        shutil.copyfile(paths[g.role], vdir / "model.onnx")
+        shutil.copyfile(paths[g.role], vdir / ARTEFACT[target])
         if target == "embedded":
             (vdir / "model.py").write_text(PYTHON_MODEL)
         ckpt = vdir / "checkpoint"
@@ -347,7 +373,7 @@ def _install(
             "parity": {
                 "tolerance": record.parity["tolerance"],
                 "fp32": record.parity["fp32"].get(g.role),
-                **({"int8": record.parity["int8"]} if "int8" in record.parity else {}),
+                **lower_precision,
             },
         }
         (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -507,6 +507,62 @@ def test_the_parity_gate_refuses_engines_that_differ_and_installs_nothing(
     assert _import_folders(scratch) == []
 
 
+# -- the tensorrt target ----------------------------------------------------------------------
+
+
+def _tensorrt_here() -> bool:
+    from export.engine import availability
+    from export.errors import EngineUnavailable
+
+    try:
+        availability()
+    except EngineUnavailable:
+        return False
+    return True
+
+
+def test_tensorrt_target_skips_with_its_reason_where_tensorrt_is_missing(
+    checkpoints: Checkpoints, tmp_path: Path, capsys
+):
+    if _tensorrt_here():  # a GPU machine with TensorRT builds and judges the plans instead
+        pytest.skip("TensorRT and a GPU are here: the import builds plans (covered by the GPU run)")
+    repo = tmp_path / "repo"
+    code = _cli(["import-hf", str(checkpoints.vilt), "--name", VILT, "--repo", str(repo), "--target", "tensorrt"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "SKIP import-hf" in err and ("tensorrt" in err.lower() or "gpu" in err.lower())
+    assert not repo.exists() or not any(repo.iterdir())  # nothing installed
+
+
+def test_tensorrt_target_refuses_int8(checkpoints: Checkpoints, tmp_path: Path):
+    with pytest.raises(InstallError, match="FP16 plans"):
+        import_hf(str(checkpoints.blip), BLIP, repo=tmp_path / "repo", precision="int8", target="tensorrt")
+
+
+def test_tensorrt_config_and_profiles_cover_every_variable_axis():
+    from torch import nn
+
+    from export.hf.graphs import EngineGraph, Tensor
+    from export.hf.importer import engine_config
+    from export.hf.tensorrt import input_shapes
+    from serving.families.imported import ImageProcessing
+
+    vilt = EngineGraph(
+        "single_stream", nn.Identity(), (),
+        (Tensor("PIXELS", "UINT8", (-1, -1, 3)), Tensor("INPUT_IDS", "INT64", (-1,)),
+         Tensor("ATTENTION_MASK", "INT64", (-1,))),
+        (Tensor("VQA_LOGITS", "FP32", (12,)),), max_batch_size=32,
+    )  # fmt: skip
+    image = ImageProcessing(mode="vilt", shortest_edge=384, size_divisor=32)
+    shapes = input_shapes(vilt, image, max_tokens=40)
+    assert shapes["PIXELS"] == ((1, 32, 32, 3), (16, 384, 384, 3), (32, 608, 608, 3))  # 639 rounded down to 32s
+    assert shapes["INPUT_IDS"] == ((1, 1), (16, 32), (32, 40))
+    cfg = engine_config("v_single_stream", vilt, "tensorrt", "v")
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and not cfg.parameters
+    assert list(cfg.input[0].dims) == [-1, -1, 3]
+
+
 # -- end to end: the API's answers from the installed engines against transformers ----------
 
 
