@@ -154,13 +154,13 @@ async def handle(
     try:
         keys = args.api_key_values()
         check_api_key(keys, api_key)
+        if method == "ListModels":  # a listing: behind the key like the tasks, but no work to admit
+            return list_models(pipeline, args.default_model)
         if rate_limiter is not None and rate_limiter.enabled and keys:  # gRPC callers are told apart by key
             rate_limiter.check(caller_id(api_key, None))
         if admission is not None:
             admission.enter()
             admitted = True
-        if method == "ListModels":
-            return list_models(pipeline, args.default_model)
         if req.ByteSize() > args.limits.max_body_bytes:
             raise PayloadTooLarge(
                 f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "

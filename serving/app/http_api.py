@@ -228,6 +228,14 @@ class ApiMiddleware:
 
         admitted = False
         try:
+            if route == "/v1/models":  # the model list is behind the key like the tasks (as gRPC ListModels)
+                try:
+                    check_api_key(self.api_keys, presented_key(headers))
+                except Unauthorized as err:
+                    resp = error_response(err)
+                    resp.headers["WWW-Authenticate"] = "Bearer"
+                    await resp(scope, receive, send_wrapper)
+                    return
             if route in TASK_ROUTES:
                 try:  # auth, then the caller's rate, then this replica's capacity: no body read yet
                     key = presented_key(headers)

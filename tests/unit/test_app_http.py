@@ -253,3 +253,18 @@ def test_api_keys_guard_the_task_routes_only(ckpt):
     assert c.post("/v1/embed", json=body, headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.post("/v1/embed", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_api_keys_guard_the_model_list_too(ckpt):
+    args = make_args(ckpt, api_keys=["s3cret"])
+    pipeline, _ = make_pipeline(args)
+
+    async def collect() -> str:
+        return ""
+
+    c = TestClient(create_api(pipeline, args, ApiMetrics(), collect), raise_server_exceptions=False)
+    r = c.get("/v1/models")
+    assert_error(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
+    ok = c.get("/v1/models", headers={"X-API-Key": "s3cret"})
+    assert ok.status_code == 200 and [m["name"] for m in ok.json()["models"]] == sorted(pipeline.runtimes)
