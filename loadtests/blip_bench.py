@@ -263,6 +263,9 @@ def summarize(raw: dict[str, Any], settings: BlipBenchSettings, command: str, st
 
 # -- checkpoint and repository -------------------------------------------------------------------
 
+VISION_INIT_RANGE = 0.02  # the text tower's default; spreads the random image features
+
+
 def build_base_checkpoint(folder: Path, seed: int = 0) -> Path:
     """BlipForImageTextRetrieval at BlipConfig's (BLIP-base) sizes, random weights, with a BlipProcessor (384 px)."""
     import torch
@@ -275,7 +278,9 @@ def build_base_checkpoint(folder: Path, seed: int = 0) -> Path:
     vocab = padded_vocab(WORDS, base.text_config.vocab_size)
     cfg = BlipConfig(
         text_config={"vocab_size": len(vocab), "pad_token_id": 0, "bos_token_id": 2, "sep_token_id": 3},
-        vision_config={"image_size": 384, "patch_size": 16},
+        # BlipVisionConfig's default initializer_range (1e-10) leaves image features near 0, so
+        # ITM would score the text alone and the served-vs-naive top-caption check would mean nothing.
+        vision_config={"image_size": 384, "patch_size": 16, "initializer_range": VISION_INIT_RANGE},
     )
     model = BlipForImageTextRetrieval(cfg).eval()
     tmp = folder.with_name(folder.name + ".partial")
@@ -292,8 +297,12 @@ def build_base_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 def checkpoint_ready(folder: Path) -> bool:
     processor = any((folder / f).exists() for f in ("processor_config.json", "preprocessor_config.json"))
-    return (folder / "config.json").exists() and any(folder.glob("*.safetensors")) and processor \
+    ready = (folder / "config.json").exists() and any(folder.glob("*.safetensors")) and processor \
         and (folder / "tokenizer_config.json").exists()
+    if not ready:
+        return False
+    vision = json.loads((folder / "config.json").read_text()).get("vision_config", {})
+    return bool(vision.get("initializer_range") == VISION_INIT_RANGE)
 
 
 def ensure_checkpoint(s: BlipBenchSettings) -> dict[str, Any]:
