@@ -140,3 +140,10 @@ def test_quick_settings_stay_out_of_the_full_size_paths():
                                                                              full.work_dir})
     assert full.captions == 64 and full.top_k == 5 and full.fusion_batch == 16 and full.fusion_tokens == 35
     assert full.image_batches == (1, 8) and full.naive_workers == 2 and full.naive_threads == 1
+
+
+def test_per_question_cost_is_the_latency_slope():
+    from loadtests.vilt_questions import per_question
+
+    assert abs(per_question({1: 0.5, 2: 0.75, 4: 1.25, 8: 2.25}) - 0.25) < 1e-12
+    assert abs(per_question({1: 0.1, 2: 0.1, 4: 0.1, 8: 0.1})) < 1e-12
