@@ -155,6 +155,7 @@ async def handle(
         keys = args.api_key_values()
         check_api_key(keys, api_key)
         if method == "ListModels":  # a listing: behind the key like the tasks, but no work to admit
+            await pipeline.learn(None, listing=True)
             return list_models(pipeline, args.default_model)
         if rate_limiter is not None and rate_limiter.enabled and keys:  # gRPC callers are told apart by key
             rate_limiter.check(caller_id(api_key, None))
@@ -166,6 +167,7 @@ async def handle(
                 f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "
                 "(limits.max_body_bytes)"
             )
+        await pipeline.learn(req.model or None)
         model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
         task = to_task(method, req, model)
         check_limits(task, args.limits)

@@ -375,6 +375,7 @@ def create_api(
         else:
             obj = parse_json(raw)
         body = validate_body(route, obj)
+        await pipeline.learn(body.model)
         model = resolve_model(body.model, list(pipeline.runtimes), args.default_model)
         task = from_http(body, model)
         check_limits(task, limits)
@@ -420,6 +421,7 @@ def create_api(
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse, summary="Served models, their tasks and engines")
     async def list_models() -> schemas.ModelsResponse:
+        await pipeline.learn(None, listing=True)
         return models_response(pipeline, args.default_model)
 
     @app.get("/healthz", response_model=schemas.Health, summary="Liveness")

@@ -15,11 +15,11 @@ from serving.app.logs import configure_logging
 from serving.app.metrics import ApiMetrics, MetricsCollector
 from serving.app.models import load_runtimes
 from serving.app.pipeline import Admission, Pipeline
-from serving.app.preprocess import HandlePreprocess, InlinePreprocess, Preprocessor
+from serving.app.preprocess import HandlePreprocess, InlinePreprocess, Preprocessor, imported_catalog
 from serving.app.ratelimit import RateLimiter
 from serving.app.settings import AppArgs
 from serving.proto import vtfuse_pb2 as pb
-from serving.triton.client import TritonClient, TritonClientSettings
+from serving.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +50,21 @@ class Ingress:
         self.admission = Admission(args.limits.max_inflight)
         self.limiter = RateLimiter(args.limits.rate_limit_rps, args.limits.rate_limit_burst)
         runtimes = load_runtimes(args)
-        self.triton = TritonClient(
-            TritonClientSettings(
-                url=args.triton_url,
-                pool_size=args.triton_pool_size,
-                max_reconnect_backoff_ms=args.triton_max_reconnect_backoff_ms,
-                tls=args.triton_tls,
-                tls_root_cert=args.triton_tls_root_cert,
-                tls_client_cert=args.triton_tls_client_cert,
-                tls_client_key=args.triton_tls_client_key,
-                tls_server_name=args.triton_tls_server_name,
-            )
-        )
+        self.triton = TritonClient(args.triton_settings())
+        catalog = imported_catalog(args) if args.triton_catalog else None
         pre = (
             HandlePreprocess(preprocess)
             if preprocess is not None
             else InlinePreprocess(Preprocessor(runtimes, args.limits.max_pixels, self.metrics))
         )
         self.pipeline = Pipeline(
-            runtimes, self.triton, pre, self.metrics, args.engine_max_batch, max_pixels=args.limits.max_pixels
+            runtimes,
+            self.triton,
+            pre,
+            self.metrics,
+            args.engine_max_batch,
+            max_pixels=args.limits.max_pixels,
+            catalog=catalog,  # inline preprocessing shares `runtimes`: what the pipeline learns, it sees
         )
         self.collector = MetricsCollector(args.metrics_urls)
         log.info(

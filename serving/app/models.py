@@ -136,6 +136,13 @@ def load_runtime(name: str, spec: ModelSpec, folder: Path) -> ModelRuntime:
     )
 
 
+def runtime_from_record(record: ImportRecord, tokenizer: Tokenizer) -> ModelRuntime:
+    """An imported model's runtime from its record and tokenizer."""
+    return ModelRuntime(
+        record.name, ModelSpec(), None, tokenizer, record.labels, family=record.family_spec, record=record
+    )
+
+
 def load_imported_runtime(record: ImportRecord, folder: Path) -> ModelRuntime:
     """An imported model's runtime from its checkpoint folder (import.json + tokenizer.json)."""
     missing = [f for f in (IMPORT_RECORD, TOKENIZER_FILE) if not (folder / f).exists()]
@@ -144,15 +151,7 @@ def load_imported_runtime(record: ImportRecord, folder: Path) -> ModelRuntime:
             f"imported model {record.name!r}: {', '.join(missing)} missing in {folder}: "
             f"import it again (`vtfuse import-hf SOURCE --name {record.name}`)"
         )
-    return ModelRuntime(
-        record.name,
-        ModelSpec(),
-        None,
-        load_plain_tokenizer(folder / TOKENIZER_FILE),
-        record.labels,
-        family=record.family_spec,
-        record=record,
-    )
+    return runtime_from_record(record, load_plain_tokenizer(folder / TOKENIZER_FILE))
 
 
 def load_runtimes(args: AppArgs) -> dict[str, ModelRuntime]:

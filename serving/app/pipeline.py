@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serving.app import router
+from serving.app.catalog import ImportedCatalog
 from serving.app.metrics import ApiMetrics
 from serving.app.models import ModelRuntime
 from serving.app.preprocess import PreprocessFn, PreprocessItem, Tensors
@@ -169,7 +170,9 @@ class Pipeline:
         engine_max_batch: int = 64,
         preprocess_retries: int = 2,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        catalog: ImportedCatalog | None = None,
     ) -> None:
+        self.catalog = catalog
         self.preprocess_retries = preprocess_retries
         self.max_pixels = max_pixels
         self.no_server_vqa: set[str] = set()  # models whose `vqa` Triton does not serve
@@ -240,6 +243,11 @@ class Pipeline:
         if len(results) == 1:
             return results[0]
         return {o: np.concatenate([r[o] for r in results]) for o in outputs}
+
+    async def learn(self, name: str | None, listing: bool = False) -> None:
+        """Before resolving `name` (or listing models): ask Triton's catalog about models this replica lacks."""
+        if self.catalog is not None and (listing or (name and name not in self.runtimes)):
+            await asyncio.to_thread(self.catalog.refresh, self.runtimes)
 
     def runtime(self, task: Task) -> ModelRuntime:
         """The served model a task names (already resolved by the ingress)."""

@@ -18,8 +18,9 @@ from typing import Protocol
 import numpy as np
 from ray import serve
 
+from serving.app.catalog import ImportedCatalog
 from serving.app.metrics import ApiMetrics
-from serving.app.models import ModelRuntime, load_runtimes
+from serving.app.models import ModelRuntime, load_runtimes, runtime_from_record
 from serving.app.settings import AppArgs
 from serving.errors import SchemaViolation, UnknownModel, VtfuseError
 
@@ -68,7 +69,14 @@ class Preprocessed:
 class Preprocessor:
     """Decode/tokenize for every served model; no Ray needed (unit-testable)."""
 
-    def __init__(self, runtimes: dict[str, ModelRuntime], max_pixels: int, metrics: ApiMetrics | None = None) -> None:
+    def __init__(
+        self,
+        runtimes: dict[str, ModelRuntime],
+        max_pixels: int,
+        metrics: ApiMetrics | None = None,
+        catalog: ImportedCatalog | None = None,
+    ) -> None:
+        self.catalog = catalog  # a replica apart from the ingress learns imported models itself
         self.runtimes = runtimes
         self.max_pixels = max_pixels
         self.metrics = metrics
@@ -87,6 +95,8 @@ class Preprocessor:
         out = [Preprocessed() for _ in items]
         if self.metrics is not None:
             self.metrics.batch(len(items))
+        if self.catalog is not None and any(i.model not in self.runtimes for i in items):
+            self.catalog.refresh(self.runtimes)
         runtimes: list[ModelRuntime | None] = []
         for item, res in zip(items, out):
             rt = self.runtimes.get(item.model)
@@ -142,6 +152,11 @@ class Preprocessor:
             start += n
 
 
+def imported_catalog(args: AppArgs) -> ImportedCatalog:
+    """The catalog of imported models as Triton serves them, over the app's Triton settings."""
+    return ImportedCatalog(args.triton_settings(), runtime_from_record)
+
+
 class PreprocessFn(Protocol):
     """What the ingress awaits for preprocessing: a Serve handle or an in-process preprocessor."""
 
@@ -177,7 +192,8 @@ class PreprocessDeployment:
 
         configure_logging(args.log_level)
         self.metrics = ApiMetrics()
-        self.pre = Preprocessor(load_runtimes(args), args.limits.max_pixels, self.metrics)
+        catalog = imported_catalog(args) if args.triton_catalog else None
+        self.pre = Preprocessor(load_runtimes(args), args.limits.max_pixels, self.metrics, catalog)
         self.batch.set_max_batch_size(args.preprocess_max_batch_size)  # type: ignore[attr-defined]
         self.batch.set_batch_wait_timeout_s(args.preprocess_batch_wait_s)  # type: ignore[attr-defined]
 

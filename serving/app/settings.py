@@ -11,11 +11,14 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from serving.paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    from serving.triton.client import TritonClientSettings
 
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 
@@ -144,6 +147,11 @@ class AppArgs(BaseModel):
         description="Keys accepted on /v1/* (X-API-Key or Authorization: Bearer; gRPC x-api-key metadata); "
         "empty: no auth. Prefer the environment: VTFUSE_API_KEYS='[\"key1\"]'. Never logged or printed.",
     )
+    triton_catalog: bool = Field(
+        default=True,
+        description="Learn imported models the repository folder here lacks from Triton's `vtfuse_catalog` "
+        "model (API replicas apart from Triton's repository, as on Kubernetes), when a request names one.",
+    )
     triton_tls: bool = Field(default=False, description="Talk to Triton's gRPC endpoint over TLS.")
     triton_tls_root_cert: str | None = Field(
         default=None, description="PEM file of the CA that signed Triton's certificate; default: the system's."
@@ -161,6 +169,21 @@ class AppArgs(BaseModel):
         if self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not one of models: {sorted(self.models)}")
         return self
+
+    def triton_settings(self) -> TritonClientSettings:
+        """The API's gRPC client settings for Triton (address, pool, reconnect backoff, TLS)."""
+        from serving.triton.client import TritonClientSettings
+
+        return TritonClientSettings(
+            url=self.triton_url,
+            pool_size=self.triton_pool_size,
+            max_reconnect_backoff_ms=self.triton_max_reconnect_backoff_ms,
+            tls=self.triton_tls,
+            tls_root_cert=self.triton_tls_root_cert,
+            tls_client_cert=self.triton_tls_client_cert,
+            tls_client_key=self.triton_tls_client_key,
+            tls_server_name=self.triton_tls_server_name,
+        )
 
     def api_key_values(self) -> list[str]:
         """The configured API keys as plain strings (for comparing, never for logging)."""

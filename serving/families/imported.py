@@ -254,6 +254,24 @@ def write_repository_models(repository: str | Path, records: dict[str, ImportRec
     return path
 
 
+def catalog(repository: str | Path) -> dict[str, Any]:
+    """Every imported model's record and tokenizer.json text: what Triton's `vtfuse_catalog` model returns."""
+    models = {}
+    for name, record in read_repository_models(repository).items():
+        tok = record.checkpoint_dir(repository) / TOKENIZER_FILE
+        if tok.exists():
+            models[name] = {"record": record.to_json(), "tokenizer": tok.read_text()}
+    return {"models": models}
+
+
+def from_catalog(entry: dict[str, Any]) -> tuple[ImportRecord, Tokenizer]:
+    """One `catalog()` entry → its record and tokenizer (padding and truncation off, as load_plain_tokenizer)."""
+    tok = Tokenizer.from_str(entry["tokenizer"])
+    tok.no_padding()
+    tok.no_truncation()
+    return ImportRecord.from_json(entry["record"]), tok
+
+
 def image_from_bytes(data: bytes) -> Image.Image:
     """A PIL image of encoded bytes (tests and parity checks: the same decoding a client's PIL does)."""
     return Image.open(io.BytesIO(data))

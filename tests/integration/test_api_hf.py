@@ -260,3 +260,49 @@ def test_bad_input_to_imported_models_keeps_the_error_contract(serve_app):
                                                   "questions": ["what color?"], "return_attention": True}, timeout=30)
     assert attention.status_code == 422 and "single-stream" in attention.json()["error"]["message"]
     assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+
+
+def test_a_replica_apart_from_the_repository_learns_imported_models_from_triton(triton, tmp_path, blip):
+    """As on Kubernetes: the API's repository folder has tiny only; Triton's vtfuse_catalog names the rest."""
+    import asyncio
+
+    from serving.app.catalog import fetch_catalog
+    from serving.app.metrics import ApiMetrics
+    from serving.app.models import load_runtimes
+    from serving.app.pipeline import Pipeline, RequestContext
+    from serving.app.preprocess import InlinePreprocess, Preprocessor, imported_catalog
+    from serving.app.settings import AppArgs, ModelSpec
+    from serving.app.tasks import MatchTask
+    from serving.families.imported import from_catalog, read_repository_models
+    from serving.triton.client import TritonClient
+
+    repo = triton.settings.repository
+    served = fetch_catalog(AppArgs(triton_url=triton.url_grpc).triton_settings())
+    assert sorted(served["models"]) == ["blip-test", "vilt-test"]
+    learnt, _ = from_catalog(served["models"]["blip-test"])
+    assert learnt == read_repository_models(repo)["blip-test"]
+
+    args = AppArgs(
+        triton_url=triton.url_grpc,
+        repository=str(tmp_path),  # no vtfuse_models.json here
+        models={"tiny": ModelSpec(checkpoint=str(repo / "fusion" / "1" / "checkpoint"))},
+    )
+    image = _images(1, 91)[0]
+
+    async def run() -> list[float]:
+        runtimes = load_runtimes(args)
+        assert sorted(runtimes) == ["tiny"]
+        triton_client = TritonClient(args.triton_settings())
+        pipeline = Pipeline(runtimes, triton_client, InlinePreprocess(Preprocessor(runtimes, args.limits.max_pixels)),
+                            ApiMetrics(), catalog=imported_catalog(args))
+        try:
+            await pipeline.learn("blip-test")
+            assert {"blip-test", "vilt-test"} <= set(runtimes)
+            ctx = RequestContext("catalog-test", __import__("time").monotonic() + 30)
+            res = await pipeline.run(MatchTask("blip-test", image, CAPTIONS), ctx)
+            return list(res.scores)
+        finally:
+            await triton_client.close()
+
+    scores = asyncio.run(run())
+    assert np.abs(np.array(scores) - _itm_reference(blip, image, CAPTIONS)).max() < 1e-3
