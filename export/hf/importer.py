@@ -111,7 +111,7 @@ def quantize_int8(paths: dict[str, Path], dest: Path) -> dict[str, Path]:
     return out
 
 
-def engine_config(triton_name: str, graph: EngineGraph, target: str, model: str) -> mc.ModelConfig:
+def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.ModelConfig:
     """config.pbtxt of one imported engine for a target (embedded: Python backend over ONNX Runtime)."""
     c = mc.ModelConfig(name=triton_name, max_batch_size=graph.max_batch_size)
     for t in graph.inputs:
@@ -148,11 +148,11 @@ def _header(model: str, role: str, source: str, target: str) -> str:
     )
 
 
-def _reference_inputs(src: HfSource) -> tuple[Any, Any]:
+def _processor(src: HfSource) -> Any:
+    """The checkpoint's own `transformers` processor: the parity reference's preprocessing."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(src.folder))
-    return processor, getattr(processor, "tokenizer", None)
+    return AutoProcessor.from_pretrained(str(src.folder))
 
 
 def import_hf(
@@ -212,7 +212,7 @@ def _import(
              max_tokens, image)
 
     model = fam.load_model(str(src.folder))
-    processor, _ = _reference_inputs(src)
+    processor = _processor(src)
     cases = fam.parity_cases(
         model, processor, tokenizer, image, parity.parity_images(), list(parity.PARITY_TEXTS), max_tokens
     )
@@ -338,7 +338,7 @@ def _install(
             shutil.rmtree(mdir)
         vdir = mdir / "1"
         (vdir / "checkpoint").mkdir(parents=True)
-        config = engine_config(triton_name, g, target, record.name)
+        config = engine_config(triton_name, g, target)
         (mdir / "config.pbtxt").write_text(
             _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
         )

@@ -557,7 +557,7 @@ def test_tensorrt_config_and_profiles_cover_every_variable_axis():
     shapes = input_shapes(vilt, image, max_tokens=40)
     assert shapes["PIXELS"] == ((1, 32, 32, 3), (16, 384, 384, 3), (32, 608, 608, 3))  # 639 rounded down to 32s
     assert shapes["INPUT_IDS"] == ((1, 1), (16, 32), (32, 40))
-    cfg = engine_config("v_single_stream", vilt, "tensorrt", "v")
+    cfg = engine_config("v_single_stream", vilt, "tensorrt")
     assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
     assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and not cfg.parameters
     assert list(cfg.input[0].dims) == [-1, -1, 3]
