@@ -507,6 +507,31 @@ def test_the_parity_gate_refuses_engines_that_differ_and_installs_nothing(
     assert _import_folders(scratch) == []
 
 
+def test_a_hub_id_resolves_through_the_hugging_face_cache_offline(checkpoints: Checkpoints, tmp_path: Path):
+    """`import-hf org/name` on a machine without internet: huggingface_hub finds the cached snapshot."""
+    snapshot = tmp_path / "hf" / "hub" / "models--vtfuse-tests--vilt-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(checkpoints.vilt, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    repo = tmp_path / "repo"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "import-hf", "vtfuse-tests/vilt-tiny", "--name", "hub-vilt",
+         "--repo", str(repo), "--precision", "fp32"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_OK, proc.stderr[-2000:]
+    record = read_repository_models(repo)["hub-vilt"]
+    assert record.source == "vtfuse-tests/vilt-tiny" and record.tasks == ("vqa",)
+    missing = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "import-hf", "vtfuse-tests/not-cached", "--name", "x", "--repo",
+         str(tmp_path / "repo2")],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert missing.returncode == EXIT_FAILED
+    assert "could not fetch vtfuse-tests/not-cached" in missing.stderr and "hf download" in missing.stderr
+
+
 # -- the tensorrt target ----------------------------------------------------------------------
 
 
