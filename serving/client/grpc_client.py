@@ -112,6 +112,10 @@ class VtfuseGrpcClient:
         req = pb.EmbedRequest(images=[read_image(i) for i in images], texts=list(texts), model=model)
         return self._call("Embed", req, request_id)
 
+    def list_models(self, request_id: str | None = None) -> pb.ListModelsResponse:
+        """The served models with their tasks, engines, precision, source and parity (ListModels)."""
+        return self._call("ListModels", pb.ListModelsRequest(), request_id)
+
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()

@@ -146,6 +146,10 @@ class VtfuseClient:
         """Image and/or text embeddings (POST /v1/embed)."""
         return self._post("/v1/embed", _bodies(images=images, texts=texts, model=model), request_id)
 
+    def models(self) -> dict[str, Any]:
+        """The served models with their tasks, engines, precision, source and parity (GET /v1/models)."""
+        return _raise_for_error(self._http.get("/v1/models"))
+
     def ready(self) -> bool:
         """True when GET /readyz answers 200."""
         try:
@@ -239,6 +243,10 @@ class AsyncVtfuseClient:
     ) -> dict[str, Any]:
         """Image and/or text embeddings (POST /v1/embed)."""
         return await self._post("/v1/embed", _bodies(images=images, texts=texts, model=model), request_id)
+
+    async def models(self) -> dict[str, Any]:
+        """The served models with their tasks, engines, precision, source and parity (GET /v1/models)."""
+        return _raise_for_error(await self._http.get("/v1/models"))
 
     async def ready(self) -> bool:
         """True when GET /readyz answers 200."""

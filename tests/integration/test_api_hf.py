@@ -115,6 +115,18 @@ def test_models_lists_native_and_imported(serve_app):
     assert models["tiny"]["tasks"] == ["vqa", "match", "retrieve", "embed"]
 
 
+def test_the_python_clients_list_models(serve_app):
+    from serving.client.grpc_client import VtfuseGrpcClient
+    from serving.client.http_client import VtfuseClient
+
+    with VtfuseClient(serve_app.http_url) as http:
+        listed = http.models()
+    assert listed["default"] == "tiny" and {"blip-test", "vilt-test"} <= {m["name"] for m in listed["models"]}
+    with VtfuseGrpcClient(serve_app.grpc_target) as g:
+        names = [m.name for m in g.list_models().models]
+    assert names == sorted(m["name"] for m in listed["models"])
+
+
 def test_grpc_list_models(serve_app):
     with grpc.insecure_channel(serve_app.grpc_target) as ch:
         resp = pb_grpc.VtfuseStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
