@@ -17,7 +17,7 @@ from export.render_repo import load_config
 from serving.model.io_spec import ENGINES, engine_specs
 from serving.model.model import FusionConfig
 
-MODELS = sorted((*ENGINES, "preprocess", "vqa"))
+MODELS = sorted((*ENGINES, "preprocess", "vqa", "vtfuse_catalog"))
 
 
 def _manifest(repo: Path, model: str, version: int = 1) -> dict:
@@ -71,7 +71,7 @@ def test_onnxruntime_configs_parse_with_native_backend_and_io_spec_dims(onnx_dir
         assert [(t.name, tuple(t.dims)) for t in config.output] == [(t.name, t.dims) for t in specs[e].outputs]
         assert "onnx_file" not in config.parameters and "intra_op_threads" not in config.parameters
         assert not (repo / e / "1" / "model.py").exists(), "a native engine carries no Python code"
-    for m in ("preprocess", "vqa"):
+    for m in ("preprocess", "vqa", "vtfuse_catalog"):
         assert load_config(repo / m / "config.pbtxt").backend == "python"
         assert (repo / m / "1" / "model.py").read_bytes() == (source_repo / m / "1" / "model.py").read_bytes()
 
