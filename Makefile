@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[export,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[server,export,dev]'
 	touch $@
 
 # Export the shipped checkpoint to ONNX, check parity, install into model_repository/.

@@ -1,7 +1,56 @@
-"""Python clients of the vtfuse API: HTTP (sync and async, httpx) and gRPC."""
+"""Python clients of the vtfuse API: HTTP (sync and async, httpx) and gRPC (sync and async), typed results.
 
-from serving.client.errors import ApiError
-from serving.client.grpc_client import VtfuseGrpcClient
+Needs only httpx, grpcio and protobuf: `pip install 'vtfuse[client]'` (no Ray, Triton, torch).
+"""
+
+from serving.client.errors import (
+    ApiConnectionError,
+    ApiError,
+    AuthenticationError,
+    BadRequest,
+    DeadlineExceeded,
+    Overloaded,
+    PayloadTooLarge,
+    ServerError,
+    Unavailable,
+)
+from serving.client.grpc_client import AsyncVtfuseGrpcClient, VtfuseGrpcClient
 from serving.client.http_client import AsyncVtfuseClient, VtfuseClient
+from serving.client.results import (
+    Answer,
+    EmbedResult,
+    MatchResult,
+    ModelInfo,
+    ModelList,
+    RetrieveHit,
+    RetrieveResult,
+    VqaAnswer,
+    VqaResult,
+)
+from serving.client.retry import Retry
 
-__all__ = ["ApiError", "AsyncVtfuseClient", "VtfuseClient", "VtfuseGrpcClient"]
+__all__ = [
+    "Answer",
+    "ApiConnectionError",
+    "ApiError",
+    "AsyncVtfuseClient",
+    "AsyncVtfuseGrpcClient",
+    "AuthenticationError",
+    "BadRequest",
+    "DeadlineExceeded",
+    "EmbedResult",
+    "MatchResult",
+    "ModelInfo",
+    "ModelList",
+    "Overloaded",
+    "PayloadTooLarge",
+    "Retry",
+    "RetrieveHit",
+    "RetrieveResult",
+    "ServerError",
+    "Unavailable",
+    "VqaAnswer",
+    "VqaResult",
+    "VtfuseClient",
+    "VtfuseGrpcClient",
+]

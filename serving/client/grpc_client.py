@@ -1,40 +1,155 @@
-"""gRPC client of the API on Ray Serve's gRPC proxy (port 9000): typed protos in and out."""
+"""gRPC clients of the API on Ray Serve's gRPC proxy (port 9000): `VtfuseGrpcClient` and `AsyncVtfuseGrpcClient`.
+
+The same typed results, API key (`x-api-key` metadata), TLS, retries and exceptions as the
+HTTP clients: RESOURCE_EXHAUSTED (not `payload_too_large`) and UNAVAILABLE are retried with
+capped, jittered exponential backoff that honours the `retry-after` trailing metadata.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from serving.client.errors import ApiError, read_image
+from serving.client.errors import ApiError, api_error, parse_retry_after, read_image
 from serving.client.http_client import Image
+from serving.client.results import EmbedResult, MatchResult, ModelList, RetrieveResult, VqaResult
+from serving.client.retry import Retry, retryable_grpc
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 
-def _api_error(e: grpc.RpcError) -> ApiError:
-    """A failed call → ApiError with the status name, the API's error code and the request id."""
-    meta = dict(e.trailing_metadata() or ())  # type: ignore[attr-defined]
+
+def _meta(md: Iterable[Any] | None) -> dict[str, str]:
+    """Metadata (sync tuples or grpc.aio.Metadata) → {key: value}."""
+    out: dict[str, str] = {}
+    for k, v in md or ():
+        out[str(k)] = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+    return out
+
+
+def _api_error(e: grpc.RpcError, request_id: str | None = None) -> ApiError:
+    """A failed call → the narrow ApiError with the status name, the API's error code and the request id."""
+    meta = _meta(e.trailing_metadata())  # type: ignore[attr-defined]
     details = e.details() or ""  # type: ignore[attr-defined]
-    code = str(meta.get("error-code") or details.split(":", 1)[0] or "grpc_error")
-    message = details.split(": ", 1)[1] if ": " in details else details
-    retry = meta.get("retry-after")
-    return ApiError(
-        e.code().name,
-        code,
+    status = e.code().name  # type: ignore[attr-defined]
+    code = meta.get("error-code")
+    # The API's own errors read "code: message" with `error-code` metadata; gRPC's (no connection...) do not.
+    message = details.split(": ", 1)[1] if code and details.startswith(f"{code}: ") else details
+    return api_error(
+        status,
+        code or status.lower(),
         message,
-        meta.get("request_id"),  # type: ignore[attr-defined]
-        float(retry) if retry and str(retry).isdigit() else None,
+        meta.get("request_id") or request_id,
+        parse_retry_after(meta.get("retry-after")),
     )
 
 
-class VtfuseGrpcClient:
-    """Synchronous gRPC client; each method returns the response proto.
+def channel_credentials(tls: bool, ca_cert: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials (the system's roots, or the PEM `ca_cert`), or None for plaintext."""
+    if not tls and ca_cert is None:
+        return None
+    roots = Path(ca_cert).read_bytes() if isinstance(ca_cert, str | Path) else ca_cert
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # reconnect soon after a restart, so the client's own retries find the server back
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+
+
+class _Requests:
+    """Request protos and call plumbing shared by the sync and async gRPC clients."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float,
+        application: str | None,
+        max_message_bytes: int,
+        api_key: str | None,
+        retry: Retry | None,
+        tls: bool,
+        ca_cert: str | Path | bytes | None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.application = application
+        self.api_key = api_key
+        self.retry = retry or Retry()
+        self._credentials = channel_credentials(tls, ca_cert)
+        self._options = _options(max_message_bytes)
+
+    def _metadata(self, request_id: str) -> list[tuple[str, str]]:
+        md = [("request_id", request_id)]
+        if self.application:
+            md.append(("application", self.application))
+        if self.api_key:
+            md.append(("x-api-key", self.api_key))
+        return md
+
+    def _failed(self, e: grpc.RpcError, rid: str, retry: int, method: str) -> tuple[ApiError, float | None]:
+        """The error of a failed try and the wait before the next (None: raise now)."""
+        err = _api_error(e, rid)
+        status = e.code().name  # type: ignore[attr-defined]
+        wait = None
+        if retryable_grpc(status, err.code, e.details() or ""):  # type: ignore[attr-defined]
+            wait = self.retry.delay(retry, err.retry_after)
+        if wait is not None:
+            log.info("%s: %s; retry %d/%d in %.2f s", method, err, retry, self.retry.max_retries, wait)
+        return err, wait
+
+    @staticmethod
+    def _vqa(image: Image, questions: Sequence[str], top_k: int, model: str, attention: bool) -> pb.VqaRequest:
+        return pb.VqaRequest(
+            image=read_image(image), questions=list(questions), top_k=top_k, model=model, return_attention=attention
+        )
+
+    @staticmethod
+    def _match(image: Image, texts: Sequence[str], model: str) -> pb.MatchRequest:
+        return pb.MatchRequest(image=read_image(image), texts=list(texts), model=model)
+
+    @staticmethod
+    def _retrieve_texts(image: Image, texts: Sequence[str], top_k: int, model: str) -> pb.RetrieveRequest:
+        return pb.RetrieveRequest(image=read_image(image), texts=list(texts), top_k=top_k, model=model)
+
+    @staticmethod
+    def _retrieve_images(text: str, images: Sequence[Image], top_k: int, model: str) -> pb.RetrieveRequest:
+        return pb.RetrieveRequest(text=text, images=[read_image(i) for i in images], top_k=top_k, model=model)
+
+    @staticmethod
+    def _embed(images: Sequence[Image] | None, texts: Sequence[str] | None, model: str) -> pb.EmbedRequest:
+        return pb.EmbedRequest(images=[read_image(i) for i in images or ()], texts=list(texts or ()), model=model)
+
+
+class VtfuseGrpcClient(_Requests):
+    """Synchronous gRPC client; every call returns a typed result (`serving.client.results`).
+
+    Args:
+        target: `host:port` of the API's gRPC port.
+        timeout: the deadline of each try, seconds.
+        application: the Serve application to route to (`application` metadata), when several are deployed.
+        api_key: sent as `x-api-key` metadata on every call.
+        retry: retry policy (`serving.client.retry.Retry`).
+        tls: use TLS, trusting the system's CAs (or `ca_cert`).
+        ca_cert: PEM file (or bytes) of the CA(s) to trust; implies TLS.
 
     Example:
-        >>> c = VtfuseGrpcClient("127.0.0.1:9000")
-        >>> c.vqa(open("shapes.png", "rb").read(), ["how many circles are there?"]).answers[0].answer
+        >>> with VtfuseGrpcClient("127.0.0.1:9000") as c:
+        ...     c.vqa(open("shapes.png", "rb").read(), ["how many circles are there?"]).answer
     """
 
     def __init__(
@@ -43,28 +158,35 @@ class VtfuseGrpcClient:
         timeout: float = 30.0,
         application: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        *,
+        api_key: str | None = None,
+        retry: Retry | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | bytes | None = None,
     ) -> None:
-        self.timeout = timeout
-        self.application = application
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        super().__init__(target, timeout, application, max_message_bytes, api_key, retry, tls, ca_cert)
+        if self._credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(target, self._credentials, options=self._options)
         self._stub = pb_grpc.VtfuseStub(self._channel)
 
-    def _call(self, method: str, request: Any, request_id: str | None) -> Any:
-        metadata = []
-        if self.application:
-            metadata.append(("application", self.application))
-        if request_id:
-            metadata.append(("request_id", request_id))
-        try:
-            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=metadata or None)
-        except grpc.RpcError as e:
-            raise _api_error(e) from None
+    def _call(self, method: str, request: Any, request_id: str | None) -> tuple[Any, str]:
+        """(response proto, request id); retries what may pass later, else raises ApiError."""
+        rid = request_id or uuid.uuid4().hex
+        retry = 0
+        while True:
+            try:
+                resp, call = getattr(self._stub, method).with_call(
+                    request, timeout=self.timeout, metadata=self._metadata(rid)
+                )
+                return resp, _meta(call.trailing_metadata()).get("request_id") or rid
+            except grpc.RpcError as e:
+                retry += 1
+                err, wait = self._failed(e, rid, retry, method)
+                if wait is None:
+                    raise err from None
+                time.sleep(wait)
 
     def vqa(
         self,
@@ -74,47 +196,44 @@ class VtfuseGrpcClient:
         model: str = "",
         return_attention: bool = False,
         request_id: str | None = None,
-    ) -> pb.VqaResponse:
+    ) -> VqaResult:
         """Answer questions about one image."""
-        req = pb.VqaRequest(
-            image=read_image(image),
-            questions=list(questions),
-            top_k=top_k,
-            model=model,
-            return_attention=return_attention,
-        )
-        return self._call("Vqa", req, request_id)
+        req = self._vqa(image, questions, top_k, model or "", return_attention)
+        return VqaResult.from_proto(*self._call("Vqa", req, request_id))
 
-    def match(
-        self, image: Image, texts: Sequence[str], model: str = "", request_id: str | None = None
-    ) -> pb.MatchResponse:
+    def match(self, image: Image, texts: Sequence[str], model: str = "", request_id: str | None = None) -> MatchResult:
         """ITM probability of each text for one image."""
-        return self._call("Match", pb.MatchRequest(image=read_image(image), texts=list(texts), model=model), request_id)
+        return MatchResult.from_proto(*self._call("Match", self._match(image, texts, model or ""), request_id))
 
     def retrieve_texts(
         self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None
-    ) -> pb.RetrieveResponse:
+    ) -> RetrieveResult:
         """Rank texts for an image."""
-        req = pb.RetrieveRequest(image=read_image(image), texts=list(texts), top_k=top_k, model=model)
-        return self._call("Retrieve", req, request_id)
+        req = self._retrieve_texts(image, texts, top_k, model or "")
+        return RetrieveResult.from_proto(*self._call("Retrieve", req, request_id))
 
     def retrieve_images(
         self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None
-    ) -> pb.RetrieveResponse:
+    ) -> RetrieveResult:
         """Rank images for a text."""
-        req = pb.RetrieveRequest(text=text, images=[read_image(i) for i in images], top_k=top_k, model=model)
-        return self._call("Retrieve", req, request_id)
+        req = self._retrieve_images(text, images, top_k, model or "")
+        return RetrieveResult.from_proto(*self._call("Retrieve", req, request_id))
 
     def embed(
-        self, images: Sequence[Image] = (), texts: Sequence[str] = (), model: str = "", request_id: str | None = None
-    ) -> pb.EmbedResponse:
+        self,
+        images: Sequence[Image] | None = None,
+        texts: Sequence[str] | None = None,
+        model: str = "",
+        request_id: str | None = None,
+    ) -> EmbedResult:
         """Image and/or text embeddings."""
-        req = pb.EmbedRequest(images=[read_image(i) for i in images], texts=list(texts), model=model)
-        return self._call("Embed", req, request_id)
+        return EmbedResult.from_proto(*self._call("Embed", self._embed(images, texts, model or ""), request_id))
 
-    def list_models(self, request_id: str | None = None) -> pb.ListModelsResponse:
+    def list_models(self, request_id: str | None = None) -> ModelList:
         """The served models with their tasks, engines, precision, source and parity (ListModels)."""
-        return self._call("ListModels", pb.ListModelsRequest(), request_id)
+        return ModelList.from_proto(*self._call("ListModels", pb.ListModelsRequest(), request_id))
+
+    models = list_models  # the HTTP client's name
 
     def close(self) -> None:
         """Close the channel."""
@@ -125,3 +244,112 @@ class VtfuseGrpcClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncVtfuseGrpcClient(_Requests):
+    """Asynchronous gRPC client (grpc.aio): the same arguments, methods and results as `VtfuseGrpcClient`, awaited.
+
+    The channel opens on the first call, in the running event loop.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        timeout: float = 30.0,
+        application: str | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        *,
+        api_key: str | None = None,
+        retry: Retry | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | bytes | None = None,
+    ) -> None:
+        super().__init__(target, timeout, application, max_message_bytes, api_key, retry, tls, ca_cert)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
+
+    def _get_stub(self) -> Any:
+        if self._channel is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            self._stub = pb_grpc.VtfuseStub(self._channel)
+        return self._stub
+
+    async def _call(self, method: str, request: Any, request_id: str | None) -> tuple[Any, str]:
+        """(response proto, request id); retries what may pass later, else raises ApiError."""
+        rid = request_id or uuid.uuid4().hex
+        retry = 0
+        while True:
+            try:
+                call = getattr(self._get_stub(), method)(request, timeout=self.timeout, metadata=self._metadata(rid))
+                resp = await call
+                return resp, _meta(await call.trailing_metadata()).get("request_id") or rid
+            except grpc.RpcError as e:
+                retry += 1
+                err, wait = self._failed(e, rid, retry, method)
+                if wait is None:
+                    raise err from None
+                await asyncio.sleep(wait)
+
+    async def vqa(
+        self,
+        image: Image,
+        questions: Sequence[str],
+        top_k: int = 1,
+        model: str = "",
+        return_attention: bool = False,
+        request_id: str | None = None,
+    ) -> VqaResult:
+        """Answer questions about one image."""
+        req = self._vqa(image, questions, top_k, model or "", return_attention)
+        return VqaResult.from_proto(*await self._call("Vqa", req, request_id))
+
+    async def match(
+        self, image: Image, texts: Sequence[str], model: str = "", request_id: str | None = None
+    ) -> MatchResult:
+        """ITM probability of each text for one image."""
+        return MatchResult.from_proto(*await self._call("Match", self._match(image, texts, model or ""), request_id))
+
+    async def retrieve_texts(
+        self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None
+    ) -> RetrieveResult:
+        """Rank texts for an image."""
+        req = self._retrieve_texts(image, texts, top_k, model or "")
+        return RetrieveResult.from_proto(*await self._call("Retrieve", req, request_id))
+
+    async def retrieve_images(
+        self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None
+    ) -> RetrieveResult:
+        """Rank images for a text."""
+        req = self._retrieve_images(text, images, top_k, model or "")
+        return RetrieveResult.from_proto(*await self._call("Retrieve", req, request_id))
+
+    async def embed(
+        self,
+        images: Sequence[Image] | None = None,
+        texts: Sequence[str] | None = None,
+        model: str = "",
+        request_id: str | None = None,
+    ) -> EmbedResult:
+        """Image and/or text embeddings."""
+        return EmbedResult.from_proto(*await self._call("Embed", self._embed(images, texts, model or ""), request_id))
+
+    async def list_models(self, request_id: str | None = None) -> ModelList:
+        """The served models with their tasks, engines, precision, source and parity (ListModels)."""
+        return ModelList.from_proto(*await self._call("ListModels", pb.ListModelsRequest(), request_id))
+
+    models = list_models
+
+    async def aclose(self) -> None:
+        """Close the channel."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def __aenter__(self) -> AsyncVtfuseGrpcClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import grpc
 import numpy as np
 import pytest
 
-from serving.client import ApiError, VtfuseGrpcClient
+from serving.client import (
+    ApiError,
+    AsyncVtfuseClient,
+    AsyncVtfuseGrpcClient,
+    BadRequest,
+    EmbedResult,
+    MatchResult,
+    RetrieveResult,
+    VqaResult,
+    VtfuseClient,
+    VtfuseGrpcClient,
+)
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
 from serving.shapes import world
@@ -42,8 +54,8 @@ def test_vqa_over_grpc_answers_fresh_renders(client):
 def test_vqa_attention_grid_over_grpc(client):
     img, qa, _ = fresh_samples(1, seed=3)[0]
     (a,) = client.vqa(img, [qa.question], return_attention=True).answers
-    assert (a.attention.rows, a.attention.cols, len(a.attention.values)) == (8, 8, 64)
-    assert sum(a.attention.values) == pytest.approx(1.0, abs=1e-3)
+    assert (len(a.attention), {len(row) for row in a.attention}) == (8, {8})
+    assert sum(map(sum, a.attention)) == pytest.approx(1.0, abs=1e-3)
     assert a.tokens[0] == "[CLS]" and a.tokens[-1] == "[SEP]" and len(a.tokens) > 3
 
 
@@ -65,10 +77,10 @@ def test_match_retrieve_embed_over_grpc(client):
     assert wins >= 18 and first >= 17, (wins, first)
     scenes = [world.random_scene(rng) for _ in range(4)]
     res = client.retrieve_images(world.caption(world.scene_items(scenes[2])), [render(s, rng) for s in scenes]).results
-    assert len(res) == 1 and 0 <= res[0].index < 4 and res[0].text == ""
+    assert len(res) == 1 and 0 <= res[0].index < 4 and res[0].text is None
     emb = client.embed(images=[render(scenes[0], rng)], texts=["a red circle", "a blue square"])
     assert len(emb.image_embeddings) == 1 and len(emb.text_embeddings) == 2
-    assert np.linalg.norm(emb.image_embeddings[0].values) == pytest.approx(1.0, abs=1e-3)
+    assert np.linalg.norm(emb.image_embeddings[0]) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -108,3 +120,50 @@ def test_client_raises_api_error(client):
     with pytest.raises(ApiError) as e:
         client.embed()
     assert e.value.status == "INVALID_ARGUMENT" and e.value.code == "schema_violation"
+
+
+def test_every_client_gives_the_same_typed_results(serve_app, client):
+    """HTTP and gRPC, sync and async: the same inputs give the same typed results, each with its request id."""
+    img, qa, scene = fresh_samples(1, seed=77)[0]
+    true = world.caption(world.scene_items(scene), random.Random(1))
+    texts = [true, "a purple star", "two dogs on a beach"]
+
+    def calls(c):
+        return c.vqa(img, [qa.question], top_k=2), c.match(img, texts), c.retrieve_texts(img, texts, top_k=2), (
+            c.embed(images=[img], texts=texts[:1])
+        ), c.models()
+
+    async def acalls(c):
+        return await asyncio.gather(
+            c.vqa(img, [qa.question], top_k=2),
+            c.match(img, texts),
+            c.retrieve_texts(img, texts, top_k=2),
+            c.embed(images=[img], texts=texts[:1]),
+            c.models(),
+        )
+
+    async def both_async():
+        async with AsyncVtfuseClient(serve_app.http_url) as h, AsyncVtfuseGrpcClient(serve_app.grpc_target) as g:
+            return await acalls(h), await acalls(g)
+
+    with VtfuseClient(serve_app.http_url) as http:
+        runs = {"http": calls(http), "grpc": calls(client)}
+    runs["http-async"], runs["grpc-async"] = asyncio.run(both_async())
+    ref_vqa, ref_match, ref_ret, ref_emb, ref_models = runs["http"]
+    assert isinstance(ref_vqa, VqaResult) and ref_vqa.answer == qa.answer and len(ref_vqa.top_k) == 2
+    assert isinstance(ref_match, MatchResult) and ref_match.best == 0
+    assert isinstance(ref_ret, RetrieveResult) and ref_ret.best.text == true and ref_ret.best.index == 0
+    assert isinstance(ref_emb, EmbedResult) and len(ref_emb.image_embeddings[0]) == len(ref_emb.text_embeddings[0])
+    assert ref_models.default == "tiny" and ref_models.get("tiny").tasks == ["vqa", "match", "retrieve", "embed"]
+    for name, (vqa, match, ret, emb, models) in runs.items():
+        assert vqa.model == "tiny" and vqa.answer == ref_vqa.answer, name
+        assert [t.answer for t in vqa.top_k] == [t.answer for t in ref_vqa.top_k], name
+        assert vqa.score == pytest.approx(ref_vqa.score, abs=1e-4), name
+        assert match.scores == pytest.approx(ref_match.scores, abs=1e-4), name
+        assert [(h.index, h.text) for h in ret.results] == [(h.index, h.text) for h in ref_ret.results], name
+        assert np.allclose(emb.image_embeddings, ref_emb.image_embeddings, atol=1e-4), name
+        assert models.names == ref_models.names, name
+        assert all(r.request_id for r in (vqa, match, ret, emb, models)), name
+    with pytest.raises(BadRequest) as e:
+        client.embed(request_id="typed-err-1")
+    assert (e.value.status, e.value.code, e.value.request_id) == ("INVALID_ARGUMENT", "schema_violation", "typed-err-1")

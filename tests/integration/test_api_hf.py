@@ -121,10 +121,12 @@ def test_the_python_clients_list_models(serve_app):
 
     with VtfuseClient(serve_app.http_url) as http:
         listed = http.models()
-    assert listed["default"] == "tiny" and {"blip-test", "vilt-test"} <= {m["name"] for m in listed["models"]}
+    assert listed.default == "tiny" and {"blip-test", "vilt-test"} <= set(listed.names)
+    assert listed.get("blip-test").tasks == ["match", "retrieve", "embed"]
     with VtfuseGrpcClient(serve_app.grpc_target) as g:
-        names = [m.name for m in g.list_models().models]
-    assert names == sorted(m["name"] for m in listed["models"])
+        over_grpc = g.list_models()
+    assert over_grpc.names == sorted(listed.names) and over_grpc.default == "tiny"
+    assert over_grpc.get("blip-test") == listed.get("blip-test"), "the same ModelInfo, parity figures included"
 
 
 def test_grpc_list_models(serve_app):

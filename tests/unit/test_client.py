@@ -11,9 +11,10 @@ import grpc
 import httpx
 import pytest
 
-from serving.client import ApiError, AsyncVtfuseClient, VtfuseClient
+from serving.client import ApiError, AsyncVtfuseClient, Overloaded, VqaResult, VtfuseClient
 from serving.client import cli as client_cli
 from serving.client.grpc_client import _api_error
+from serving.client.retry import Retry
 
 VQA_OK = {
     "model": "tiny",
@@ -42,7 +43,8 @@ def test_sync_client_sends_base64_json_and_request_id(tmp_path):
     seen: list[httpx.Request] = []
     with VtfuseClient("http://api", transport=httpx.MockTransport(transport(seen))) as c:
         out = c.vqa(img, ["how many circles are there?"], top_k=2, request_id="rid-9")
-    assert out == VQA_OK
+    assert out == VqaResult.from_json(VQA_OK, "rid-9") and out.to_dict()["answers"] == VQA_OK["answers"]
+    assert (out.answer, out.score, [t.answer for t in out.top_k], out.request_id) == ("2", 0.9, ["2", "3"], "rid-9")
     (req,) = seen
     body = json.loads(req.content)
     assert req.url.path == "/v1/vqa" and req.headers["x-request-id"] == "rid-9"
@@ -51,11 +53,13 @@ def test_sync_client_sends_base64_json_and_request_id(tmp_path):
 
 def test_sync_client_multipart_and_other_calls():
     seen: list[httpx.Request] = []
-    c = VtfuseClient("http://api", transport=httpx.MockTransport(transport(seen, body={"ok": 1})))
+    body = {"model": "tiny", "answers": [], "scores": [0.5], "results": []}
+    body |= {"image_embeddings": [], "text_embeddings": []}
+    c = VtfuseClient("http://api", transport=httpx.MockTransport(transport(seen, body=body)))
     c.vqa_multipart(b"IMG", ["q1", "q2"])
     assert seen[-1].headers["content-type"].startswith("multipart/form-data")
     assert seen[-1].content.count(b'name="question"') == 2
-    c.match(b"IMG", ["a"])
+    assert c.match(b"IMG", ["a"]).scores == [0.5]
     c.retrieve_texts(b"IMG", ["a", "b"], top_k=1)
     c.retrieve_images("a red circle", [b"A", b"B"], top_k=1)
     c.embed(texts=["a"])
@@ -70,9 +74,11 @@ def test_errors_raise_api_error_with_code_message_and_retry_after():
     c = VtfuseClient(
         "http://api",
         transport=httpx.MockTransport(transport(seen, 429, err, {"Retry-After": "1", "X-Request-ID": "r1"})),
+        retry=Retry(max_retries=0),
     )
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Overloaded) as e:
         c.embed(texts=["a"])
+    assert isinstance(e.value, ApiError)
     assert (e.value.status, e.value.code, e.value.message, e.value.request_id, e.value.retry_after) == (
         429,
         "overloaded",
@@ -89,7 +95,9 @@ def test_async_client():
         async with AsyncVtfuseClient("http://api", transport=httpx.MockTransport(transport(seen))) as c:
             return await asyncio.gather(*(c.vqa(b"IMG", ["q"]) for _ in range(3)))
 
-    assert asyncio.run(main()) == [VQA_OK] * 3 and len(seen) == 3
+    results = asyncio.run(main())
+    assert [r.answers for r in results] == [VqaResult.from_json(VQA_OK).answers] * 3 and len(seen) == 3
+    assert len({r.request_id for r in results}) == 3, "each call gets its own request id"
 
 
 class _RpcError(grpc.RpcError):
@@ -118,8 +126,8 @@ def test_ask_prints_the_answer(tmp_path, capsys, monkeypatch):
     img.write_bytes(b"PNGDATA")
 
     class Fake(VtfuseClient):
-        def __init__(self, url, timeout):
-            super().__init__(url, timeout, transport=httpx.MockTransport(transport([])))
+        def __init__(self, url, timeout, **kwargs):
+            super().__init__(url, timeout, transport=httpx.MockTransport(transport([])), **kwargs)
 
     monkeypatch.setattr("serving.client.http_client.VtfuseClient", Fake)
     parser = argparse.ArgumentParser()
@@ -134,6 +142,6 @@ def test_ask_reports_connection_errors(tmp_path, capsys):
     img.write_bytes(b"PNGDATA")
     parser = argparse.ArgumentParser()
     client_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["ask", str(img), "q", "--url", "http://127.0.0.1:9", "--timeout", "2"])
+    args = parser.parse_args(["ask", str(img), "q", "--url", "http://127.0.0.1:9", "--timeout", "2", "--retries", "0"])
     assert args.func(args) == 1
     assert "error" in capsys.readouterr().err
