@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import httpx
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 from ray.serve.metrics import Counter, Histogram
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ BATCH_BUCKETS = [*(i + 0.5 for i in range(17)), 24.5, 32.5, 48.5, 64.5]
 # Ray's bookkeeping labels: per-process or per-session, they would only split series.
 DROPPED_LABELS = frozenset({"Component", "SessionName", "Version", "WorkerId", "JobId", "NodeAddress"})
 DROPPED_LABEL_PREFIXES = ("otel_scope_",)
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what `filter_prometheus` writes
 
 
 def _keys(*names: str) -> Any:
@@ -109,60 +112,55 @@ class ApiMetrics:
         self.triton_bytes.inc(received, tags={"engine": engine, "direction": "received"})
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(\s+\S+)?$")
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+class _Families:
+    """A prometheus_client collector over already-built metric families (for `generate_latest`)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
 
 
-def _family(sample_name: str, families: Iterable[str]) -> str | None:
-    for fam in families:
-        if sample_name == fam or sample_name.startswith(fam + "_"):
-            return fam
-    return None
+def _parse(text: str) -> list[Metric]:
+    try:
+        return list(text_string_to_metric_families(text))
+    except (ValueError, TypeError, IndexError) as e:  # one malformed endpoint must not hide the others
+        log.warning("unparsable Prometheus text from a metrics endpoint (%s): skipped", e)
+        return []
 
 
 def filter_prometheus(texts: Iterable[str], prefix: str = PREFIX) -> str:
     """Merge Prometheus texts from several endpoints into one, keeping only `prefix` families.
 
-    Ray's `ray_` prefix is stripped, its bookkeeping labels dropped, HELP/TYPE written once
-    per family, and exact duplicate series (same name and labels) kept once.
+    Parsed with prometheus_client's text parser and written with its exposition: Ray's `ray_`
+    prefix is stripped, its bookkeeping labels dropped, HELP/TYPE written once per family, and
+    exact duplicate series (same name and labels) kept once.
     """
-    helps: dict[str, str] = {}
-    types: dict[str, str] = {}
-    samples: dict[str, dict[str, str]] = {}
+    families: dict[str, Metric] = {}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for text in texts:
-        for line in text.splitlines():
-            if line.startswith("# HELP ") or line.startswith("# TYPE "):
-                parts = line.split(" ", 3)
-                if len(parts) < 4:
-                    continue
-                name = parts[2].removeprefix(RAY_PREFIX)
-                if name.startswith(prefix):
-                    (helps if parts[1] == "HELP" else types).setdefault(name, parts[3])
-                continue
-            if not line or line.startswith("#"):
-                continue
-            m = _SAMPLE.match(line)
-            if not m:
-                continue
-            name = m.group(1).removeprefix(RAY_PREFIX)
+        for fam in _parse(text) if text else []:
+            name = fam.name.removeprefix(RAY_PREFIX)
             if not name.startswith(prefix):
                 continue
-            labels = [
-                (k, v)
-                for k, v in _LABEL.findall(m.group(2) or "")
-                if k not in DROPPED_LABELS and not k.startswith(DROPPED_LABEL_PREFIXES)
-            ]
-            key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
-            fam = _family(name, types) or _family(name, helps) or name
-            samples.setdefault(fam, {})[key] = m.group(3)
-    out: list[str] = []
-    for fam in sorted(set(samples) | set(types)):
-        if fam in helps:
-            out.append(f"# HELP {fam} {helps[fam]}")
-        if fam in types:
-            out.append(f"# TYPE {fam} {types[fam]}")
-        out.extend(f"{k} {v}" for k, v in samples.get(fam, {}).items())
-    return "\n".join(out) + "\n"
+            out = families.get(name)
+            if out is None:
+                out = families[name] = Metric(name, fam.documentation, fam.type, fam.unit)
+            for sample in fam.samples:
+                labels = {
+                    k: v
+                    for k, v in sample.labels.items()
+                    if k not in DROPPED_LABELS and not k.startswith(DROPPED_LABEL_PREFIXES)
+                }
+                sample_name = sample.name.removeprefix(RAY_PREFIX)
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.samples.append(Sample(sample_name, labels, sample.value, sample.timestamp, sample.exemplar))
+    ordered = (families[n] for n in sorted(families))
+    return generate_latest(_Families(ordered)).decode()  # type: ignore[arg-type]
 
 
 class MetricsCollector:

@@ -56,6 +56,7 @@ from serving.triton.client import TritonClient
 log = logging.getLogger(__name__)
 
 Response = VqaResponse | MatchResponse | RetrieveResponse | EmbedResponse
+NATIVE_IMAGE_OUTPUTS = (IMAGE_FEATURES, IMAGE_EMBEDDING)  # every output of the native image_encoder
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,11 @@ class Pipeline:
         """
         engine = rt.engine(role)
         n = next(iter(inputs.values())).shape[0]
+        wanted = outputs
+        if role == "image_encoder" and rt.record is None:
+            # Triton's response cache keys image_encoder's answers by the pixels alone, not by the outputs
+            # asked for: always ask for both, so a cached answer has whatever the next caller needs.
+            outputs = NATIVE_IMAGE_OUTPUTS
         parts = router.chunks(n, min(self.engine_max_batch, rt.max_batch(role) or self.engine_max_batch))
 
         async def one(sl: slice) -> dict[str, np.ndarray]:
@@ -241,8 +247,8 @@ class Pipeline:
 
         results = await asyncio.gather(*(one(sl) for sl in parts))
         if len(results) == 1:
-            return results[0]
-        return {o: np.concatenate([r[o] for r in results]) for o in outputs}
+            return {o: results[0][o] for o in wanted}
+        return {o: np.concatenate([r[o] for r in results]) for o in wanted}
 
     async def learn(self, name: str | None, listing: bool = False) -> None:
         """Before resolving `name` (or listing models): ask Triton's catalog about models this replica lacks."""

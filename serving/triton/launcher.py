@@ -60,6 +60,9 @@ class TritonSettings:
     grpc_tls_root_cert: Path | None = None
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Triton's response cache (the `local` cache, LRU, this many MiB): models whose config.pbtxt has
+    # `response_cache { enable: true }` (image_encoder) answer a repeated input from it. 0: off.
+    response_cache_mb: int = field(default_factory=lambda: int(os.environ.get("VTFUSE_RESPONSE_CACHE_MB", "64")))
 
     @property
     def shm_prefix(self) -> str:
@@ -74,6 +77,7 @@ class TritonInstall:
     binary: Path
     backend_dir: Path | None
     lib_dirs: tuple[Path, ...]
+    cache_dir: Path | None = None  # where libtritoncache_local.so lives, when not Triton's default
 
 
 def _pytriton_root() -> Path | None:
@@ -120,7 +124,7 @@ def find_tritonserver() -> TritonInstall:
             "no tritonserver: set $TRITONSERVER, put tritonserver on PATH, or `pip install nvidia-pytriton`"
         )
     libs = bundle.parent.parent / "nvidia_pytriton.libs"
-    return TritonInstall(bundle / "bin" / "tritonserver", _bundle_backend_dir(bundle), (libs,))
+    return TritonInstall(bundle / "bin" / "tritonserver", _bundle_backend_dir(bundle), (libs,), bundle / "caches")
 
 
 def server_environment(install: TritonInstall, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -166,6 +170,10 @@ def build_command(settings: TritonSettings, install: TritonInstall) -> list[str]
     ]
     if install.backend_dir is not None:
         cmd.append(f"--backend-directory={install.backend_dir}")
+    if settings.response_cache_mb > 0:
+        cmd.append(f"--cache-config=local,size={settings.response_cache_mb * 1024 * 1024}")
+        if install.cache_dir is not None:
+            cmd.append(f"--cache-directory={install.cache_dir}")
     if settings.restrict_apis:
         value = settings.restricted_value or os.environ.get("TRITON_ADMIN_KEY", "")
         if not value:  # nobody holds the key: the restricted APIs are simply off

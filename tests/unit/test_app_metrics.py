@@ -72,3 +72,14 @@ def test_collector_reads_every_endpoint_and_survives_a_dead_one():
     finally:
         httpx.AsyncClient = real  # type: ignore[misc]
     assert metric_value(out, "vtfuse_requests_total") == 5.0
+
+
+def test_output_is_valid_exposition_and_a_malformed_endpoint_is_skipped():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    same = node_text(1, {"a": 3.0})
+    out = filter_prometheus([same, same, "this is { not prometheus", node_text(2, {"b": 1.0})])
+    families = {f.name: f for f in text_string_to_metric_families(out)}  # parses back
+    assert families["vtfuse_requests"].type == "counter"
+    assert families["vtfuse_stage_duration_seconds"].type == "histogram"
+    assert metric_value(out, "vtfuse_requests_total") == 4.0  # the duplicated endpoint counted once

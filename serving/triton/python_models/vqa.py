@@ -87,8 +87,11 @@ class VqaModel:
             pixels, ids, mask = (np.concatenate([p[k] for p in parts]) for k in range(3))
             try:
                 img, txt = await asyncio.gather(
-                    infer(
-                        "image_encoder", [pb_utils.Tensor("PIXELS", pixels)], ["IMAGE_FEATURES"], self.engine_max_batch
+                    infer(  # both outputs: Triton's response cache keys image_encoder by the pixels alone
+                        "image_encoder",
+                        [pb_utils.Tensor("PIXELS", pixels)],
+                        ["IMAGE_FEATURES", "IMAGE_EMBEDDING"],
+                        self.engine_max_batch,
                     ),
                     infer(
                         "text_encoder",
