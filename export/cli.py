@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
-TARGETS = ("embedded", "onnxruntime", "tensorrt")
+TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
 
 
 def _print(result: Any) -> None:
@@ -106,10 +106,12 @@ def _stage_install(args: argparse.Namespace) -> dict[str, Any]:
 def _run(stage: str, fn: Any, args: argparse.Namespace) -> tuple[int, Any]:
     """Run one stage; map the pipeline's errors to exit codes with the message on stderr."""
     from export.errors import EngineUnavailable, ExportError
+    from serving import progress
     from serving.errors import VtfuseError
 
     try:
-        return EXIT_OK, fn(args)
+        with progress.stage(f"export {stage}"):  # elapsed time on a terminal, start/done lines in logs
+            return EXIT_OK, fn(args)
     except EngineUnavailable as e:
         print(f"SKIP {stage}: {e}", file=sys.stderr)
         return EXIT_SKIPPED, {"skipped": str(e)}
@@ -150,7 +152,9 @@ def _all(args: argparse.Namespace) -> int:
             _print(results)
             return code
     else:
-        results["engine"] = {"skipped": f"target {args.target} serves ONNX; TensorRT plans are for --target tensorrt"}
+        served = "PyTorch engines" if args.target == "torch" else "ONNX"
+        skipped = f"target {args.target} serves {served}; TensorRT plans are for --target tensorrt"
+        results["engine"] = {"skipped": skipped}
         log.info("stage 3 (engine) skipped: %s", results["engine"]["skipped"])
     code, results["install"] = _run("install", _stage_install, args)
     _print(results)
@@ -193,7 +197,7 @@ def _install_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=None,
                    help="engines to install: fp32, or the dynamic-int8 ones of `export quantize` "
-                   "(default: int8 for embedded, fp32 for the NGC targets)")
+                   "(default: int8 for embedded, fp32 for the NGC targets and torch)")
 
 
 def register(subparsers: Any) -> None:

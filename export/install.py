@@ -3,7 +3,8 @@
 Per model version folder:
 
 - engines: `model.onnx` (targets `embedded`, `onnxruntime`; fp32, or with `precision="int8"` the
-  dynamic-int8 copies of `vtfuse export quantize`) or `model.plan` (`tensorrt`);
+  dynamic-int8 copies of `vtfuse export quantize`), `model.plan` (`tensorrt`), or the checkpoint's
+  `checkpoint/model.safetensors` (`torch`: PyTorch engines, checked against ONNX Runtime first);
 - every model: `checkpoint/{config,tokenizer,answers}.json` (preprocess and vqa read them; the
   engines carry them too, so each folder says what it was built from);
 - `manifest.json`: sha256 of every installed file and of config.pbtxt, the parity figures, the
@@ -26,7 +27,7 @@ from typing import Any
 
 from export.check import PARITY_FILE
 from export.engine import ENGINES_FILE
-from export.errors import InstallError
+from export.errors import InstallError, ParityError
 from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
 from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
@@ -34,6 +35,7 @@ from export.render_repo import (
     TARGETS,
     config_mismatches,
     default_repo,
+    load_config,
     model_dirs,
     render_repository,
 )
@@ -43,12 +45,13 @@ from serving.model.model import FusionConfig
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}  # torch: the weights
 PRECISIONS = ("fp32", "int8")
 # The precision a target gets unless told: the embedded (CPU, Python-backend) repository serves
 # int8 (2.2× fp32 on `small` here, answers unchanged on `tiny`: loadtests/README.md); the NGC
 # targets keep fp32 ONNX, which TensorRT and ONNX Runtime's GPU providers build their own precision from.
-DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32"}
+# `torch` keeps fp32 weights; its GPU instances compute under FP16 autocast (config parameter `autocast`).
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32"}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -153,7 +156,8 @@ def install(
         raise InstallError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     int8 = _int8_report(onnx_dir, target, require_parity) if precision == "int8" else None
     trt_info = _read_json(onnx_dir / ENGINES_FILE) if target == "tensorrt" else None
-    sources = {e: _artefact_source(onnx_dir, e, target, info, precision) for e in ENGINES}  # checked before writing
+    torch_engines = _torch_engines(onnx_dir, info, precision) if target == "torch" else None
+    sources = {} if torch_engines else {e: _artefact_source(onnx_dir, e, target, info, precision) for e in ENGINES}
 
     dest = Path(repo) if repo is not None else default_repo(target)
     if dest.resolve() == Path(source_repo).resolve():
@@ -176,13 +180,17 @@ def install(
         vdir.mkdir(parents=True, exist_ok=True)
         _clear_artefacts(vdir)
         installed: list[Path] = []
-        if model in ENGINES:
+        if model in ENGINES and target != "torch":
             artefact = vdir / ARTEFACT[target]
             shutil.copyfile(sources[model], artefact)
             installed.append(artefact)
-        if model not in ENGINES or target == "embedded":
+        if model not in ENGINES or target in ("embedded", "torch"):
             _ensure_python_model(model_dir, version)
         (vdir / "checkpoint").mkdir()
+        if model in ENGINES and torch_engines is not None:
+            from export.torch_target import write_weights
+
+            installed.append(write_weights(torch_engines[0], vdir / "checkpoint"))
         for name in CHECKPOINT_FILES:
             shutil.copyfile(onnx_dir / "checkpoint" / name, vdir / "checkpoint" / name)
             installed.append(vdir / "checkpoint" / name)
@@ -202,6 +210,13 @@ def install(
         if int8 is not None:
             manifest["int8"] = {k: int8.get(k) for k in ("method", "weight_type", "op_types", "onnxruntime", "n",
                                                           "criteria", "figures", "ok")}
+        if torch_engines is not None and model in ENGINES:
+            params = {k: v.string_value for k, v in load_config(model_dir / "config.pbtxt").parameters.items()}
+            manifest["torch"] = {
+                "autocast_on_gpu": params.get("autocast"),
+                "mode_on_gpu": params.get("mode"),
+                "parity": torch_engines[1],
+            }
         if trt_info is not None and model in ENGINES:
             entry = trt_info["engines"][model]
             manifest["tensorrt"] = {
@@ -216,6 +231,19 @@ def install(
     log.info("installed %s (%s, version %d) into %s: %s", cfg.name, target, version, dest, ", ".join(manifests))
     models = {m: str(p) for m, p in manifests.items()}
     return {"repo": str(dest), "target": target, "version": version, "precision": precision, "models": models}
+
+
+def _torch_engines(onnx_dir: Path, info: dict[str, Any], precision: str) -> tuple[Any, dict[str, Any]]:
+    """The `torch` target's checkpoint and its engines' parity against ONNX Runtime, before anything is written."""
+    from export.torch_target import check_torch_parity, source_checkpoint
+
+    if precision != "fp32":
+        raise InstallError("--target torch installs fp32 weights (its GPU instances compute in FP16 autocast)")
+    ckpt = source_checkpoint(info)
+    try:
+        return ckpt, check_torch_parity(ckpt, onnx_dir)
+    except ParityError as e:
+        raise InstallError(f"not installed: {e}") from e
 
 
 def _int8_report(onnx_dir: Path, target: str, require_parity: bool) -> dict[str, Any] | None:

@@ -93,7 +93,7 @@ class FusionGraph(nn.Module):
 
     def forward(
         self, image_feats: torch.Tensor, text_feats: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.model.fuse(image_feats, text_feats, mask)
 
 

@@ -27,7 +27,7 @@ from serving.model.model import FusionConfig
 log = logging.getLogger(__name__)
 
 COMMITTED_REPO = REPO_ROOT / "model_repository"
-TARGETS = ("embedded", "onnxruntime", "tensorrt")
+TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
 # backend, platform and model file of an engine per target (embedded: as committed).
 ENGINE_BACKENDS = {
     "onnxruntime": ("onnxruntime", "onnxruntime_onnx", "model.onnx"),
@@ -36,6 +36,20 @@ ENGINE_BACKENDS = {
 # Python-backend engine parameters that have an ONNX Runtime backend equivalent; every other
 # parameter of a Python-backend engine is read by its model.py alone and is dropped.
 ORT_PARAMETER_MAP = {"intra_op_threads": "intra_op_thread_count", "inter_op_threads": "inter_op_thread_count"}
+# The `torch` target: engines stay Python-backend models, running PyTorch (torch_engine.py) on the
+# GPU Triton gives them (KIND_AUTO), else the CPU. Larger batches than the CPU engines take, with
+# no preferred sizes, so the dynamic batcher fills a GPU batch from whatever is queued.
+TORCH_MAX_BATCH = 256
+TORCH_ENGINE_PARAMETERS = {
+    "autocast": "fp16",
+    "mode": "cuda_graphs",
+    # GPU tensors from a BLS caller (vqa handing on features) stay on the GPU.
+    "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+}
+TORCH_MODEL_PY = (
+    '"""Triton Python model: an engine run by PyTorch (see serving/triton/python_models/torch_engine.py)."""\n\n'
+    "from serving.triton.python_models.torch_engine import TorchEngineModel as TritonPythonModel  # noqa: F401\n"
+)
 # Left in the committed tree by an install or by Python: never copied into a rendered repository.
 BUILT_ARTEFACTS = ("model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__")
 
@@ -103,7 +117,8 @@ def render_config(
     Args:
         config: the committed ModelConfig (not modified).
         cfg: the preset's architecture.
-        target: `embedded`, `onnxruntime` or `tensorrt`.
+        target: `embedded`, `onnxruntime`, `tensorrt` or `torch` (engines stay Python-backend
+            models running PyTorch, KIND_AUTO, batches up to TORCH_MAX_BATCH).
         name: the model's name when the config has no `name` field.
 
     Raises:
@@ -126,6 +141,8 @@ def render_config(
                 inp.data_type = mc.DataType.Value(f"TYPE_{t.dtype}")
                 del inp.dims[:]
                 inp.dims.extend(t.dims)
+    if target == "torch":
+        return _torch_config(out, model)
     if target == "embedded" or model not in ENGINES:
         return out
     backend, platform, filename = ENGINE_BACKENDS[target]
@@ -143,6 +160,23 @@ def render_config(
         group.kind = mc.ModelInstanceGroup.KIND_GPU if target == "tensorrt" else mc.ModelInstanceGroup.KIND_AUTO
         if target != "tensorrt":
             del group.gpus[:]
+    return out
+
+
+def _torch_config(out: mc.ModelConfig, model: str) -> mc.ModelConfig:
+    """An embedded config made into the `torch` target's: PyTorch engines, GPU when present, GPU-sized batches."""
+    if model == "vqa":
+        out.parameters["engine_max_batch"].string_value = str(TORCH_MAX_BATCH)
+    if model not in ENGINES:
+        return out
+    threads = out.parameters["intra_op_threads"].string_value if "intra_op_threads" in out.parameters else "1"
+    out.parameters.clear()
+    for key, value in {**TORCH_ENGINE_PARAMETERS, "torch_threads": threads}.items():
+        out.parameters[key].string_value = value
+    out.max_batch_size = TORCH_MAX_BATCH
+    del out.dynamic_batching.preferred_batch_size[:]
+    for group in out.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_AUTO
     return out
 
 
@@ -185,7 +219,7 @@ def _ignore_for(model: str, target: str) -> Callable[[str, list[str]], set[str]]
     def ignore(folder: str, names: list[str]) -> set[str]:
         skip = {n for n in names if n in BUILT_ARTEFACTS or n.endswith(".pyc")}
         # A native engine has no Python code: its version folders get the artefact alone.
-        if model in ENGINES and target != "embedded":
+        if model in ENGINES and target not in ("embedded", "torch"):
             skip |= {n for n in names if n.endswith(".py")}
         return skip
 
@@ -220,6 +254,9 @@ def render_repository(
         if target_dir.exists():
             shutil.rmtree(target_dir)
         shutil.copytree(d, target_dir, ignore=_ignore_for(d.name, target))
+        if target == "torch" and d.name in ENGINES:
+            for model_py in target_dir.glob("[0-9]*/model.py"):
+                model_py.write_text(TORCH_MODEL_PY)
         config = render_config(load_config(d / "config.pbtxt"), cfg, target, d.name)
         rel = d.relative_to(REPO_ROOT) if d.is_relative_to(REPO_ROOT) else d
         header = leading_comments(d / "config.pbtxt")

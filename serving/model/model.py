@@ -191,19 +191,22 @@ class FusionModel(nn.Module):
         return feats, emb
 
     def fuse(
-        self, image_feats: torch.Tensor, text_feats: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, image_feats: torch.Tensor, text_feats: torch.Tensor, mask: torch.Tensor, need_weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Text tokens cross-attend to patches → VQA logits (B, A), ITM logit (B, 1), attention (B, F, L, P).
 
         The attention holds every fusion layer's text-to-image weights, averaged over heads.
+        With `need_weights=False` it is None and the cross-attention runs the fused kernel
+        (the GPU engine's fast path when no request asked for the weights).
         """
         x = text_feats
         weights = []
         for blk in self.fusion:
-            x, w = blk(x, mask, image_feats, need_weights=True)
+            x, w = blk(x, mask, image_feats, need_weights=need_weights)
             weights.append(w)
         cls = self.fusion_ln(x)[:, 0]  # (B, D)
-        return self.vqa_head(cls), self.itm_head(cls), torch.stack(weights, dim=1)  # type: ignore[arg-type]
+        attention = torch.stack(weights, dim=1) if need_weights else None  # type: ignore[arg-type]
+        return self.vqa_head(cls), self.itm_head(cls), attention
 
 
 def build_model(cfg: FusionConfig) -> FusionModel:

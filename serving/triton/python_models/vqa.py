@@ -3,7 +3,9 @@
 It has its own dynamic batching. Each batch of requests is decoded and tokenized here
 (in-process, sparing an IPC round trip per request through `preprocess`), then sent as
 ONE request per engine: `image_encoder` and `text_encoder` concurrently, then `fusion`.
-The engines batch these again across `vqa` instances. Every answer comes from the model's
+The engines batch these again across `vqa` instances. Engine outputs that only feed the next
+engine are passed on as they came back (on the GPU when the engines run there); the logits,
+read here with numpy, are asked for in CPU memory. Every answer comes from the model's
 VQA head; a request whose image or question is bad gets its own error, the rest proceed.
 """
 
@@ -29,22 +31,57 @@ def invalid(message: str) -> Any:
     return pb_utils.InferenceResponse(error=err)
 
 
-async def infer(model: str, inputs: list[Any], outputs: list[str], max_batch: int) -> dict[str, np.ndarray]:
-    """One BLS call per chunk of at most `max_batch` rows; outputs concatenated."""
-    n = inputs[0].as_numpy().shape[0]
-    chunks = []
-    for s in range(0, n, max_batch):
-        part = [pb_utils.Tensor(t.name(), t.as_numpy()[s : s + max_batch]) for t in inputs]
-        req = pb_utils.InferenceRequest(model_name=model, inputs=part, requested_output_names=outputs)
-        chunks.append(req.async_exec())
-    results = await asyncio.gather(*chunks)
-    out: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-    for r in results:
-        if r.has_error():
-            raise RuntimeError(f"{model}: {r.error().message()}")
-        for o in outputs:
-            out[o].append(pb_utils.get_output_tensor_by_name(r, o).as_numpy())
-    return {o: np.concatenate(v) for o, v in out.items()}
+def cpu_memory() -> Any:
+    """Ask a BLS call for outputs in CPU memory (None on a Python backend without the option)."""
+    preferred = getattr(pb_utils, "PreferredMemory", None)
+    kind = getattr(pb_utils, "TRITONSERVER_MEMORY_CPU", None)
+    return None if preferred is None or kind is None else preferred(kind, 0)
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A BLS output as numpy, wherever it lives (GPU memory goes through DLPack and PyTorch)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from torch.utils.dlpack import from_dlpack  # only GPU engines hand back GPU memory, and they bring torch
+
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+async def infer(model: str, inputs: list[Any], outputs: list[str], *, on_cpu: bool) -> dict[str, Any]:
+    """One BLS call; its outputs as Triton tensors, left where the engine put them unless `on_cpu`.
+
+    Outputs that only go on to the next engine stay on its device (no GPU → CPU → GPU round
+    trip when the engines run on a GPU); outputs read here with numpy ask for CPU memory.
+    """
+    kwargs = {"preferred_memory": cpu_memory()} if on_cpu and cpu_memory() is not None else {}
+    req = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs, **kwargs)
+    r = await req.async_exec()
+    if r.has_error():
+        raise RuntimeError(f"{model}: {r.error().message()}")
+    return {o: pb_utils.get_output_tensor_by_name(r, o) for o in outputs}
+
+
+async def vqa_logits(pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """image_encoder and text_encoder concurrently, then fusion on their outputs → VQA logits (numpy)."""
+    img, txt = await asyncio.gather(
+        infer(  # both outputs: Triton's response cache keys image_encoder by the pixels alone
+            "image_encoder", [pb_utils.Tensor("PIXELS", pixels)], ["IMAGE_FEATURES", "IMAGE_EMBEDDING"], on_cpu=False
+        ),
+        infer(
+            "text_encoder",
+            [pb_utils.Tensor("INPUT_IDS", ids), pb_utils.Tensor("ATTENTION_MASK", mask)],
+            ["TEXT_FEATURES"],
+            on_cpu=False,
+        ),
+    )
+    # The feature tensors are handed on as they came back (same names as fusion's inputs).
+    fused = await infer(
+        "fusion",
+        [img["IMAGE_FEATURES"], txt["TEXT_FEATURES"], pb_utils.Tensor("ATTENTION_MASK", mask)],
+        ["VQA_LOGITS"],
+        on_cpu=True,
+    )
+    return to_numpy(fused["VQA_LOGITS"])
 
 
 class VqaModel:
@@ -85,36 +122,20 @@ class VqaModel:
             parts.append(p)
         if parts:
             pixels, ids, mask = (np.concatenate([p[k] for p in parts]) for k in range(3))
+            # One pipeline per chunk of at most engine_max_batch rows, all chunks concurrently.
+            step = self.engine_max_batch
             try:
-                img, txt = await asyncio.gather(
-                    infer(  # both outputs: Triton's response cache keys image_encoder by the pixels alone
-                        "image_encoder",
-                        [pb_utils.Tensor("PIXELS", pixels)],
-                        ["IMAGE_FEATURES", "IMAGE_EMBEDDING"],
-                        self.engine_max_batch,
-                    ),
-                    infer(
-                        "text_encoder",
-                        [pb_utils.Tensor("INPUT_IDS", ids), pb_utils.Tensor("ATTENTION_MASK", mask)],
-                        ["TEXT_FEATURES"],
-                        self.engine_max_batch,
-                    ),
-                )
-                fused = await infer(
-                    "fusion",
-                    [
-                        pb_utils.Tensor("IMAGE_FEATURES", img["IMAGE_FEATURES"]),
-                        pb_utils.Tensor("TEXT_FEATURES", txt["TEXT_FEATURES"]),
-                        pb_utils.Tensor("ATTENTION_MASK", mask),
-                    ],
-                    ["VQA_LOGITS"],
-                    self.engine_max_batch,
+                chunks = await asyncio.gather(
+                    *(
+                        vqa_logits(pixels[s : s + step], ids[s : s + step], mask[s : s + step])
+                        for s in range(0, len(ids), step)
+                    )
                 )
             except RuntimeError as e:
                 for i, _ in good:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 return responses
-            logits = fused["VQA_LOGITS"].astype(np.float64)
+            logits = np.concatenate(chunks).astype(np.float64)
             probs = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
             best = probs.argmax(axis=1)
