@@ -63,6 +63,9 @@ class ApiConnectionError(ApiError):
     def __init__(self, message: str, request_id: str | None = None) -> None:
         super().__init__("connection", "connection_error", message, request_id)
 
+    def __str__(self) -> str:
+        return self.message + (f" (request id {self.request_id})" if self.request_id else "")
+
 
 _HTTP = {401: AuthenticationError, 413: PayloadTooLarge, 429: Overloaded, 503: Unavailable, 504: DeadlineExceeded}
 _GRPC = {
