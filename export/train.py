@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.dataset import Arrays, render_dataset
+from serving import progress
 from serving.model.checkpoint import Checkpoint, save_checkpoint
 from serving.model.model import FusionConfig, FusionModel
 from serving.model.tokenizer import build_tokenizer
@@ -117,6 +118,7 @@ def train(settings: TrainSettings, out_dir: str | Path) -> dict:
     rng = np.random.default_rng(settings.seed)
     step, deadline = 0, t0 + settings.max_minutes * 60
     history = []
+    bar = progress.Steps(total_steps, "train", unit="step")  # tqdm on a terminal, a line every 30 s otherwise
     while step < total_steps and time.time() < deadline:
         order = rng.permutation(settings.samples)
         for i in range(steps_per_epoch):
@@ -130,6 +132,7 @@ def train(settings: TrainSettings, out_dir: str | Path) -> dict:
             opt.step()
             sched.step()
             step += 1
+            bar.update(1, **({"loss": loss.item()} if step % 20 == 0 else {}))
             if step % 100 == 0 or step == 1:
                 elapsed = (time.time() - t0) / 60
                 log.info(
@@ -141,6 +144,7 @@ def train(settings: TrainSettings, out_dir: str | Path) -> dict:
                     " ".join(f"{k}={v:.3f}" for k, v in parts.items()),
                 )
                 history.append({"step": step, "minutes": round(elapsed, 2), "loss": round(loss.item(), 4), **parts})
+    bar.close()
     train_minutes = (time.time() - t0) / 60
     model.eval()
     ckpt = Checkpoint(model, build_tokenizer(), list(world.ANSWERS))

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from export.onnx_export import default_onnx_dir
 from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, servers
 from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
+from serving import progress
 from serving.triton.launcher import TritonServer
 
 log = logging.getLogger("loadtests.bench")
@@ -101,7 +102,8 @@ class Bench:
         log.info("== %s", name)
         t = time.perf_counter()
         try:
-            fn()
+            with progress.stage(f"bench {name}"):  # elapsed time on a terminal, a line every 30 s in logs
+                fn()
         except Exception as e:  # noqa: BLE001 — one failed setup must not lose the others' figures
             log.error("stage %s failed: %s", name, e)
             self.errors[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
