@@ -243,8 +243,30 @@ def test_rate_limit_per_key_through_serve(serve_app, http):
         assert int(r.headers["retry-after"]) >= 1
         assert http.post("/rl/v1/vqa", json=GOOD, headers={"X-API-Key": "key-b"}).status_code == 200
         assert_error(http.post("/rl/v1/vqa", json=GOOD), 401, "unauthorized")
+        _keys_and_rate_limit_through_the_python_clients(serve_app)
     finally:
         serve.delete("vtfuse-ratelimit")
+
+
+def _keys_and_rate_limit_through_the_python_clients(serve_app):
+    """The SDK on the same side app: the key over HTTP and gRPC, typed refusals, retries that wait out Retry-After."""
+    from serving.client import AuthenticationError, Overloaded, Retry, VtfuseClient, VtfuseGrpcClient
+
+    once = Retry(max_retries=0)
+    with VtfuseGrpcClient(serve_app.grpc_target, application="vtfuse-ratelimit", api_key="key-b", retry=once) as g:
+        assert g.vqa(PNG, ["how many circles are there?"]).answer  # x-api-key metadata reaches the ingress
+        with pytest.raises(Overloaded) as e:  # key-b's burst of 3 is spent by then
+            for _ in range(4):
+                g.vqa(PNG, ["how many circles are there?"])
+    assert (e.value.status, e.value.code) == ("RESOURCE_EXHAUSTED", "rate_limited") and e.value.retry_after >= 1
+    with VtfuseGrpcClient(serve_app.grpc_target, application="vtfuse-ratelimit", api_key="key-b") as g:
+        assert g.vqa(PNG, ["how many circles are there?"]).answer, "the default retries wait out the rate limit"
+    with VtfuseGrpcClient(serve_app.grpc_target, application="vtfuse-ratelimit", api_key="nope") as g:
+        with pytest.raises(AuthenticationError) as auth:
+            g.list_models()
+    assert (auth.value.status, auth.value.code) == ("UNAUTHENTICATED", "unauthorized")
+    with VtfuseClient(serve_app.http_url + "/rl", api_key="key-a") as c:
+        assert c.vqa(PNG, ["how many circles are there?"]).answer, "HTTP: X-API-Key, retried past the 429s"
 
 
 # -- straight to Triton ------------------------------------------------------------------------
