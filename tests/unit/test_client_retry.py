@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from serving.app.auth import check_api_key, presented_key
+from serving.cli import main
 from serving.client import (
     ApiConnectionError,
     AsyncVtfuseClient,
@@ -120,6 +121,7 @@ class HttpApi:
 
     script: list[tuple[int, dict[str, str], dict]]
     seen: list[dict[str, str]] = field(default_factory=list)
+    bodies: list[dict] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     url: str = ""
 
@@ -132,7 +134,8 @@ def http_api(request: pytest.FixtureRequest, pki: Pki) -> Iterator[HttpApi]:
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
             length = int(self.headers.get("content-length") or 0)
-            self.rfile.read(length)
+            raw = self.rfile.read(length)
+            api.bodies.append(json.loads(raw) if raw.startswith(b"{") else {})
             api.seen.append({k.lower(): v for k, v in self.headers.items()})
             api.times.append(time.monotonic())
             status, headers, body = api.script.pop(0) if len(api.script) > 1 else api.script[0]
@@ -404,3 +407,49 @@ def test_grpc_tls_with_a_private_ca_sync_and_async(grpc_tls_api, pki):
     with VtfuseGrpcClient(grpc_tls_api.target, timeout=5, retry=Retry(max_retries=0)) as c:
         with pytest.raises(Unavailable):  # plaintext to a TLS port
             c.vqa(b"IMG", ["q"])
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_commands_print_json_and_send_the_key_from_the_environment(http_api, tmp_path, capsys, monkeypatch):
+    img = tmp_path / "x.png"
+    img.write_bytes(b"IMG")
+    monkeypatch.setenv("VTFUSE_API_KEY", "env-key")
+    url = ["--url", http_api.url]
+    http_api.script = [(200, {}, {"model": "tiny", "scores": [0.9, 0.1]})]
+    assert main(["match", str(img), "a red circle", "two dogs", *url]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scores"] == [0.9, 0.1] and out["model"] == "tiny" and out["request_id"]
+    assert http_api.seen[-1]["x-api-key"] == "env-key" and http_api.bodies[-1]["texts"] == ["a red circle", "two dogs"]
+
+    http_api.script = [(200, {}, {"model": "tiny", "results": [{"index": 1, "score": 0.8}]})]
+    assert main(["retrieve", "--text", "a red circle", str(img), str(img), "--top-k", "1", *url]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == [{"index": 1, "score": 0.8}]
+    assert http_api.bodies[-1]["text"] == "a red circle" and len(http_api.bodies[-1]["images"]) == 2
+    http_api.script = [(200, {}, {"model": "tiny", "results": [{"index": 0, "score": 0.8, "text": "a"}]})]
+    assert main(["retrieve", str(img), "a", "b", "--top-k", "1", *url]) == 0
+    assert http_api.bodies[-1]["texts"] == ["a", "b"] and "image" in http_api.bodies[-1]
+    capsys.readouterr()
+
+    http_api.script = [(200, {}, {"model": "tiny", "image_embeddings": [[1.0]], "text_embeddings": [[0.0], [1.0]]})]
+    assert main(["embed", "--image", str(img), "--text", "a", "--text", "b", "--model", "tiny", *url]) == 0
+    assert json.loads(capsys.readouterr().out)["text_embeddings"] == [[0.0], [1.0]]
+    assert http_api.bodies[-1]["texts"] == ["a", "b"] and http_api.bodies[-1]["model"] == "tiny"
+
+    http_api.script = [(401, {}, _error("unauthorized", "the API key is not valid"))]
+    assert main(["models", *url, "--api-key", "wrong"]) == 1
+    assert "401 unauthorized: the API key is not valid" in capsys.readouterr().err
+    assert http_api.seen[-1]["x-api-key"] == "wrong", "--api-key wins over the environment"
+
+
+def test_cli_over_grpc_with_tls(grpc_tls_api, pki, tmp_path, capsys):
+    img = tmp_path / "x.png"
+    img.write_bytes(b"IMG")
+    grpc_tls_api.servicer.script = [(None, "", None)]
+    grpc_tls_api.servicer.keys = ["k9"]
+    argv = ["ask", str(img), "q", "--grpc", grpc_tls_api.target, "--ca-cert", str(pki.ca_pem), "--api-key", "k9"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answers"][0]["answer"] == "2" and out["model"] == "tiny"
+    assert main(argv) == 0 and capsys.readouterr().out == "2 (0.90)\n"
