@@ -148,11 +148,14 @@ def scrape(url: str) -> str:
         return r.read().decode()
 
 
-_LINE = re.compile(r'^(nv_inference_count|nv_inference_exec_count|nv_inference_request_success)\{([^}]*)\}\s+(\S+)$')
+_LINE = re.compile(
+    r'^(nv_inference_count|nv_inference_exec_count|nv_inference_request_success|nv_cache_num_hits_per_model)'
+    r'\{([^}]*)\}\s+(\S+)$'
+)
 
 
 def batch_counts(text: str) -> dict[str, dict[str, float]]:
-    """{model: {metric: value}} for Triton's per-model request, item and execution counters."""
+    """{model: {metric: value}} for Triton's per-model request, item, execution and response-cache hit counters."""
     out: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         m = _LINE.match(line)
@@ -173,7 +176,8 @@ def batch_delta(before: str, after: str) -> dict[str, Any]:
         d = {k: a[model].get(k, 0.0) - b.get(model, {}).get(k, 0.0) for k in a[model]}
         items, execs = d.get("nv_inference_count", 0.0), d.get("nv_inference_exec_count", 0.0)
         avg = items / execs if execs else None
-        per_model[model] = {"inference_count": items, "exec_count": execs, "avg_batch": avg}
+        per_model[model] = {"inference_count": items, "exec_count": execs, "avg_batch": avg,
+                            "cache_hits": d.get("nv_cache_num_hits_per_model", 0.0)}  # answered without running
     engines = [per_model[m] for m in ENGINE_MODELS if m in per_model]
     items = float(sum(m["inference_count"] for m in engines))
     execs = float(sum(m["exec_count"] for m in engines))

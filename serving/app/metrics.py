@@ -122,6 +122,17 @@ class _Families:
         return self._families
 
 
+def _ours(text: str, prefix: str) -> str:
+    """Only the lines of `prefix` families (HELP, TYPE, samples): Ray's own families are most of the text."""
+    keep = (prefix, RAY_PREFIX + prefix)
+    lines = [
+        line
+        for line in text.splitlines()
+        if (line[7:] if line.startswith(("# HELP ", "# TYPE ")) else line).startswith(keep)
+    ]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def _parse(text: str) -> list[Metric]:
     try:
         return list(text_string_to_metric_families(text))
@@ -140,7 +151,8 @@ def filter_prometheus(texts: Iterable[str], prefix: str = PREFIX) -> str:
     families: dict[str, Metric] = {}
     seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for text in texts:
-        for fam in _parse(text) if text else []:
+        ours = _ours(text, prefix)
+        for fam in _parse(ours) if ours else []:
             name = fam.name.removeprefix(RAY_PREFIX)
             if not name.startswith(prefix):
                 continue
