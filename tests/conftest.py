@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from serving.tracing import triton_trace_args
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer, TritonSettings
 from tests.helpers import free_port
+from tests.otlp import OtlpReceiver
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HF_MODELS = {"blip-test": "blip", "vilt-test": "vilt"}  # served name → checkpoint folder in `hf_checkpoints`
@@ -50,11 +52,27 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, hf_checkpoints: di
 
 
 @pytest.fixture(scope="session")
-def triton(test_repository: Path) -> Iterator[TritonServer]:
-    """A real tritonserver on free ports over the test repository (tiny + imported models); always stopped."""
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/HTTP trace receiver (a thread) the session's Triton and Ray Serve app export spans to."""
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def triton(test_repository: Path, otlp_receiver: OtlpReceiver) -> Iterator[TritonServer]:
+    """A real tritonserver on free ports over the test repository (tiny + imported models); always stopped.
+
+    Its OpenTelemetry trace mode points at `otlp_receiver` with trace level OFF: a test turns
+    tracing on through Triton's trace API for as long as it needs it.
+    """
     repo = test_repository
+    trace_args = (
+        *triton_trace_args(otlp_receiver.endpoint, enabled=False),
+        "--trace-config=opentelemetry,bsp_schedule_delay=200",  # export within 0.2 s (default 5 s)
+    )
     settings = TritonSettings(
-        repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=10
+        repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=10,
+        extra_args=trace_args,
     )
     server = TritonServer(settings, log_path=ARTIFACTS / "tritonserver.log")
     server.start()

@@ -9,6 +9,8 @@ from typing import Any
 
 from ray.serve import Application
 
+from serving.app.health import HEALTH_SERVICER_FUNCTION
+from serving.app.health import available as health_available
 from serving.app.ingress import Ingress
 from serving.app.preprocess import PreprocessDeployment
 from serving.app.settings import AppArgs
@@ -46,8 +48,9 @@ def build_app(args: AppArgs) -> Application:
 
 
 def serve_options(http_host: str, http_port: int, grpc_port: int) -> dict[str, Any]:
-    """`serve.start` options: HTTP proxy address, gRPC proxy port with our servicer."""
+    """`serve.start` options: HTTP proxy address, gRPC proxy port with our servicer and the gRPC health one."""
+    health_servicer = [HEALTH_SERVICER_FUNCTION] if health_available() else []
     return {
         "http_options": {"host": http_host, "port": http_port},
-        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION, *health_servicer]},
     }

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import grpc
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.app import grpc_api
+from serving.app import grpc_api, health
 from serving.app.auth import presented_key
 from serving.app.http_api import create_api
 from serving.app.logs import configure_logging
@@ -19,6 +20,7 @@ from serving.app.preprocess import HandlePreprocess, InlinePreprocess, Preproces
 from serving.app.ratelimit import RateLimiter
 from serving.app.settings import AppArgs
 from serving.proto import vtfuse_pb2 as pb
+from serving.tracing import grpc_server_span
 from serving.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -108,18 +110,19 @@ class Ingress:
 
     async def _grpc(self, method: str, request: Any, grpc_context: Any) -> Any:
         metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-        return await grpc_api.handle(
-            method,
-            request,
-            grpc_context,
-            self.pipeline,
-            self.args,
-            self.metrics,
-            _serve_request_id(),
-            self.admission,
-            presented_key(metadata),
-            self.limiter,
-        )
+        with grpc_server_span(method, metadata):  # joins the caller's `traceparent` (nothing when tracing is off)
+            return await grpc_api.handle(
+                method,
+                request,
+                grpc_context,
+                self.pipeline,
+                self.args,
+                self.metrics,
+                _serve_request_id(),
+                self.admission,
+                presented_key(metadata),
+                self.limiter,
+            )
 
     async def Vqa(self, request: pb.VqaRequest, grpc_context: Any = None) -> pb.VqaResponse:  # noqa: N802 - gRPC name
         """gRPC Vtfuse/Vqa."""
@@ -142,6 +145,22 @@ class Ingress:
     ) -> pb.ListModelsResponse:
         """gRPC Vtfuse/ListModels."""
         return await self._grpc("ListModels", request, grpc_context)
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC name
+        """gRPC grpc.health.v1.Health/Check: SERVING when ready (as /readyz), NOT_SERVING when not or draining."""
+
+        async def ready() -> bool:
+            return all((await self.pipeline.ready(self.args.default_model)).values())
+
+        return await health.check(request.service, self.admission.draining, ready, grpc_context)
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC name
+        """gRPC grpc.health.v1.Health/Watch: not offered (UNIMPLEMENTED); probes use Check."""
+        if grpc_context is not None:
+            grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+            grpc_context.set_details("Watch is not offered: use grpc.health.v1.Health/Check")
+        return
+        yield  # an async generator: Watch is a server-streaming method
 
     async def __del__(self) -> None:
         await self.triton.close()

@@ -23,6 +23,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from serving import tracing
 from serving.errors import (
     InvalidInput,
     Overloaded,
@@ -252,30 +253,32 @@ class TritonClient:
         infer_inputs = [make_input(n, a) for n, a in inputs.items()]
         requested = [InferRequestedOutput(o) for o in outputs]
         attempt = 0
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0.001:
-                raise UpstreamTimeout(f"request deadline expired before calling {model}")
-            try:
-                result = await self._client().infer(
-                    model,
-                    infer_inputs,
-                    model_version=version,
-                    outputs=requested,
-                    request_id=request_id,
-                    client_timeout=left,
-                    timeout=max(1, int(left * 1e6)),  # Triton's queue timeout, µs
-                )
-                break
-            except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError) as e:
-                err = map_triton_error(e, model)
-                if attempt < self.settings.retry_unavailable and _is_retryable(err):
-                    attempt += 1
-                    log.warning("request_id=%s %s: %s; retrying once", request_id, model, err.message)
-                    await asyncio.sleep(self.settings.retry_backoff_s)
-                    continue
-                log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
-                raise err from None
+        with tracing.triton_call(model, request_id) as headers:  # a span + `traceparent` when tracing is on
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0.001:
+                    raise UpstreamTimeout(f"request deadline expired before calling {model}")
+                try:
+                    result = await self._client().infer(
+                        model,
+                        infer_inputs,
+                        model_version=version,
+                        outputs=requested,
+                        request_id=request_id,
+                        headers=headers,
+                        client_timeout=left,
+                        timeout=max(1, int(left * 1e6)),  # Triton's queue timeout, µs
+                    )
+                    break
+                except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError) as e:
+                    err = map_triton_error(e, model)
+                    if attempt < self.settings.retry_unavailable and _is_retryable(err):
+                        attempt += 1
+                        log.warning("request_id=%s %s: %s; retrying once", request_id, model, err.message)
+                        await asyncio.sleep(self.settings.retry_backoff_s)
+                        continue
+                    log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
+                    raise err from None
         out = {o: result.as_numpy(o) for o in outputs}
         self.stats.calls += 1
         self.stats.sent += sum(int(np.asarray(a).nbytes) for a in inputs.values())

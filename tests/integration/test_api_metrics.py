@@ -125,7 +125,7 @@ def test_request_id_is_in_every_replica_log_line_about_the_request(serve_app):
         if any("serving.app.http_api" in h for h in hits) and any("serving.app.preprocess" in h for h in hits):
             break
         time.sleep(0.5)
-    ours = [h for h in hits if " serving." in h]
+    ours = [h for h in hits if "serving.app." in h]  # TEXT or JSON lines (the session stack logs JSON)
     assert any("serving.app.http_api" in h for h in ours), hits
     assert any("serving.app.preprocess" in h for h in ours), hits
     assert all(f"request_id={rid}" in h or rid in h for h in ours)

@@ -41,7 +41,8 @@ def test_rendered_config_is_a_valid_serve_config(monkeypatch, tmp_path):
     schema = ServeDeploySchema.model_validate(cfg)
     assert schema.http_options.port == 18080 and schema.grpc_options.port == 19000
     assert schema.grpc_options.grpc_servicer_functions == [
-        "serving.proto.vtfuse_pb2_grpc.add_VtfuseServicer_to_server"]
+        "serving.proto.vtfuse_pb2_grpc.add_VtfuseServicer_to_server",
+        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
     (app,) = schema.applications
     args = AppArgs.model_validate(app.args)
     assert args.triton_url == "127.0.0.1:18001" and args.repository == str(tmp_path.resolve())
@@ -63,3 +64,22 @@ def test_a_config_without_applications_is_refused(tmp_path):
     bad.write_text("http_options: {port: 1}\n")
     with pytest.raises(SystemExit, match="no `applications:`"):
         app_cli.load_serve_config(bad)
+
+
+def test_log_encoding_and_tracing_reach_the_serve_config(monkeypatch, tmp_path):
+    monkeypatch.delenv("PRESET", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    config = app_cli.load_serve_config(app_cli.DEFAULT_CONFIG)
+    plain = ServeDeploySchema.model_validate(app_cli.render_serve_config(config, parse([]), "127.0.0.1:8001"))
+    assert plain.tracing_config is None  # no OTLP endpoint: tracing off
+    assert plain.applications[0].logging_config.encoding == "TEXT"
+    assert plain.applications[0].logging_config.additional_log_standard_attrs == ["name"]
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    cfg = app_cli.render_serve_config(config, parse(["--log-encoding", "json"]), "127.0.0.1:8001")
+    schema = ServeDeploySchema.model_validate(cfg)
+    assert schema.applications[0].logging_config.encoding == "JSON" and schema.logging_config.encoding == "JSON"
+    assert schema.tracing_config.enabled and schema.tracing_config.sampling_ratio == 0.25
+    assert schema.tracing_config.exporter_import_path == "serving.tracing:otlp_span_processors"
