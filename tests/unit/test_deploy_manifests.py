@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy import check, serve_render
+from deploy import check, rules, serve_render
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -53,8 +53,8 @@ def pod_specs(objects) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def test_both_overlays_exist():
-    assert {"cpu", "gpu"} <= set(OVERLAYS)
+def test_every_overlay_exists():
+    assert {"cpu", "gpu", "gpu-torch"} <= set(OVERLAYS)
 
 
 def test_every_kind_a_cluster_needs_is_there(rendered):
@@ -98,27 +98,65 @@ def test_triton_model_control_off_and_admin_apis_restricted(rendered):
     assert "/dev/shm" in mounts, "the Python backend needs more than the runtime's 64 MiB /dev/shm"
 
 
-def test_model_repository_comes_from_the_export_init_container(rendered):
+TARGET = {"cpu": "onnxruntime", "gpu-torch": "torch"}
+
+
+def test_model_repository_comes_from_the_export_init_container_or_the_plan_volume(rendered):
     overlay, objects = rendered
     pod = triton_pod(objects)
+    inits = {c["name"] for c in pod.get("initContainers", [])}
+    if overlay == "gpu":
+        assert inits == {"plans"}, "no plan is built in a Triton pod"
+        mount = next(m for m in container(pod, "triton")["volumeMounts"] if m["mountPath"] == "/models")
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["persistentVolumeClaim"] == {"claimName": "trt-plans", "readOnly": True}
+        assert mount["subPathExpr"].endswith("/repository") and mount["readOnly"] is True
+        return
     export = container(pod, "export", init=True)
     env = {e["name"]: e.get("value") for e in export["env"]}
     assert env["VTFUSE_REPO"] == "/models"
-    assert env["VTFUSE_EXPORT_TARGET"] == ("tensorrt" if overlay == "gpu" else "onnxruntime")
+    assert env["VTFUSE_EXPORT_TARGET"] == TARGET[overlay]
     assert {"models", "plan-cache"} <= {m["name"] for m in export["volumeMounts"]}
     assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == "models")
 
 
-def test_gpu_only_in_the_gpu_overlay(rendered):
+def test_gpu_overlay_builds_plans_once_per_gpu_type_in_a_job(rendered):
+    overlay, objects = rendered
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    if overlay != "gpu":
+        assert jobs == []
+        return
+    job = one(objects, "Job", "trt-plans")
+    cm = one(objects, "ConfigMap", "trt-plans")["data"]
+    assert cm["tensorrt"] == "10.5", "NGC 24.10's TensorRT"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == cm["gpu-product"] == \
+        triton_pod(objects)["nodeSelector"]["nvidia.com/gpu.product"]
+    export = container(pod, "export")
+    assert export["image"].endswith("/export:0.1.0")
+    assert export["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    env = {e["name"]: e.get("value") for e in export["env"]}
+    assert env["VTFUSE_EXPORT_TARGET"] == "tensorrt"
+    assert env["VTFUSE_PLAN_DIR"] == "/plans/$(VTFUSE_GPU_PRODUCT)/trt$(VTFUSE_TENSORRT)/$(VTFUSE_RELEASE)"
+    assert one(objects, "PersistentVolumeClaim", "trt-plans")["spec"]["accessModes"] == ["ReadWriteMany"]
+    plans = container(triton_pod(objects), "plans", init=True)
+    assert plans["command"] == ["python3", "/opt/vtfuse/bin/verify-plans.py"]
+    assert flag(plans["args"], "plan-dir") == env["VTFUSE_PLAN_DIR"]
+    assert plans["image"].endswith("/triton:0.1.0")
+
+
+def test_gpu_only_in_the_gpu_overlays(rendered):
     overlay, objects = rendered
     pod = triton_pod(objects)
-    triton, export = container(pod, "triton"), container(pod, "export", init=True)
-    if overlay == "gpu":
-        for c in (triton, export):
-            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-            assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    triton = container(pod, "triton")
+    if overlay.startswith("gpu"):
+        assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert triton["resources"]["requests"]["nvidia.com/gpu"] == "1"
         assert flag(triton["args"], "allow-gpu-metrics") == "true"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+        assert pod["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+        if overlay == "gpu-torch":  # the torch repository is rendered on the CPU
+            assert "nvidia.com/gpu" not in json.dumps(container(pod, "export", init=True))
     else:
         assert "nvidia.com/gpu" not in json.dumps(objects)
 
@@ -146,7 +184,7 @@ def test_services_expose_triton_and_the_api(rendered):
     _, objects = rendered
     svc = one(objects, "Service", "triton")
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    assert svc["spec"]["selector"] == {"app.kubernetes.io/name": "triton"}
+    assert svc["spec"]["selector"] == {"vtfuse.io/component": "triton"}
     assert one(objects, "Service", "triton-headless")["spec"]["clusterIP"] == "None"
     ray = one(objects, "RayService", "vtfuse")
     ports = {p["name"]: p["port"] for p in ray["spec"]["serveService"]["spec"]["ports"]}
@@ -162,7 +200,8 @@ def test_hpa_scales_triton_on_queue_signals_the_adapter_serves(rendered):
     adapter = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-adapter-values.yaml").read_text())
     served = {r["name"]["as"] for r in adapter["rules"]["custom"]}
     assert names == served == {"triton_queue_duration_us_per_request", "triton_pending_requests"}
-    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] >= 1
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"] >= 2
+    assert "replicas" not in one(objects, "Deployment", "triton")["spec"], "the HPA owns the count"
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
@@ -172,10 +211,9 @@ def test_disruption_budgets_select_real_pods(rendered):
     pdb = one(objects, "PodDisruptionBudget", "triton")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= triton_labels.items()
-    worker = [t for g, t in check.ray_pod_templates(one(objects, "RayService", "vtfuse")) if g != "head"][0]
-    labels = {**worker["metadata"]["labels"], "ray.io/node-type": "worker"}  # KubeRay adds node-type
+    workers = [labels for where, labels, _ in rules.pods(objects) if where == "RayService/vtfuse cpu"]
     ray_pdb = one(objects, "PodDisruptionBudget", "vtfuse-serve-workers")
-    assert ray_pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert ray_pdb["spec"]["selector"]["matchLabels"].items() <= workers[0].items()
 
 
 # --- NetworkPolicy: a small evaluator of the policies as the API server defines them ---------
@@ -220,8 +258,9 @@ def allowed(objects, to: dict[str, str], port: int, src: dict[str, str], src_ns:
     return False
 
 
-TRITON = {"app.kubernetes.io/name": "triton"}
-SERVE = {"app.kubernetes.io/name": "vtfuse-serve", "ray.io/node-type": "worker"}
+TRITON = {"app.kubernetes.io/name": "triton", "vtfuse.io/component": "triton"}
+# As KubeRay labels a worker: its own app.kubernetes.io/name over the template's labels.
+SERVE = {"vtfuse.io/component": "serve", "app.kubernetes.io/name": "kuberay", "ray.io/node-type": "worker"}
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 OTHER = {"app": "something-else"}
 
@@ -321,6 +360,7 @@ def test_serve_autoscaling_and_shutdown_fit_the_pods(rendered):
 
 
 def test_images_come_from_the_overlay_registry(rendered):
-    _, objects = rendered
+    overlay, objects = rendered
     images = set(re.findall(r'"image": "([^"]+)"', json.dumps(objects)))
-    assert images == {f"registry.example.com/vtfuse/{n}:0.1.0" for n in ("triton", "export", "serve")}
+    triton = "triton-torch" if overlay == "gpu-torch" else "triton"
+    assert images == {f"registry.example.com/vtfuse/{n}:0.1.0" for n in (triton, "export", "serve")}

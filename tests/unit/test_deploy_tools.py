@@ -1,4 +1,4 @@
-"""The tools behind `make deploy-check`: serveConfigV2 rendering, strict schema validation, the Dockerfile lint."""
+"""The tools behind `make deploy-check`: serveConfigV2 rendering, strict schema validation, the Dockerfile checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy import check, dockerlint, serve_render
+from deploy import check, serve_render
 from deploy.crd import CrdRegistry, CrdSchemaError, strict_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,37 +127,98 @@ def test_crd_copies_note_their_source():
 # --- Dockerfiles ---------------------------------------------------------------------------
 
 
-def test_committed_dockerfiles_lint_clean():
-    results = dockerlint.lint_all()
-    assert set(results) == {"triton.Dockerfile", "serve.Dockerfile", "export.Dockerfile"}
-    assert results == {name: [] for name in results}
+def test_committed_dockerfiles_pass_the_project_checks():
+    names = {f.name for f in DOCKER.glob("*.Dockerfile")}
+    assert names == {"triton.Dockerfile", "triton-torch.Dockerfile", "serve.Dockerfile", "export.Dockerfile"}
+    assert {n: check.dockerfile_problems(DOCKER / n) for n in names} == {n: [] for n in names}
+
+
+HADOLINT = ROOT / "build" / "tools-venv" / "bin" / "hadolint"
+
+
+@pytest.mark.skipif(not HADOLINT.exists(), reason="hadolint: `make deploy-check` installs it into build/tools-venv")
+def test_hadolint_passes_the_dockerfiles_and_catches_what_the_old_lint_did(tmp_path, monkeypatch):
+    assert check.step_hadolint(HADOLINT)[0].startswith("hadolint: ")
+    bad = tmp_path / "bad.Dockerfile"
+    bad.write_text("FROM python:latest AS build\nRUN pip install numpy\nFROM quay.io/x/ubuntu:22.04\n"
+                   "ENV API_KEY=abc123\nRUN apt-get install -y curl\nUSER root\n")
+    monkeypatch.setattr(check, "DOCKER_DIR", tmp_path)
+    (tmp_path / "hadolint.yaml").write_text((DOCKER / "hadolint.yaml").read_text())
+    with pytest.raises(check.CheckFailed) as e:
+        check.step_hadolint(HADOLINT)
+    found = "\n".join(e.value.lines)
+    for code in ("DL3007", "DL3042", "DL3026", "DL3064", "DL3015", "DL3002"):
+        assert code in found, code
 
 
 BAD = """\
-FROM python:latest AS build
-RUN pip install numpy
-FROM ubuntu
-ENV API_KEY=abc123
-ADD https://example.com/x.tgz /x
+FROM ${BASE} AS build
+RUN pip wheel --no-cache-dir torch
+FROM ubuntu:22.04
 COPY no/such/file /app/
 COPY tests/ /app/tests/
-RUN apt-get install -y curl
-USER root
+RUN --mount=type=bind,source=deploy/docker/requirements-triton-torch.txt,target=/r.txt pip install -r /r.txt
+USER ray
 """
 
 
-def test_dockerlint_reports_each_problem(tmp_path):
+def test_project_dockerfile_checks_report_what_hadolint_does_not(tmp_path):
     f = tmp_path / "bad.Dockerfile"
     f.write_text(BAD)
-    (tmp_path / "bad.Dockerfile.dockerignore").write_text("*\n!serving/\n")
-    problems = "\n".join(dockerlint.lint(f))
-    for expected in ("FROM python:latest: pin a version tag", "FROM ubuntu: pin a version tag",
-                     "pip install without --no-cache-dir", "ENV API_KEY: no secrets", "ADD: use COPY",
+    (tmp_path / "bad.Dockerfile.dockerignore").write_text("*\n!serving/\n!deploy/docker/\n")
+    problems = "\n".join(check.dockerfile_problems(f))
+    for expected in ("FROM ${BASE}: write the pinned image, not an ARG",
                      "no/such/file, which is not in the repository",
                      "tests/, which bad.Dockerfile.dockerignore excludes",
-                     "apt-get install without --no-install-recommends", "USER root: use a non-root numeric uid",
-                     "no HEALTHCHECK"):
+                     "USER ray: use a non-root numeric uid",
+                     "bad.Dockerfile:2: installs torch",
+                     "requirements-triton-torch.txt lists torch"):
         assert expected in problems, expected
+    f.write_text("FROM ubuntu:22.04\n")
+    assert "the final stage sets no USER" in "\n".join(check.dockerfile_problems(f))
+
+
+def test_runtime_images_carry_no_torch_and_the_torch_ones_do():
+    for name in ("serve", "triton"):
+        reqs = check.requirements(DOCKER / f"requirements-{name}.txt")
+        assert not [r for r in reqs if r.startswith("torch")], name
+        runs = check.parse_dockerfile((DOCKER / f"{name}.Dockerfile").read_text())
+        assert "torch" not in "".join(i.args for i in runs if i.keyword == "RUN"), name
+    assert "torch" in check.requirements(DOCKER / "requirements-triton-torch.txt")
+    assert "torch" in check.requirements(DOCKER / "requirements-export.txt")
+
+
+BLOCKED_IMPORTS = """
+import sys, types, importlib
+blocked = set(sys.argv[1].split(","))
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError("no " + name + " in this image")
+sys.meta_path.insert(0, Block())
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+for m in sys.argv[2:]:
+    importlib.import_module(m)
+"""
+
+
+def _imports_without(blocked, modules):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS, ",".join(blocked), *modules], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_what_the_runtime_images_run_imports_without_torch():
+    """The serve image's app (without the embedded Triton's packages either) and the Triton image's models."""
+    _imports_without(["torch", "transformers", "onnxruntime", "pytriton", "onnx"],
+                     ["serving.app.builder", "serving.app.proxy", "serving.proto.vtfuse_pb2_grpc"])
+    models = sorted({line.split("import")[0].replace("from", "").strip()
+                     for f in (ROOT / "model_repository").glob("*/1/model.py")
+                     for line in f.read_text().splitlines() if line.startswith("from serving.")})
+    _imports_without(["torch", "transformers"], models)
 
 
 @pytest.mark.parametrize(
@@ -169,18 +230,20 @@ def test_dockerlint_reports_each_problem(tmp_path):
      ("deploy/serve_config.yaml", False), ("deploy/k8s/base/kustomization.yaml", True)],
 )
 def test_dockerignore_sends_only_what_the_images_copy(path, excluded):
-    patterns = dockerlint.read_ignore(DOCKER / "triton.Dockerfile")
-    assert dockerlint.ignored(path, patterns) is excluded
+    patterns = check.read_ignore(DOCKER / "triton.Dockerfile")
+    assert check.ignored(path, patterns) is excluded
 
 
 def test_images_pin_matching_releases():
-    bases = {f.name: [s.base for s in dockerlint.stages(dockerlint.parse(f.read_text()))]
+    bases = {f.name: [b for b, _, _ in check.stages(check.parse_dockerfile(f.read_text()))]
              for f in DOCKER.glob("*.Dockerfile")}
     triton_tag = bases["triton.Dockerfile"][0].split(":")[1]
     assert bases["triton.Dockerfile"][0] == "nvcr.io/nvidia/tritonserver:24.10-py3", "Triton 2.51, the embedded one"
+    assert bases["triton-torch.Dockerfile"][-1] == bases["triton.Dockerfile"][-1]
     assert bases["export.Dockerfile"][0] == f"nvcr.io/nvidia/tensorrt:{triton_tag}", (
         "plans must be built by the TensorRT version the Triton image loads them with"
     )
+    assert check.ngc_release() == "24.10"
     ray_pin = re.search(r"^ray==([\w.]+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
     assert bases["serve.Dockerfile"][0] == f"rayproject/ray:{ray_pin}-py311-cpu"
 
@@ -190,13 +253,30 @@ def test_image_requirements_are_project_dependencies():
     declared = {re.split(r"[<>=\[]", d)[0].lower() for d in re.findall(r'"([A-Za-z][\w.\-\[\],<>=]*)"', pyproject)}
     for req in DOCKER.glob("requirements-*.txt"):
         for line in req.read_text().splitlines():
-            if line and not line.startswith("#"):
+            if line and not line.startswith(("#", "-r ")):
                 assert re.split(r"[<>=\[]", line)[0].lower() in declared, f"{req.name}: {line}"
+
+
+SERVE_IMAGE_LEAVES_OUT = {"ray", "nvidia-pytriton", "onnxruntime"}  # base image; the embedded one-machine Triton
+
+
+def test_serve_image_installs_the_server_extra():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=\[; ]", r.strip())[0].lower() for r in reqs if r.strip()}
+
+    want = names(project["dependencies"]) | names(project["optional-dependencies"]["server"])
+    have = names(check.requirements(DOCKER / "requirements-serve.txt"))
+    assert have == want - SERVE_IMAGE_LEAVES_OUT, "keep requirements-serve.txt in step with pyproject's server extra"
 
 
 def test_export_entrypoint_builds_plans_only_for_tensorrt():
     script = (DOCKER / "export-entrypoint.sh").read_text()
     assert script.startswith("#!/bin/sh") and "set -eu" in script
     assert 'if [ "$target" = "tensorrt" ]; then' in script
-    assert "export engine" in script and 'exec python -m serving.cli export install' in script
+    assert "export engine" in script and 'exec python -m serving.cli export "$stage"' in script
+    assert 'if [ "$target" = "torch" ]; then stage=all; fi' in script
     assert (DOCKER / "export-entrypoint.sh").stat().st_mode & 0o111, "the entrypoint must be executable"
