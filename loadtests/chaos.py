@@ -334,6 +334,7 @@ class ServeStack:
             "RAY_METRICS_PORT": str(self.ray_metrics_port),
             "RAY_TMPDIR": str(self.ray_tmp),
             "TRITON_LOG": str(LOG_DIR / f"{self.tag}-tritonserver.log"),
+            "RAY_LOG": str(LOG_DIR / f"{self.tag}-ray.log"),
             **self.env,
         }
         cmd = [sys.executable, "-m", "serving.cli", "serve", *self.args]

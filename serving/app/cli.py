@@ -1,26 +1,34 @@
 """`vtfuse serve`: Triton + a local Ray cluster + the Serve app, in the foreground; SIGINT/SIGTERM stops all of it.
 
+Every port it would listen on is checked first: one another process holds is refused at once
+(exit 2), naming the port and the holder's pid and name.
+
 Triton runs under a TritonSupervisor (restarted if it dies); the app answers 503 while it is
 down, and its gRPC channels reconnect within the capped backoff once Triton is back.
-Ray's HTTP proxy runs serving.app.proxy's middleware (fast admission, retries of calls a
-dead replica dropped, JSON errors only).
+Ray runs as `ray start --head --block` (serving.app.raycluster). Ray and Triton each run in a
+session of their own, so a signal to our process group (Ctrl-C, `kill -- -PGID`) reaches
+this process only. Ray's HTTP proxy runs serving.app.proxy's middleware (fast admission,
+retries of calls a dead replica dropped, JSON errors only).
 
 SIGINT/SIGTERM drains first: the Ingress replicas refuse new requests (503, /readyz 503)
 while the ones in flight finish (at most --drain-timeout s); then Serve, Ray and Triton
-(which drains its own queue within --exit-timeout) stop. A second signal skips the drain.
+(which drains its own queue within --exit-timeout) stop. A second signal, 2 s or more after
+the first, skips the drain (a group signal and make's forwarded copy of it count as one).
+Killed outright (SIGKILL), it leaves nothing either: the kernel sends SIGTERM to `ray start`
+and to tritonserver when it dies (PR_SET_PDEATHSIG), and each stops what it started.
 
 Environment overrides (flags win over them): PRESET (served model name and default),
 API_HOST, API_PORT (HTTP, 8080), GRPC_PORT (9000), TRITON_HTTP_PORT (8000),
 TRITON_GRPC_PORT (8001), TRITON_METRICS_PORT (8002), RAY_NUM_CPUS (all cores),
 RAY_METRICS_PORT (8090), SERVE_CONFIG (deploy/serve_config.yaml), TRITON_LOG,
 RESTRICT_APIS=1 (with TRITON_ADMIN_KEY), TRITON_GRPC_TLS_CERT / _KEY / _CA (TLS to Triton),
-DRAIN_TIMEOUT (30), LOG_ENCODING (TEXT or JSON), OTEL_EXPORTER_OTLP_ENDPOINT (traces; OTEL_SERVICE_NAME,
-OTEL_TRACES_SAMPLER_ARG).
+DRAIN_TIMEOUT (30).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import ctypes
 import logging
@@ -34,11 +42,9 @@ from typing import Any
 
 import yaml
 
-from serving.app.health import HEALTH_SERVICER_FUNCTION
-from serving.app.health import available as health_available
-from serving.app.logs import serve_logging_config
+from serving.app.raycluster import RayHead
 from serving.paths import REPO_ROOT
-from serving.tracing import TRITON_SERVICE_NAME, otlp_endpoint, sampling_ratio, serve_tracing_config, triton_trace_args
+from serving.procs import ParentSignalWatch, PortInUse, check_ports_free
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonSettings
 from serving.triton.supervisor import TritonSupervisor
 
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 APP_NAME = "vtfuse"
+REPEAT_SIGNAL_S = 2.0  # a signal this soon after the first is a copy of it (group signal + make's forward)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,9 +76,6 @@ def render_serve_config(config: dict[str, Any], ns: argparse.Namespace, triton_g
     cfg["grpc_options"].setdefault(
         "grpc_servicer_functions", ["serving.proto.vtfuse_pb2_grpc.add_VtfuseServicer_to_server"]
     )
-    servicers = cfg["grpc_options"]["grpc_servicer_functions"]
-    if HEALTH_SERVICER_FUNCTION not in servicers and health_available():  # grpc.health.v1 on :9000
-        cfg["grpc_options"]["grpc_servicer_functions"].append(HEALTH_SERVICER_FUNCTION)
     app = next((a for a in cfg["applications"] if a.get("name") == APP_NAME), cfg["applications"][0])
     args = app.setdefault("args", {})
     args["triton_url"] = triton_grpc
@@ -81,17 +85,6 @@ def render_serve_config(config: dict[str, Any], ns: argparse.Namespace, triton_g
         models = args.get("models") or {}
         args["models"] = {preset: models.get(preset, {})}
         args["default_model"] = preset
-    # Serve's logging_config (TEXT or JSON, the logger name on each line); the YAML's own keys win.
-    app["logging_config"] = {
-        **serve_logging_config(getattr(ns, "log_encoding", None) or "TEXT", str(args.get("log_level", "INFO"))),
-        **(app.get("logging_config") or {}),
-        **({"encoding": ns.log_encoding.upper()} if getattr(ns, "log_encoding", None) else {}),
-    }
-    if getattr(ns, "log_encoding", None):  # Serve's proxies and controller log the same way
-        cfg["logging_config"] = {**(cfg.get("logging_config") or {}), "encoding": ns.log_encoding.upper()}
-    tracing = serve_tracing_config()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
-    if tracing is not None and not cfg.get("tracing_config"):
-        cfg["tracing_config"] = tracing
     if args.get("preprocess") == "inline":  # no Preprocess deployment to configure
         app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") != "Preprocess"]
     return cfg
@@ -183,8 +176,9 @@ def proxy_environment(config: dict[str, Any]) -> dict[str, str]:
 def stop_with_parent() -> None:
     """Linux: get SIGTERM when the parent process dies.
 
-    GNU make does not pass a SIGTERM on to its recipe: `kill <make serve's pid>` would
-    orphan this process. With this, the drain-and-stop path runs instead.
+    A `make` killed outright would otherwise orphan this process; with this, the
+    drain-and-stop path runs instead. (`ParentSignalWatch` covers a SIGINT sent to make
+    alone, which make does not pass on to its recipe.)
     """
     if not sys.platform.startswith("linux"):
         return
@@ -200,26 +194,36 @@ def stop_with_parent() -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     """Start Triton, Ray and the app; print the URLs; stay in the foreground until SIGINT/SIGTERM."""
+    # Token authentication between our cluster and this driver (Ray's token, ~/.ray/auth_token); Ray reads
+    # the mode when its core module loads, hence before the import.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
     from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     stop, force = threading.Event(), threading.Event()
+    first_signal: list[float] = []
 
-    def on_signal(signum: int, _frame: object) -> None:
-        if stop.is_set():
-            force.set()  # a second signal: skip the drain
+    def on_signal(signum: int, _frame: object = None) -> None:
+        now = time.monotonic()
+        if not first_signal:
+            first_signal.append(now)
+        elif now - first_signal[0] >= REPEAT_SIGNAL_S:
+            force.set()  # a second signal, not a copy of the first: skip the drain
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    watch = ParentSignalWatch(on_signal)
     if ns.stop_with_parent:
         stop_with_parent()
-    if ns.otlp_endpoint:  # Ray's processes and the SDK exporter read the standard variables
-        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = ns.otlp_endpoint
-    if otlp_endpoint():
-        os.environ.setdefault("OTEL_SERVICE_NAME", "vtfuse-api")
+        watch.start()
+    try:
+        check_ports_free(_ports(ns))
+    except PortInUse as e:
+        print(f"vtfuse serve: not started: {e}", file=sys.stderr, flush=True)
+        return 2
     config = render_serve_config(load_serve_config(Path(ns.config)), ns, f"{ns.triton_host}:{ns.triton_grpc_port}")
     tls = bool(ns.triton_tls_cert)
     if tls:
@@ -237,36 +241,53 @@ def run_serve(ns: argparse.Namespace) -> int:
         restrict_apis=ns.restrict_apis,
         grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
         grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
-        # Triton's OpenTelemetry trace mode, exporting to the same OTLP/HTTP endpoint as the API.
-        extra_args=triton_trace_args(endpoint, sampling_ratio(), TRITON_SERVICE_NAME) if (endpoint := otlp_endpoint())
-        else (),
     )
     # Triton stays our child; the supervisor restarts it if it dies (the API answers 503 meanwhile).
     supervisor = TritonSupervisor(settings, log_path=Path(ns.triton_log))
-    ray_started = False
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    os.environ.update(proxy_environment(config))  # Ray's processes inherit it
+    head = RayHead(ns.num_cpus, ns.ray_metrics_port, {"metrics_report_interval_ms": 2000}, log_path=Path(ns.ray_log))
+    state = {"ray": False, "done": False}
+
+    def shutdown() -> None:
+        """Serve, Ray, then Triton; on every way out (atexit included), once."""
+        if state["done"]:
+            return
+        state["done"] = True
+        stop.set()
+        watch.cancel()
+        t0 = time.monotonic()
+        if state["ray"]:
+            _bounded(serve.shutdown, 30.0, "serve.shutdown")
+            _bounded(ray.shutdown, 10.0, "ray.shutdown")
+        t1 = time.monotonic()
+        triton_stop = threading.Thread(target=supervisor.stop, name="triton-stop")  # nothing in flight any more
+        triton_stop.start()
+        head.stop()
+        t2 = time.monotonic()
+        triton_stop.join()
+        log.info(
+            "stopped: Serve %.1f s, then Ray %.1f s and Triton %.1f s", t1 - t0, t2 - t1, time.monotonic() - t1
+        )
+
+    atexit.register(shutdown)
     try:
+        head.start()  # Ray starts while Triton loads its models
         supervisor.start()
         triton = supervisor.server
         if stop.is_set():
             return 0
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        os.environ.update(proxy_environment(config))  # Ray's processes inherit it
-        ray.init(
-            num_cpus=ns.num_cpus,
-            include_dashboard=False,
-            namespace="serve",
-            _metrics_export_port=ns.ray_metrics_port,
-            _system_config={"metrics_report_interval_ms": 2000},
-        )
-        ray_started = True
+        head.wait_started(timeout=180)
+        if stop.is_set():
+            return 0
+        ray.init(address=head.address, namespace="serve")
+        state["ray"] = True
         for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own handlers: ours win
             signal.signal(sig, on_signal)
         client = serve_start(
             http_options=schema.http_options.model_dump(),
             grpc_options=schema.grpc_options.model_dump(),
             proxy_location=schema.proxy_location,
-            global_logging_config=schema.logging_config,
-            global_tracing_config=schema.tracing_config,
         )
         client.deploy_apps(schema, _blocking=False)
         _wait_running(timeout=300)
@@ -280,22 +301,55 @@ def run_serve(ns: argparse.Namespace) -> int:
             "Ctrl-C stops everything.",
             flush=True,
         )
+        code = 0
         while not stop.wait(1.0):
-            pass
-        if not force.is_set():
+            if supervisor.failure:
+                log.error("stopping: %s", supervisor.failure)
+                code = 1
+            elif not head.alive():
+                log.error("stopping: the Ray cluster is gone (ray start exited; log %s)", head.log_path)
+                code = 1
+            if code:
+                break
+        if not force.is_set() and not code:
             log.info("stopping: draining the API (at most %.0f s; a second signal skips it)", ns.drain_timeout)
             drain(client, config, ns.drain_timeout, force)
-        log.info("stopping: Serve, Ray, then Triton")
-        return 0
+        log.info("stopping: Serve, then Ray and Triton")
+        return code
+    except PortInUse as e:
+        print(f"vtfuse serve: not started: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
-        stop.set()
-        if ray_started:
-            try:
-                serve.shutdown()
-            except Exception:
-                log.exception("serve.shutdown failed")
-            ray.shutdown()
-        supervisor.stop()
+        shutdown()
+        atexit.unregister(shutdown)
+
+
+def _ports(ns: argparse.Namespace) -> dict[str, int]:
+    """Every port `vtfuse serve` listens on, labelled with the setting that moves it."""
+    return {
+        "API HTTP, API_PORT": ns.api_port,
+        "API gRPC, GRPC_PORT": ns.grpc_port,
+        "Triton HTTP, TRITON_HTTP_PORT": ns.triton_http_port,
+        "Triton gRPC, TRITON_GRPC_PORT": ns.triton_grpc_port,
+        "Triton metrics, TRITON_METRICS_PORT": ns.triton_metrics_port,
+        "Ray metrics, RAY_METRICS_PORT": ns.ray_metrics_port,
+    }
+
+
+def _bounded(fn: Any, timeout: float, what: str) -> None:
+    """Run `fn()` in a thread for at most `timeout` s (a Ray call must not hold the stop up); log failures."""
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("%s failed", what)
+
+    t = threading.Thread(target=run, name=what, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.error("%s did not return within %.0f s: going on", what, timeout)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -362,21 +416,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="CPUs the local Ray cluster schedules replicas on (env RAY_NUM_CPUS)",
     )
     p.add_argument(
-        "--log-encoding",
-        choices=["TEXT", "JSON", "text", "json"],
-        default=os.environ.get("LOG_ENCODING") or None,
-        help="replica log lines as TEXT (default) or JSON, each with its request_id (env LOG_ENCODING)",
-    )
-    p.add_argument(
-        "--otlp-endpoint",
-        default=None,
-        help="OTLP/HTTP collector (http://host:4318): traces from the API and Triton; default: "
-        "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: tracing off",
-    )
-    p.add_argument(
         "--ray-metrics-port",
         type=int,
         default=_env_int("RAY_METRICS_PORT", 8090),
         help="Ray's Prometheus export port (env RAY_METRICS_PORT)",
+    )
+    p.add_argument(
+        "--ray-log",
+        default=os.environ.get("RAY_LOG", str(REPO_ROOT / "build" / "logs" / "ray.log")),
+        help="output of `ray start`, appended (env RAY_LOG); Ray's own logs: /tmp/ray/session_latest/logs",
     )
     p.set_defaults(func=run_serve)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from pathlib import Path
 
+from serving.procs import PortInUse
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer, TritonSettings
 
 
 def run_triton(args: argparse.Namespace) -> int:
-    """Start Triton, print its URLs, stay in the foreground until SIGINT/SIGTERM, then drain and stop."""
+    """Start Triton, print its URLs, stay in the foreground until SIGINT/SIGTERM, then drain and stop.
+
+    A port another process holds is refused at once (exit 2), naming the port and its holder.
+    """
     settings = TritonSettings(
         repository=Path(args.repository).resolve(),
         http_port=args.http_port,
@@ -25,14 +30,17 @@ def run_triton(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(settings)
-    server.start()
     try:
+        server.start()
         server.wait_ready()
         print(f"Triton ready: HTTP {server.url_http}  gRPC {server.url_grpc}  metrics {server.url_metrics}", flush=True)
         while not stop.wait(1.0):
             if server.poll() is not None:
                 return server.poll() or 1
         return 0
+    except PortInUse as e:
+        print(f"vtfuse triton: not started: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         server.stop()
 

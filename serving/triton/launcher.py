@@ -9,6 +9,7 @@ site-packages, so Python models run the same Python and packages as the caller.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from serving.paths import REPO_ROOT
+from serving.procs import PortInUse, check_ports_free, describe_port, listens_on, parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +232,14 @@ def is_ready(host: str, http_port: int, timeout: float = 2.0) -> bool:
 
 
 class TritonServer:
-    """A tritonserver child process in its own process group; a context manager.
+    """A tritonserver child process in its own session and process group; a context manager.
 
-    `stop()` sends SIGTERM (Triton drains in-flight requests for up to `exit_timeout_s`),
-    then SIGKILL to the whole group, and removes the shared-memory regions it used.
+    `start()` refuses ports another process listens on (`PortInUse`, naming the holder);
+    `wait_ready()` only believes a ready answer while our process is alive and is the one
+    listening on the HTTP port. `stop()` sends SIGTERM (Triton drains in-flight requests for
+    up to `exit_timeout_s`), then SIGKILL to the whole group, and removes the shared-memory
+    regions it used. The server is also stopped at interpreter exit, and gets SIGTERM from the
+    kernel when the thread that started it dies (a SIGKILLed parent included).
     """
 
     def __init__(self, settings: TritonSettings, log_path: Path | None = None) -> None:
@@ -261,6 +267,10 @@ class TritonServer:
         """Start tritonserver (not waiting for readiness)."""
         install = find_tritonserver()
         cmd = build_command(self.settings, install)
+        s = self.settings
+        check_ports_free(
+            {"Triton HTTP": s.http_port, "Triton gRPC": s.grpc_port, "Triton metrics": s.metrics_port}, s.host
+        )
         removed = cleanup_stale_shm(self.settings.shm_prefix)
         if removed:
             log.warning("removed %d stale shared-memory regions of a previous server", removed)
@@ -275,8 +285,10 @@ class TritonServer:
             env=server_environment(install, self.settings.env),
             stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
-            start_new_session=True,  # own process group: stop() reaches the stubs too
+            start_new_session=True,  # own process group: stop() reaches the stubs too; a signal to ours does not
+            preexec_fn=parent_death_signal(signal.SIGTERM),  # our death (even SIGKILL) drains and stops it
         )
+        atexit.register(self.stop)
         return self
 
     def wait_ready(self, timeout: float = 180.0) -> None:
@@ -288,6 +300,12 @@ class TritonServer:
             if code is not None:
                 raise TritonStartError(f"tritonserver exited with code {code} before becoming ready{self._log_hint()}")
             if is_ready(self.settings.host, self.settings.http_port):
+                if listens_on(self.process.pid, self.settings.http_port) is False:  # a stranger answered
+                    raise PortInUse(
+                        describe_port(self.settings.http_port, "Triton HTTP")
+                        + ", which answered in place of the tritonserver we started: stop it or choose another port",
+                        [self.settings.http_port],
+                    )
                 log.info(
                     "tritonserver ready: HTTP %s gRPC %s metrics %s", self.url_http, self.url_grpc, self.url_metrics
                 )
@@ -322,6 +340,7 @@ class TritonServer:
         """SIGTERM the group, wait for the drain, SIGKILL what is left; returns the exit code."""
         if self.process is None:
             return None
+        atexit.unregister(self.stop)
         code = self.process.poll()
         if code is None:
             try:

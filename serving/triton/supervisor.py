@@ -4,7 +4,13 @@ Triton stays a child of the process that runs the supervisor (`vtfuse serve`), s
 that process stops Triton too. Each restart first clears the dead server's process group
 (orphaned Python-backend stubs) and its shared-memory regions. A server that is alive but
 has not answered its liveness endpoint for `hang_after_s` (a deadlock, a stopped process)
-is killed and restarted like a dead one; so is a restart that never becomes ready.
+is killed and restarted like a dead one; so is a restart that never becomes ready. A restart
+that finds one of Triton's ports held by another process gives up instead of looping: `failure`
+says why, and the owner (`vtfuse serve`) stops.
+
+Restarted servers are children of the watching thread, and the kernel signals a child when the
+thread that forked it dies (`PR_SET_PDEATHSIG`): that thread lives until `stop()` has stopped
+the server.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.procs import PortInUse
 from serving.triton.launcher import TritonServer, TritonSettings, TritonStartError
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,9 @@ class TritonSupervisor:
         self.is_live = is_live or is_live_http
         self.server = TritonServer(settings, log_path)
         self.restarts = 0
+        self.failure: str | None = None  # set when it gave up restarting (a port taken by another process)
         self._stopping = threading.Event()
+        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -76,6 +85,12 @@ class TritonSupervisor:
         self._thread.start()
 
     def _watch(self) -> None:
+        try:
+            self._watch_loop()
+        finally:
+            self._stopped.wait()  # a server this thread started gets SIGTERM when the thread exits
+
+    def _watch_loop(self) -> None:
         backoff = self.backoff_initial_s
         last_live = time.monotonic()
         next_probe = time.monotonic() + self.probe_every_s
@@ -108,6 +123,11 @@ class TritonSupervisor:
                     self.server.wait_ready(self.ready_timeout_s)
                     log.warning("tritonserver restarted (restart %d), pid %s", self.restarts, self.pid)
                     backoff = self.backoff_initial_s
+                except PortInUse as e:
+                    self.failure = f"tritonserver not restarted: {e}"
+                    log.error("%s", self.failure)
+                    self.server.kill()
+                    return
                 except (TritonStartError, OSError) as e:
                     log.error("tritonserver restart failed: %s", e)
                     self.server.kill()  # the next turn sees it exited and tries again
@@ -117,8 +137,11 @@ class TritonSupervisor:
     def stop(self) -> int | None:
         """Stop watching, then drain and stop Triton (SIGTERM, exit timeout, SIGKILL)."""
         self._stopping.set()
-        with self._lock:
-            code = self.server.stop()
+        try:
+            with self._lock:
+                code = self.server.stop()
+        finally:
+            self._stopped.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         return code

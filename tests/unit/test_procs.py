@@ -1,0 +1,109 @@
+"""serving.procs (taken ports and their holders, parent-death signals, sessions); the supervisor and a taken port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from serving.procs import (
+    PortInUse,
+    check_ports_free,
+    listens_on,
+    port_holders,
+    port_taken,
+    process_name,
+    session_pids,
+)
+from serving.triton.launcher import TritonSettings
+from serving.triton.supervisor import TritonSupervisor
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux /proc")
+
+
+def test_a_taken_port_is_refused_naming_its_holder():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert port_taken("127.0.0.1", port)
+        assert (os.getpid(), process_name(os.getpid())) in port_holders(port)
+        assert listens_on(os.getpid(), port) is True
+        with pytest.raises(PortInUse) as refused:
+            check_ports_free({"Triton HTTP, TRITON_HTTP_PORT": port, "unused": 0})
+        msg = str(refused.value)
+        assert f"port {port} (Triton HTTP, TRITON_HTTP_PORT) is in use by pid {os.getpid()}" in msg
+        assert refused.value.ports == [port]
+    assert not port_taken("127.0.0.1", port) and listens_on(os.getpid(), port) is False
+    check_ports_free({"free": port})
+
+
+def test_a_child_gets_the_parent_death_signal_and_sessions_are_listed():
+    """The middle process starts `sleep` with the pre-exec hook, then exits: the kernel ends the sleep."""
+    code = (
+        "import subprocess, signal; from serving.procs import parent_death_signal; "
+        "p = subprocess.Popen(['sleep', '60'], start_new_session=True, "
+        "preexec_fn=parent_death_signal(signal.SIGTERM)); "
+        "print(p.pid, flush=True)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while child in session_pids(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child not in session_pids(child), "the child outlived its parent"
+
+
+def test_session_pids_lists_a_session():
+    p = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        assert session_pids(p.pid) == [p.pid]
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert session_pids(p.pid) == []
+
+
+def test_the_supervisor_gives_up_when_a_restart_finds_its_port_taken(monkeypatch):
+    class Server:
+        started = 0
+
+        def __init__(self, settings, log_path=None):
+            self.code = None
+            self.process = type("P", (), {"pid": 2000 + Server.started})()
+
+        def start(self):
+            Server.started += 1
+            if Server.started > 1:
+                raise PortInUse("port 8000 (Triton HTTP) is in use by pid 42 (python3)", [8000])
+            return self
+
+        def wait_ready(self, timeout=0):
+            return None
+
+        def poll(self):
+            return self.code
+
+        def kill(self):
+            self.code = -9
+
+        def stop(self):
+            return self.code
+
+    monkeypatch.setattr("serving.triton.supervisor.TritonServer", Server)
+    sup = TritonSupervisor(TritonSettings(), backoff_initial_s=0.01, is_live=lambda h, p: True)
+    sup.start()
+    try:
+        sup.server.code = -9  # dies; the restart finds the port taken
+        deadline = time.monotonic() + 10
+        while sup.failure is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        assert sup.failure and "pid 42" in sup.failure and Server.started == 2  # no loop
+    finally:
+        sup.stop()
