@@ -54,7 +54,7 @@ PY
 fi
 # The baked ONNX folder is read-only; the engine stage writes engines.json next to the graphs.
 work="${TMPDIR:-/tmp}/onnx/${preset}"
-rm -rf "$work" && mkdir -p "$work" && cp -R "/opt/vtfuse/build/onnx/${preset}/." "$work/"
+rm -rf "$work" && mkdir -p "$work" && cp -R "${VTFUSE_ONNX_SRC:-/opt/vtfuse/build/onnx}/${preset}/." "$work/"
 if [ "$target" = "tensorrt" ]; then
   python -m serving.cli export engine --checkpoint "$preset" --onnx-dir "$work" --cache-dir "$cache"
 fi

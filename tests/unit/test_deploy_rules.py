@@ -278,3 +278,94 @@ def test_verify_plans_refuses_another_gpu_tensorrt_or_a_changed_file(tmp_path, c
     other = _plan_dir(tmp_path / "b", trt="10.3.0.26")
     assert _run(verify, other) == 1
     assert "built by TensorRT 10.3.0.26, the Triton image loads 10.5" in capsys.readouterr().err
+
+
+# --- the export entrypoint's Job mode (a fake `python` stands in for the export pipeline) ---
+
+FAKE_PYTHON = """#!/bin/sh
+echo "$*" >> "$FAKE_LOG"
+if [ "$1" = "-m" ]; then
+  case "$*" in
+    *" export engine "*) exit 0 ;;
+    *" export install "*|*" export all "*)
+      repo=$(echo "$*" | sed 's/.*--repo \\([^ ]*\\).*/\\1/')
+      for m in image_encoder vqa; do
+        mkdir -p "$repo/$m/1" && printf '%s' "$m" > "$repo/$m/1/model.plan"
+        sum=$(printf '%s' "$m" | sha256sum | cut -d' ' -f1)
+        printf '{"artefacts": {"model.plan": "%s"}, "tensorrt": {"gpu": "%s"}}' "$sum" "$FAKE_GPU" \\
+          > "$repo/$m/1/manifest.json"
+      done
+      exit 0 ;;
+  esac
+  exit 9
+fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+@pytest.fixture
+def job_env(tmp_path):
+    import os
+    import sys
+
+    bin_dir, stubs = tmp_path / "bin", tmp_path / "stubs"
+    (stubs / "export").mkdir(parents=True)
+    (stubs / "tensorrt.py").write_text('__version__ = "10.5.0.18"\n')
+    (stubs / "export" / "__init__.py").write_text("")
+    (stubs / "export" / "engine.py").write_text("import os\n\ndef gpu_name():\n    return os.environ['FAKE_GPU']\n")
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    (tmp_path / "baked" / "tiny").mkdir(parents=True)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(stubs), "REAL_PYTHON": sys.executable,
+           "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_GPU": "NVIDIA A100-SXM4-80GB", "TMPDIR": str(tmp_path),
+           "VTFUSE_ONNX_SRC": str(tmp_path / "baked"), "VTFUSE_EXPORT_TARGET": "tensorrt",
+           "VTFUSE_GPU_PRODUCT": "NVIDIA-A100-SXM4-80GB", "VTFUSE_RELEASE": "0.1.0",
+           "VTFUSE_PLAN_DIR": str(tmp_path / "plans" / "NVIDIA-A100-SXM4-80GB" / "trt10.5" / "0.1.0"),
+           "VTFUSE_PLAN_CACHE": str(tmp_path / "plans" / "NVIDIA-A100-SXM4-80GB" / "trt10.5" / "cache")}
+    return tmp_path, env
+
+
+def _entrypoint(env):
+    import subprocess
+
+    return subprocess.run(["sh", str(ROOT / "deploy" / "docker" / "export-entrypoint.sh")], env=env,
+                          cwd=env["TMPDIR"], capture_output=True, text=True, check=False)
+
+
+def test_job_mode_writes_a_repository_and_ready_that_verify_plans_accepts(job_env):
+    tmp_path, env = job_env
+    proc = _entrypoint(env)
+    assert proc.returncode == 0, proc.stderr
+    plan_dir = Path(env["VTFUSE_PLAN_DIR"])
+    ready = json.loads((plan_dir / "READY").read_text())
+    assert ready["gpu"] == "NVIDIA A100-SXM4-80GB" and ready["tensorrt"] == "10.5.0.18"
+    assert set(ready["manifests"]) == {"image_encoder", "vqa"}
+    assert not list(plan_dir.glob(".repository.*")), "the scratch repository is moved into place"
+    calls = (tmp_path / "calls.log").read_text()
+    assert f"export engine --checkpoint tiny --onnx-dir {tmp_path}/onnx/tiny --cache-dir {env['VTFUSE_PLAN_CACHE']}" \
+        in calls
+    assert _run(_verify_module(), plan_dir) == 0
+    (tmp_path / "calls.log").unlink()
+    again = _entrypoint(env)
+    assert again.returncode == 0 and "READY exists" in again.stdout
+    assert not (tmp_path / "calls.log").exists(), "a plan dir with READY is kept: nothing rebuilt"
+
+
+def test_job_mode_refuses_a_node_of_another_gpu_type(job_env):
+    tmp_path, env = job_env
+    proc = _entrypoint({**env, "FAKE_GPU": "Tesla T4"})
+    assert proc.returncode != 0
+    assert "this node's GPU is 'Tesla T4', the overlay's gpu-product is 'NVIDIA-A100-SXM4-80GB'" in proc.stderr
+    assert not (tmp_path / "calls.log").read_text().count("export engine"), "nothing built"
+
+
+def test_torch_target_renders_the_whole_pipeline_into_the_pod(job_env):
+    tmp_path, env = job_env
+    env = {k: v for k, v in env.items() if not k.startswith(("VTFUSE_PLAN", "VTFUSE_GPU"))}
+    proc = _entrypoint({**env, "VTFUSE_EXPORT_TARGET": "torch", "VTFUSE_REPO": str(tmp_path / "models")})
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls.log").read_text()
+    assert "export engine" not in calls
+    assert f"export all --checkpoint tiny --onnx-dir {tmp_path}/onnx/tiny --target torch --repo {tmp_path}/models" \
+        in calls
