@@ -39,9 +39,11 @@ repository: $(REPOSITORY)/fusion/1/model.onnx
 triton: repository
 	$(PY) -m serving.cli triton --repository $(REPOSITORY)
 
-# Triton + the Ray Serve API (8080 HTTP, 9000 gRPC), foreground; Ctrl-C or SIGTERM (to make or to
-# the server) drains in-flight requests, then stops every child. SERVE_ARGS: more `vtfuse serve` flags
-# (e.g. --restrict-apis); the environment overrides are in serving/app/README.md.
+# Triton + the Ray Serve API (8080 HTTP, 9000 gRPC), foreground. SIGINT or SIGTERM (to make, to its
+# process group or to the server) drains in-flight requests, then stops every process it started and
+# frees its ports; SIGKILL to the server stops them too, without the drain. A port another process
+# holds is refused at once, naming its pid. SERVE_ARGS: more `vtfuse serve` flags (e.g.
+# --restrict-apis); the environment overrides are in serving/app/README.md.
 serve: repository
 	$(PY) -m serving.cli serve --repository $(REPOSITORY) --stop-with-parent $(SERVE_ARGS)
 
