@@ -50,6 +50,9 @@ TORCH_MODEL_PY = (
     '"""Triton Python model: an engine run by PyTorch (see serving/triton/python_models/torch_engine.py)."""\n\n'
     "from serving.triton.python_models.torch_engine import TorchEngineModel as TritonPythonModel  # noqa: F401\n"
 )
+# The torch target's one-round-trip entry for clients that preprocess themselves: Triton chains
+# the engines (image and text encoders side by side, then fusion) with the features left on the GPU.
+TENSORS_ENSEMBLE = "vqa_tensors"
 # Left in the committed tree by an install or by Python: never copied into a rendered repository.
 BUILT_ARTEFACTS = ("model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__")
 
@@ -180,6 +183,28 @@ def _torch_config(out: mc.ModelConfig, model: str) -> mc.ModelConfig:
     return out
 
 
+def tensors_ensemble_config(cfg: FusionConfig) -> mc.ModelConfig:
+    """`vqa_tensors`: PIXELS, INPUT_IDS, ATTENTION_MASK → VQA_LOGITS through the three engines, as a Triton ensemble."""
+    specs = engine_specs(cfg)
+    out = mc.ModelConfig(name=TENSORS_ENSEMBLE, platform="ensemble", max_batch_size=TORCH_MAX_BATCH)
+    for t in (*specs["image_encoder"].inputs, *specs["text_encoder"].inputs):
+        out.input.add(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.dtype}"), dims=list(t.dims))
+    logits = next(t for t in specs["fusion"].outputs if t.name == "VQA_LOGITS")
+    out.output.add(name=logits.name, data_type=mc.DataType.Value(f"TYPE_{logits.dtype}"), dims=list(logits.dims))
+    steps = (
+        ("image_encoder", {"PIXELS": "PIXELS"}, {"IMAGE_FEATURES": "image_features"}),
+        ("text_encoder", {"INPUT_IDS": "INPUT_IDS", "ATTENTION_MASK": "ATTENTION_MASK"},
+         {"TEXT_FEATURES": "text_features"}),
+        ("fusion", {"IMAGE_FEATURES": "image_features", "TEXT_FEATURES": "text_features",
+                    "ATTENTION_MASK": "ATTENTION_MASK"}, {"VQA_LOGITS": "VQA_LOGITS"}),
+    )
+    for model, inputs, outputs in steps:
+        step = out.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+    return out
+
+
 def leading_comments(path: Path) -> str:
     """The `#` comment lines a config.pbtxt starts with, without the `#`."""
     lines = []
@@ -264,5 +289,16 @@ def render_repository(
         header += "\nedit that file, not this one."
         (target_dir / "config.pbtxt").write_text(dump_config(config, header.strip()))
         written[d.name] = target_dir / "config.pbtxt"
+    if target == "torch":
+        ensemble_dir = out / TENSORS_ENSEMBLE
+        if ensemble_dir.exists():
+            shutil.rmtree(ensemble_dir)
+        (ensemble_dir / "1").mkdir(parents=True)
+        header = (
+            "Pre-processed tensors in, VQA logits out: the three PyTorch engines chained by Triton, features\n"
+            f"kept on the GPU. Rendered by `vtfuse export` for target torch, preset {cfg.name}."
+        )
+        (ensemble_dir / "config.pbtxt").write_text(dump_config(tensors_ensemble_config(cfg), header))
+        written[TENSORS_ENSEMBLE] = ensemble_dir / "config.pbtxt"
     log.info("rendered %d model configs for target %s, preset %s into %s", len(written), target, cfg.name, out)
     return written

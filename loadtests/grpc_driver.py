@@ -7,6 +7,8 @@ Targets:
 - `engines`: what an API layer does: the client decodes and tokenizes (done once per corpus
   sample, outside the timed path), sends uint8 pixels to `image_encoder` and token ids to
   `text_encoder` concurrently, then both features to `fusion`: three round trips.
+- `ensemble`: the same tensors in one round trip to `vqa_tensors` (the `torch` target's Triton
+  ensemble of the three engines; the features stay inside the server, on the GPU when it has one).
 
 Usage:
 
@@ -39,6 +41,7 @@ from loadtests.loops import closed_loop, open_loop
 
 ENGINE_MODELS = ("image_encoder", "text_encoder", "fusion")
 MODELS = ("vqa", *ENGINE_MODELS, "preprocess")
+TARGETS = ("vqa", "engines", "ensemble")
 # Each pool entry its own TCP connection (gRPC shares subchannels across equal channels otherwise).
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 256 << 20),
@@ -79,8 +82,8 @@ class TritonTarget:
         repository: Path | None = None,
         timeout_s: float = 60.0,
     ) -> None:
-        if target not in ("vqa", "engines"):
-            raise ValueError(f"unknown target {target!r}: choose vqa or engines")
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
         self.target = target
         self.timeout_s = timeout_s
         self.clients = [grpcaio.InferenceServerClient(url, channel_args=CHANNEL_ARGS) for _ in range(pool_size)]
@@ -101,6 +104,15 @@ class TritonTarget:
             await client.infer("vqa", p, outputs=self.outputs, client_timeout=self.timeout_s)
             return 1
         pixels, ids, mask = p
+        if self.target == "ensemble":
+            await client.infer(
+                "vqa_tensors",
+                [_tensor_input("PIXELS", pixels), _tensor_input("INPUT_IDS", ids),
+                 _tensor_input("ATTENTION_MASK", mask)],
+                outputs=[InferRequestedOutput("VQA_LOGITS")],
+                client_timeout=self.timeout_s,
+            )
+            return 1
         img, txt = await asyncio.gather(
             client.infer("image_encoder", [_tensor_input("PIXELS", pixels)],
                          outputs=[InferRequestedOutput("IMAGE_FEATURES")], client_timeout=self.timeout_s),
@@ -220,7 +232,7 @@ async def drive(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
-    p.add_argument("--target", choices=("vqa", "engines"), default="vqa")
+    p.add_argument("--target", choices=TARGETS, default="vqa")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: Poisson arrivals per second (overrides closed)")
     p.add_argument("--duration", type=float, default=20.0, help="measurement window, seconds")

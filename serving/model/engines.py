@@ -126,11 +126,12 @@ class TorchEngine:
     def warm_up(self) -> None:
         """Capture every bucket's graph now (at model load), not on the first request of each size."""
         for b in self.buckets:
-            self(self.example_inputs(b), need_attention=self.role != "fusion")
+            self(self.example_inputs(b), need_attention=False)
 
     @torch.inference_mode()
     def __call__(self, inputs: list[torch.Tensor], need_attention: bool = True) -> list[torch.Tensor | None]:
         inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+        need_attention = need_attention and self.role == "fusion"  # one graph per bucket for the towers
         if self.mode != "cuda_graphs":
             with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
                 outs = self._forwards[need_attention](*inputs)
