@@ -5,7 +5,8 @@ other method (`HEALTH_SERVICER_FUNCTION` is in `grpc_servicer_functions`), so th
 the same as `/readyz`: SERVING when every Triton engine the default model routes to is ready,
 NOT_SERVING while Triton is not ready or the replica is draining (SIGTERM). The service names
 answered are "" (the whole server) and `vtfuse.v1.Vtfuse`; any other name is NOT_FOUND.
-`Watch` is not offered (UNIMPLEMENTED): probes (Kubernetes `grpc:`, grpc-health-probe) use Check.
+`Watch` sends the current status and ends the stream (an open stream would hold a replica's
+request slot); probes (Kubernetes `grpc:`, grpc-health-probe) use Check.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -155,12 +154,12 @@ class Ingress:
         return await health.check(request.service, self.admission.draining, ready, grpc_context)
 
     async def Watch(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - gRPC name
-        """gRPC grpc.health.v1.Health/Watch: not offered (UNIMPLEMENTED); probes use Check."""
-        if grpc_context is not None:
-            grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-            grpc_context.set_details("Watch is not offered: use grpc.health.v1.Health/Check")
-        return
-        yield  # an async generator: Watch is a server-streaming method
+        """gRPC grpc.health.v1.Health/Watch: the current status (as Check), then the stream ends.
+
+        A stream kept open would hold one of this replica's request slots for as long as the
+        client watches; a watcher calls again for the next status.
+        """
+        yield await self.Check(request, grpc_context)
 
     async def __del__(self) -> None:
         await self.triton.close()

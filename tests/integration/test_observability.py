@@ -158,3 +158,5 @@ def test_grpc_health_service(serve_app):
         with pytest.raises(grpc.RpcError) as e:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        watched = list(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10))
+        assert [w.status for w in watched] == [health_pb2.HealthCheckResponse.SERVING]
