@@ -22,7 +22,8 @@ API_HOST, API_PORT (HTTP, 8080), GRPC_PORT (9000), TRITON_HTTP_PORT (8000),
 TRITON_GRPC_PORT (8001), TRITON_METRICS_PORT (8002), RAY_NUM_CPUS (all cores),
 RAY_METRICS_PORT (8090), SERVE_CONFIG (deploy/serve_config.yaml), TRITON_LOG,
 RESTRICT_APIS=1 (with TRITON_ADMIN_KEY), TRITON_GRPC_TLS_CERT / _KEY / _CA (TLS to Triton),
-DRAIN_TIMEOUT (30).
+DRAIN_TIMEOUT (30), LOG_ENCODING (TEXT or JSON), OTEL_EXPORTER_OTLP_ENDPOINT (traces; OTEL_SERVICE_NAME,
+OTEL_TRACES_SAMPLER_ARG).
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ from typing import Any
 
 import yaml
 
+from serving.app.health import HEALTH_SERVICER_FUNCTION
+from serving.app.health import available as health_available
+from serving.app.logs import serve_logging_config
 from serving.app.raycluster import RayHead
 from serving.paths import REPO_ROOT
 from serving.procs import ParentSignalWatch, PortInUse, check_ports_free
+from serving.tracing import TRITON_SERVICE_NAME, otlp_endpoint, sampling_ratio, serve_tracing_config, triton_trace_args
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonSettings
 from serving.triton.supervisor import TritonSupervisor
 
@@ -76,6 +81,9 @@ def render_serve_config(config: dict[str, Any], ns: argparse.Namespace, triton_g
     cfg["grpc_options"].setdefault(
         "grpc_servicer_functions", ["serving.proto.vtfuse_pb2_grpc.add_VtfuseServicer_to_server"]
     )
+    servicers = cfg["grpc_options"]["grpc_servicer_functions"]
+    if HEALTH_SERVICER_FUNCTION not in servicers and health_available():  # grpc.health.v1 on :9000
+        cfg["grpc_options"]["grpc_servicer_functions"].append(HEALTH_SERVICER_FUNCTION)
     app = next((a for a in cfg["applications"] if a.get("name") == APP_NAME), cfg["applications"][0])
     args = app.setdefault("args", {})
     args["triton_url"] = triton_grpc
@@ -85,6 +93,17 @@ def render_serve_config(config: dict[str, Any], ns: argparse.Namespace, triton_g
         models = args.get("models") or {}
         args["models"] = {preset: models.get(preset, {})}
         args["default_model"] = preset
+    # Serve's logging_config (TEXT or JSON, the logger name on each line); the YAML's own keys win.
+    app["logging_config"] = {
+        **serve_logging_config(getattr(ns, "log_encoding", None) or "TEXT", str(args.get("log_level", "INFO"))),
+        **(app.get("logging_config") or {}),
+        **({"encoding": ns.log_encoding.upper()} if getattr(ns, "log_encoding", None) else {}),
+    }
+    if getattr(ns, "log_encoding", None):  # Serve's proxies and controller log the same way
+        cfg["logging_config"] = {**(cfg.get("logging_config") or {}), "encoding": ns.log_encoding.upper()}
+    tracing = serve_tracing_config()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT is set
+    if tracing is not None and not cfg.get("tracing_config"):
+        cfg["tracing_config"] = tracing
     if args.get("preprocess") == "inline":  # no Preprocess deployment to configure
         app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") != "Preprocess"]
     return cfg
@@ -224,6 +243,10 @@ def run_serve(ns: argparse.Namespace) -> int:
     except PortInUse as e:
         print(f"vtfuse serve: not started: {e}", file=sys.stderr, flush=True)
         return 2
+    if ns.otlp_endpoint:  # Ray's processes and the SDK exporter read the standard variables
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = ns.otlp_endpoint
+    if otlp_endpoint():
+        os.environ.setdefault("OTEL_SERVICE_NAME", "vtfuse-api")
     config = render_serve_config(load_serve_config(Path(ns.config)), ns, f"{ns.triton_host}:{ns.triton_grpc_port}")
     tls = bool(ns.triton_tls_cert)
     if tls:
@@ -241,6 +264,9 @@ def run_serve(ns: argparse.Namespace) -> int:
         restrict_apis=ns.restrict_apis,
         grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
         grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
+        # Triton's OpenTelemetry trace mode, exporting to the same OTLP/HTTP endpoint as the API.
+        extra_args=triton_trace_args(endpoint, sampling_ratio(), TRITON_SERVICE_NAME) if (endpoint := otlp_endpoint())
+        else (),
     )
     # Triton stays our child; the supervisor restarts it if it dies (the API answers 503 meanwhile).
     supervisor = TritonSupervisor(settings, log_path=Path(ns.triton_log))
@@ -288,6 +314,8 @@ def run_serve(ns: argparse.Namespace) -> int:
             http_options=schema.http_options.model_dump(),
             grpc_options=schema.grpc_options.model_dump(),
             proxy_location=schema.proxy_location,
+            global_logging_config=schema.logging_config,
+            global_tracing_config=schema.tracing_config,
         )
         client.deploy_apps(schema, _blocking=False)
         _wait_running(timeout=300)
@@ -414,6 +442,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=float(os.environ.get("RAY_NUM_CPUS", os.cpu_count() or 2)),
         help="CPUs the local Ray cluster schedules replicas on (env RAY_NUM_CPUS)",
+    )
+    p.add_argument(
+        "--log-encoding",
+        choices=["TEXT", "JSON", "text", "json"],
+        default=os.environ.get("LOG_ENCODING") or None,
+        help="replica log lines as TEXT (default) or JSON, each with its request_id (env LOG_ENCODING)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="OTLP/HTTP collector (http://host:4318): traces from the API and Triton; default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; unset: tracing off",
     )
     p.add_argument(
         "--ray-metrics-port",
