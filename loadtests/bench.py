@@ -12,8 +12,13 @@ same duration. Steps:
    then the same repository with dynamic batching removed from every model;
 4. Ray Serve → Triton (`tiny`): /v1/vqa at c=32, one image × 64 captions through
    /v1/retrieve against one single-question /v1/vqa at c=1;
-5. `small`: Triton direct gRPC and Ray Serve → Triton at c=32;
-6. the naive server (FastAPI + PyTorch eager, one worker per core) on `tiny` and `small`.
+5. `small`: Triton direct gRPC and Ray Serve → Triton at c=32, the same with the other precision's
+   engines (Triton direct, for `int8_gain_small`), and 8 sequential one-question /v1/vqa calls
+   per image with Triton's response cache on (as shipped) and off (`repeat_image_speedup_small`);
+   The `tiny` /v1/vqa c=32 run is repeated through the other HTTP front door (serving/app/front.py);
+6. the naive server (FastAPI + PyTorch eager, one worker per core) on `tiny` and `small`, at the
+   precision of the served engines (int8: PyTorch's dynamic quantisation of the Linear layers),
+   and fp32 at c=32 too when that differs (the older, mixed-precision ratios in `details.history`).
 
 `--quick` is a smoke run: seconds-long windows, a 2048² matmul, and `tiny` stands in for
 `small` (no `small` repository needed; its setups reuse tiny's servers); its figures say
@@ -38,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from export.onnx_export import default_onnx_dir
-from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, servers
+from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, repeat_image, servers
 from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
 from serving import progress
 from serving.triton.launcher import TritonServer
@@ -66,6 +71,7 @@ class BenchSettings:
     matmul_reps: int = 5
     matmul_n: int = 4096
     latency_requests_s: float = 10.0  # c=1 windows of the retrieve/vqa latency ratio
+    repeat_sequences: int = 5  # images, each asked 8 one-question /v1/vqa calls in a row (cache on vs off)
     attempts: int = 3  # measurements taken while other work used the CPU are repeated
     # Every c=32 comparison run is measured this many times back to back and the median-throughput
     # window kept (Ray's figures on 2 shared cores move ±15 % between windows; all are in the run JSON).
@@ -81,7 +87,7 @@ class BenchSettings:
         return cls(
             quick=True, duration_s=3.0, warmup_s=1.0, small_duration_s=3.0, sweep=(1, C), batches=(1, 8),
             engine_min_time_s=0.2, matmul_reps=1, matmul_n=2048, latency_requests_s=2.0, serve=serve, attempts=1,
-            repeats=1,
+            repeats=1, repeat_sequences=2,
             tiny_repo=tiny_repo, small_repo=tiny_repo, small_onnx=default_onnx_dir("tiny"),
         )
 
@@ -167,6 +173,20 @@ class Bench:
     def small_int8(self) -> bool:
         return engine_bench.repository_precision(self.s.small_repo) == "int8"
 
+    def precision(self, preset: str) -> str:
+        """Precision of the served engines of `tiny` or `small` (the naive server is run at the same)."""
+        repo = self.s.tiny_repo if preset == "tiny" else self.s.small_repo
+        return engine_bench.repository_precision(repo)
+
+    def repeat(self, app_url: str, metrics_url: str, cache: str) -> None:
+        """8 sequential one-question /v1/vqa calls per image against the `small` stack, Triton's cache `on`/`off`."""
+        images, questions = repeat_image.corpus_for(self.s.repeat_sequences)
+        res, share, attempts = self.uncontended(f"repeat-image {cache}", lambda: repeat_image.sequences(
+            app_url, images, questions, 8, metrics_url))
+        self.raw[f"repeat_image_small_{cache}"] = res | {"foreign_cpu_share": share, "attempts": attempts}
+        log.info("   repeat image, cache %s: median %.1f ms per 8 calls, image_encoder runs %s", cache,
+                 res["median_wall_ms"], res.get("image_encoder_runs_per_sequence"))
+
     def ceiling(self) -> None:
         n, threads, reps = self.s.matmul_n, flops.ort_threads(), self.s.matmul_reps
         ceiling, share, attempts = self.uncontended("ceiling", lambda: flops.matmul_ceiling(n, threads, reps))
@@ -215,6 +235,7 @@ class Bench:
                 self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
             if self.s.serve:
                 self.stage("serve-tiny", lambda: self.serve_tiny(t))
+                self.stage("serve-tiny-other-front", lambda: self.serve_tiny_other_front(t))
 
     def serve_tiny(self, t: TritonServer) -> None:
         with servers.serve_app(t.url_grpc, self.s.tiny_repo, "tiny", "tiny") as app:
@@ -225,6 +246,13 @@ class Bench:
             if self.shared:
                 self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s,
                           metrics_url=t.url_metrics)
+                self.repeat(app.url, t.url_metrics, "on")
+
+    def serve_tiny_other_front(self, t: TritonServer) -> None:
+        """/v1/vqa at c=32 through the other HTTP front door (HAProxy when Ray's proxy is shipped, and back)."""
+        other = "haproxy" if self.raw.get("serve_composition", {}).get("front", "ray") == "ray" else "ray"
+        with servers.serve_app(t.url_grpc, self.s.tiny_repo, "tiny", f"tiny-{other}", front=other) as app:
+            self.http(app.url, f"serve-http-{other}-tiny-c{C}", C, metrics_url=t.url_metrics)
 
     def triton_tiny_unbatched(self) -> None:
         dest = REPO_ROOT / "build" / "bench" / "model_repository-tiny-nobatch"
@@ -243,16 +271,43 @@ class Bench:
     def serve_small(self, t: TritonServer) -> None:
         with servers.serve_app(t.url_grpc, self.s.small_repo, "small", "small") as app:
             self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s, metrics_url=t.url_metrics)
+            self.repeat(app.url, t.url_metrics, "on")
+
+    def repeat_small_off(self) -> None:
+        """The repeated-image sequences again on a `small` stack whose Triton runs without the response cache."""
+        if not self.s.serve:
+            return
+        with servers.triton(self.s.small_repo, "small-nocache", response_cache_mb=0) as t:
+            with servers.serve_app(t.url_grpc, self.s.small_repo, "small", "small-nocache") as app:
+                self.repeat(app.url, t.url_metrics, "off")
+
+    def triton_small_other_precision(self) -> None:
+        """`small` through Triton direct with the other precision's engines (for `int8_gain_small`)."""
+        other = "fp32" if self.small_int8 else "int8"
+        preset = engine_bench.repository_config(self.s.small_repo).name  # `tiny` stands in for `small` in --quick
+        dest = REPO_ROOT / "build" / "bench" / f"model_repository-small-{other}"
+        servers.variant_repository(self.s.small_repo, dest, servers.no_edit, precision.replacements(preset, other))
+        with servers.triton(dest, f"small-{other}") as t:
+            self.grpc(t.url_grpc, f"triton-grpc-small-{other}-c{C}", C, t.url_metrics, self.s.small_duration_s)
 
     def naive(self) -> None:
-        with servers.baseline("tiny") as b:
+        """The naive server at the served engines' precision (tiny: the sweep), and fp32 at c=32 where that differs."""
+        tiny_p, small_p = self.precision("tiny"), self.precision("small")
+        with servers.baseline("tiny", precision=tiny_p) as b:
             for c in self.s.sweep:
-                self.http(b.url, f"naive-tiny-c{c}", c)
+                self.http(b.url, f"naive-{tiny_p}-tiny-c{c}", c)
             if self.shared:
-                self.http(b.url, f"naive-small-c{C}", C, duration=self.s.small_duration_s)
-                return
-        with servers.baseline("small") as b:
-            self.http(b.url, f"naive-small-c{C}", C, duration=self.s.small_duration_s)
+                self.http(b.url, f"naive-{small_p}-small-c{C}", C, duration=self.s.small_duration_s)
+        if tiny_p != "fp32":
+            with servers.baseline("tiny", precision="fp32") as b:
+                self.http(b.url, f"naive-fp32-tiny-c{C}", C)
+                if self.shared:
+                    self.http(b.url, f"naive-fp32-small-c{C}", C, duration=self.s.small_duration_s)
+        if self.shared:
+            return
+        for p in dict.fromkeys((small_p, "fp32")):
+            with servers.baseline("small", precision=p) as b:
+                self.http(b.url, f"naive-{p}-small-c{C}", C, duration=self.s.small_duration_s)
 
     def run(self) -> dict[str, Any]:
         started = time.time()
@@ -261,6 +316,8 @@ class Bench:
         self.stage("triton-tiny", self.triton_tiny)
         self.stage("triton-tiny-nobatch", self.triton_tiny_unbatched)
         self.stage("triton-small", self.triton_small)
+        self.stage("triton-small-other-precision", self.triton_small_other_precision)
+        self.stage("repeat-image-small-cache-off", self.repeat_small_off)
         self.stage("naive", self.naive)
         from loadtests.report import summary
 
@@ -335,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     bench.raw["serve_composition"] = servers.shipped_serve_composition()
     bench.raw["repositories"] = {"tiny": str(settings.tiny_repo), "small": str(settings.small_repo)}
+    bench.raw["precision"] = {"tiny": bench.precision("tiny"), "small": bench.precision("small")}
     if args.wait_quiet > 0:
         busy = wait_quiet(timeout_s=args.wait_quiet)
         if busy >= 0.15:
@@ -342,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         bench.raw["cpu_busy_before"] = busy
     result = bench.run()
     log.info("summary: %s", out / "summary.json")
+    if not args.quick and out.resolve() == (REPO_ROOT / "loadtests" / "results").resolve():
+        from loadtests.report import update_readme
+
+        if update_readme(out / "summary.json"):  # the README's figures table is this run's
+            log.info("loadtests/README.md: figures table rewritten from %s", out / "summary.json")
     for k, v in result.items():
         if k not in ("machine", "versions", "details", "errors"):
             log.info("   %-32s %s", k, v)

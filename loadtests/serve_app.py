@@ -4,7 +4,9 @@
 
 It starts a new local Ray cluster of its own (never joins one already running; `num_cpus` =
 cores) with the application built by `serving.app.builder:build_app`; the served model is
-named after `--model`.
+named after `--model`. `--front` picks the HTTP front door as `VTFUSE_FRONT` does for `vtfuse
+serve` (serving/app/front.py): `ray` (Ray's proxy) or `haproxy` (HAProxy in front of the replicas).
+serving.app.proxy's middleware runs as under `vtfuse serve` (`--no-proxy-middleware`: without it).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress-replicas", type=int, default=2)
     p.add_argument("--preprocess-replicas", type=int, default=1)
     p.add_argument("--pool-size", type=int, default=2, help="gRPC channels to Triton per ingress replica")
+    p.add_argument("--front", choices=("ray", "haproxy"), default="ray", help="HTTP front door (VTFUSE_FRONT)")
+    p.add_argument("--no-proxy-middleware", action="store_true", help="front ray: without serving.app.proxy")
+    p.add_argument("--haproxy-dir", type=Path, help="front haproxy: folder for HAProxy's files")
     p.add_argument("--server-vqa", default="vqa",
                    help="Triton model for one-question /v1/vqa calls (ModelSpec.vqa); empty: off")
     args = p.parse_args(argv)
@@ -49,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app.settings import AppArgs, DeploymentDefaults, ModelSpec
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # Ray's processes inherit the front door's environment, as under `vtfuse serve` (serving.app.cli).
+    if not args.no_proxy_middleware:
+        from serving.app.proxy import CALLBACK
+        from serving.app.settings import Limits
+
+        os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = CALLBACK
+        os.environ.setdefault("VTFUSE_PROXY_MAX_INFLIGHT", str(args.ingress_replicas * Limits().max_inflight))
+    if args.front == "haproxy":
+        from serving.app.front import haproxy_environment
+
+        os.environ.update(haproxy_environment(args.haproxy_dir))
     app_args = AppArgs(
         triton_url=args.triton_url,
         triton_pool_size=args.pool_size,

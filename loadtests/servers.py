@@ -7,6 +7,7 @@ stopped (SIGTERM, then SIGKILL of the group) when its context exits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -112,18 +114,28 @@ def engine_settings(threads: int | None = None, instances: int | None = None) ->
     return edit
 
 
+def no_edit(name: str, config: object) -> None:
+    """Config edit: none (a copy as it is, e.g. with other engine files)."""
+
+
 def no_dynamic_batching(name: str, config: object) -> None:
     """Config edit: drop `dynamic_batching` (each request runs alone, as it arrives)."""
     config.ClearField("dynamic_batching")  # type: ignore[attr-defined]
 
 
 @contextlib.contextmanager
-def triton(repository: str | Path, tag: str, timeout: float = 300.0) -> Iterator[TritonServer]:
-    """A tritonserver on free ports over `repository`; its log in build/bench/logs/triton-<tag>.log."""
+def triton(repository: str | Path, tag: str, timeout: float = 300.0, response_cache_mb: int | None = None
+           ) -> Iterator[TritonServer]:
+    """A tritonserver on free ports over `repository`; its log in build/bench/logs/triton-<tag>.log.
+
+    `response_cache_mb`: Triton's response cache size (0: off); None: as `vtfuse serve` runs it.
+    """
     settings = TritonSettings(
         repository=Path(repository), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
         exit_timeout_s=10,
     )
+    if response_cache_mb is not None:
+        settings = dataclasses.replace(settings, response_cache_mb=response_cache_mb)
     log_path = LOG_DIR / f"triton-{tag}.log"
     log_path.unlink(missing_ok=True)
     server = TritonServer(settings, log_path=log_path)
@@ -181,25 +193,29 @@ def spawn(cmd: list[str], ready_path: str, port: int, tag: str, timeout: float =
 
 
 @contextlib.contextmanager
-def baseline(checkpoint: str, workers: int | None = None, threads: int = 1) -> Iterator[Http]:
-    """The naive FastAPI + PyTorch server on a free port (one worker per core by default)."""
+def baseline(checkpoint: str, workers: int | None = None, threads: int = 1, precision: str = "fp32") -> Iterator[Http]:
+    """The naive FastAPI + PyTorch server on a free port (one worker per core by default); `precision`
+    int8 is PyTorch's dynamic quantisation of its Linear layers."""
     port = free_port()
     cmd = [sys.executable, "-m", "loadtests.baseline", "--checkpoint", checkpoint, "--port", str(port),
-           "--workers", str(workers or os.cpu_count() or 1), "--threads", str(threads)]
-    with spawn(cmd, "/healthz", port, f"naive-{Path(checkpoint).name}") as h:
+           "--workers", str(workers or os.cpu_count() or 1), "--threads", str(threads), "--precision", precision]
+    with spawn(cmd, "/healthz", port, f"naive-{Path(checkpoint).name}-{precision}") as h:
         yield h
 
 
 def shipped_serve_composition() -> dict[str, Any]:
     """`preprocess`, the Ingress replica count and the default model's server-side `vqa` model of
-    deploy/serve_config.yaml (what `vtfuse serve` runs)."""
+    deploy/serve_config.yaml, and the HTTP front door (`VTFUSE_FRONT`): what `vtfuse serve` runs."""
     from serving.app.cli import DEFAULT_CONFIG, load_serve_config
 
     app = load_serve_config(DEFAULT_CONFIG)["applications"][0]
     args = app["args"]
     ingress: dict[str, Any] = next((d for d in app.get("deployments", []) if d.get("name") == "Ingress"), {})
     default = (args.get("models") or {}).get(args.get("default_model", "tiny")) or {}
+    from serving.app.front import selected
+
     return {
+        "front": selected(),
         "preprocess": args.get("preprocess", "inline"),
         "ingress_replicas": ingress.get("num_replicas", 1),
         "server_vqa": default.get("vqa"),
@@ -218,13 +234,18 @@ def serve_app(
     pool_size: int = 2,
     timeout: float = 240.0,
     env: dict[str, str] | None = None,
+    front: str | None = None,
 ) -> Iterator[Http]:
     """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port.
 
     Unset, `preprocess`, `ingress_replicas` and `server_vqa` (Triton's `vqa` for one-question
-    calls; None: off) are those of the shipped deploy/serve_config.yaml, so the bench measures
-    the composition users run.
+    calls; None: off) are those of the shipped deploy/serve_config.yaml, and `front` (the HTTP
+    front door, serving/app/front.py) the one `vtfuse serve` runs, so the bench measures the
+    composition users run.
     """
+    from serving.app.front import selected, stop_haproxy
+
+    front = front or selected()
     shipped = shipped_serve_composition()
     preprocess = preprocess or shipped["preprocess"]
     ingress_replicas = ingress_replicas or shipped["ingress_replicas"]
@@ -233,6 +254,13 @@ def serve_app(
     cmd = [sys.executable, "-m", "loadtests.serve_app", "--triton-url", triton_url, "--repository", str(repository),
            "--model", model, "--http-port", str(port), "--preprocess", preprocess,
            "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size),
-           "--server-vqa", server_vqa or ""]
-    with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout, env=env) as h:
-        yield h
+           "--server-vqa", server_vqa or "", "--front", front]
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="vh-", dir="/tmp")) if front == "haproxy" else None
+    if haproxy_dir is not None:
+        cmd += ["--haproxy-dir", str(haproxy_dir)]
+    try:
+        with spawn(cmd, "/readyz", port, f"serve-{tag}", timeout=timeout, env=env) as h:
+            yield h
+    finally:
+        if haproxy_dir is not None:  # HAProxy runs in a session of its own: a killed Serve can leave it behind
+            stop_haproxy(haproxy_dir)

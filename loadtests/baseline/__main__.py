@@ -1,4 +1,4 @@
-"""Run the naive baseline: `python -m loadtests.baseline --checkpoint tiny --port 8090 [--workers N]`.
+"""Run the naive baseline: `python -m loadtests.baseline --checkpoint tiny --port 8090 [--precision int8]`.
 
 One uvicorn worker per core by default (a worker is a process with its own model copy).
 """
@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="uvicorn workers (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="int8: torch.ao.quantization.quantize_dynamic on the Linear layers")
     args = p.parse_args(argv)
     os.environ["VTFUSE_BASELINE_CHECKPOINT"] = args.checkpoint
     os.environ["VTFUSE_BASELINE_THREADS"] = str(args.threads)
+    os.environ["VTFUSE_BASELINE_PRECISION"] = args.precision
     uvicorn.run(
         "loadtests.baseline.app:app",
         host=args.host,

@@ -5,6 +5,11 @@ JSON API shape, no batching across requests, no ONNX, no Triton. Each uvicorn
 worker loads its own copy of the model; `VTFUSE_BASELINE_CHECKPOINT` picks it (`tiny`,
 `small`, `base`, `random:<preset>` or a folder) and `VTFUSE_BASELINE_THREADS` the torch threads per worker
 (default 1: one worker per core, so workers do not fight over cores).
+
+`VTFUSE_BASELINE_PRECISION=int8` serves PyTorch's own dynamic int8 quantisation of the model
+(`torch.ao.quantization.quantize_dynamic` on every `nn.Linear`: int8 weights, activations
+quantised per batch), what a user tries first; the benchmark compares it with the int8 engines,
+and the default `fp32` with fp32 engines.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ torch.set_num_threads(int(os.environ.get("VTFUSE_BASELINE_THREADS", "1")))
 _SOURCE = os.environ.get("VTFUSE_BASELINE_CHECKPOINT", "tiny")
 CKPT = random_checkpoint(_SOURCE[7:]) if _SOURCE.startswith("random:") else resolve_checkpoint(_SOURCE)
 MODEL, CFG = CKPT.model.eval(), CKPT.config
+PRECISION = os.environ.get("VTFUSE_BASELINE_PRECISION", "fp32")
+if PRECISION == "int8":
+    MODEL = torch.ao.quantization.quantize_dynamic(MODEL, {torch.nn.Linear}, dtype=torch.qint8)
+elif PRECISION != "fp32":
+    raise SystemExit(f"VTFUSE_BASELINE_PRECISION={PRECISION!r}: use fp32 or int8")
 NAME = os.environ.get("VTFUSE_BASELINE_NAME", CFG.name)
 
 app = FastAPI(title="naive baseline")
@@ -75,7 +85,7 @@ def _fuse(pixels: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.T
 
 @app.get("/healthz")
 def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+    return {"status": "ok", "precision": PRECISION}
 
 
 @app.post("/v1/vqa")

@@ -20,9 +20,9 @@ from serving.model.checkpoint import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 SUMMARY_KEYS = (
-    "engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_throughput_tiny",
-    "vs_naive_throughput_small_http", "vs_naive_throughput_tiny_http", "avg_batch_c32", "batching_speedup_tiny",
-    "retrieve64_over_vqa1",
+    "engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_http_tiny",
+    "vs_naive_http_small", "vs_naive_grpc_tiny", "int8_gain_small", "repeat_image_speedup_small", "avg_batch_c32",
+    "batching_speedup_tiny", "retrieve64_over_vqa1",
 )
 
 

@@ -208,24 +208,29 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     runs = {r.name: r for r in [
         _run("triton-grpc-tiny-c32", 1000, 50, avg_batch=12.0),
         _run("triton-grpc-tiny-nobatch-c32", 400, 120),
-        _run("naive-tiny-c32", 250, 200),
+        _run("naive-fp32-tiny-c32", 250, 200),
         _run("serve-http-tiny-c32", 300, 180, avg_batch=6.0),
         _run("serve-http-tiny-vqa1-c1", 50, 25),
         _run("serve-http-tiny-retrieve64-c1", 20, 60),
         _run("triton-grpc-small-c32", 18, 2000, avg_batch=30.0),
         _run("serve-http-small-c32", 16, 2500, avg_batch=20.0),
-        _run("naive-small-c32", 8, 5000),
+        _run("naive-fp32-small-c32", 8, 5000),
+        _run("triton-grpc-small-int8-c32", 36, 1000),
     ]}
     engine_small = {"rows": [{"batch": 1, "items_per_s": 10.0}, {"batch": 16, "items_per_s": 19.0},
                              {"batch": 32, "items_per_s": 20.0}], "best": {"batch": 32, "items_per_s": 20.0}}
     raw = {"ceiling": {"flops_per_s": 2e11, "best_library": "torch", "threads": 2},
            "flops": {"small": {"flops_per_item": 1e10}}, "engine_small": engine_small}
+    raw["repeat_image_small_on"] = {"calls_per_sequence": 8, "median_wall_ms": 100.0,
+                                    "sequences": [{"wall_ms": 100.0, "answers": ["red"]}]}
+    raw["repeat_image_small_off"] = {"calls_per_sequence": 8, "median_wall_ms": 300.0,
+                                     "sequences": [{"wall_ms": 300.0, "answers": ["red"]}]}
     bench = SimpleNamespace(runs=runs, raw=raw, errors={}, s=BenchSettings(duration_s=10, small_duration_s=10,
                                                                             warmup_s=2))
     s = report.summary(bench, 0.0)
-    for key in ("engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_throughput_tiny",
-                "vs_naive_throughput_small_http", "vs_naive_throughput_tiny_http", "avg_batch_c32",
-                "batching_speedup_tiny", "retrieve64_over_vqa1", "machine", "versions", "commit"):
+    for key in ("engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_http_tiny",
+                "vs_naive_http_small", "vs_naive_grpc_tiny", "int8_gain_small", "repeat_image_speedup_small",
+                "avg_batch_c32", "batching_speedup_tiny", "retrieve64_over_vqa1", "machine", "versions", "commit"):
         assert key in s
     assert s["engine_efficiency"] == pytest.approx(1e10 * 20 / 2e11, abs=1e-4)
     assert s["served_over_engine_grpc"] == pytest.approx(18 / 20, abs=1e-4)  # ÷ the best in-process batch
@@ -235,16 +240,22 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     assert s["details"]["served_over_engine_http"]["at_engines_batch"] == pytest.approx(16 / 19, abs=1e-4)
     assert s["engine_efficiency_int8"] is None  # fp32 engines: no int8 ceiling needed
     assert s["offered_load"]["windows_per_c32_run"] == 3
-    assert s["vs_naive_throughput_tiny"] == pytest.approx(4.0)
-    assert s["vs_naive_throughput_tiny_p99_ms"] == pytest.approx(
+    assert s["vs_naive_grpc_tiny"] == pytest.approx(4.0)
+    detail = dict(s["vs_naive_grpc_tiny_detail"])
+    assert detail.pop("precision").startswith("fp32 engines vs naive fp32")  # like with like
+    assert detail == pytest.approx(
         {"triton_grpc": 50, "naive": 200, "triton_grpc_p50": 25, "naive_p50": 100, "triton_grpc_rps": 1000,
          "naive_rps": 250, "triton_grpc_errors": 0, "naive_errors": 0})
-    assert s["vs_naive_throughput_small_http"] == pytest.approx(2.0)
-    assert s["vs_naive_throughput_tiny_http"] == pytest.approx(1.2)
+    assert s["vs_naive_http_small"] == pytest.approx(2.0)
+    assert s["vs_naive_http_tiny"] == pytest.approx(1.2)
+    assert s["int8_gain_small"] == pytest.approx(36 / 18)  # both through Triton, int8 ÷ fp32
+    assert s["repeat_image_speedup_small"] == pytest.approx(3.0)  # cache off ÷ on
+    # the earlier keys stay in details, against the fp32 naive server
+    assert s["details"]["history"]["vs_naive_throughput_tiny"] == pytest.approx(4.0)
     assert s["avg_batch_c32"] == pytest.approx(12.0)
     assert s["batching_speedup_tiny"] == pytest.approx(2.5)
     assert s["retrieve64_over_vqa1"] == pytest.approx(30 / 12.5, abs=1e-4)
-    assert s["targets"]["vs_naive_throughput_small_http"]["met"] is True
+    assert s["targets"]["vs_naive_http_small"]["met"] is True and s["targets"]["vs_naive_http_tiny"]["met"] is True
     assert s["targets"]["vs_naive_p99_tiny_under_half"]["met"] is True  # 50 ms < 200 ms / 2
 
 
@@ -252,7 +263,7 @@ def test_summary_leaves_a_failed_setup_null():
     bench = SimpleNamespace(runs={}, raw={}, errors={"naive": "boom"},
                             s=BenchSettings.quick_run())
     s = report.summary(bench, 0.0)
-    assert s["vs_naive_throughput_tiny"] is None and s["targets"]["avg_batch_c32"]["met"] is None
+    assert s["vs_naive_http_tiny"] is None and s["targets"]["avg_batch_c32"]["met"] is None
     assert s["errors"] == {"naive": "boom"}
 
 
