@@ -18,7 +18,7 @@ TUNE_ARGS ?=
 TOOLS_VENV ?= build/tools-venv
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install repository triton serve test lint unit integration train clean bench tune deploy-check chaos
+.PHONY: install install-gpu repository triton serve test lint unit integration train clean bench tune deploy-check chaos
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[server,export,dev]'
 	touch $@
+
+# GPU machines: TensorRT 10 (the `gpu` extra) and a CUDA build of the pinned PyTorch from the registry
+# (the plain `install` takes the CPU build), so `--target tensorrt` builds and checks plans and
+# `--target torch` runs its engines on the GPU. Prints what it found; the TensorRT test then runs.
+install-gpu: install
+	$(PIP) install -q -c constraints.txt -e '.[server,export,dev,gpu]'
+	$(PY) -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' || \
+		$(PIP) install -q --force-reinstall --no-deps --index-url https://pypi.org/simple torch==2.13.0
+	$(PY) -c 'import torch, tensorrt; print("torch", torch.__version__, "CUDA", torch.version.cuda, \
+		"GPU", torch.cuda.is_available() and torch.cuda.get_device_name(0), "TensorRT", tensorrt.__version__)'
 
 # Export the shipped checkpoint to ONNX, check parity, install into model_repository/.
 $(REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed checkpoints/tiny/model.safetensors

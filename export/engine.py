@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = REPO_ROOT / "build" / "trt_cache"
 ENGINES_FILE = "engines.json"
-INSTALL_HINT = "install TensorRT 10 (`pip install tensorrt`) on a machine with an NVIDIA GPU and its driver"
+INSTALL_HINT = (
+    "on a machine with an NVIDIA GPU and its driver, run `make install-gpu` "
+    "(CUDA PyTorch and TensorRT 10: pip install -e '.[gpu]')"
+)
 
 
 @dataclass(frozen=True)

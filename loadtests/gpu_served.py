@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def make_slim_wheel(wheel: Path, dest: Path, python: str) -> Path:
-    """A copy of the wheel with only `python`'s Python-backend stub and no bundled libpython."""
+    """A copy of the wheel with only `python`'s Python-backend stub, no bundled libpython, LZMA-compressed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
         for info in src.infolist():
@@ -73,7 +73,8 @@ def make_slim_wheel(wheel: Path, dest: Path, python: str) -> Path:
                 continue
             if info.filename.startswith(SLIM_DROP):
                 continue
-            out.writestr(info, src.read(info))
+            # LZMA: a third smaller than the wheel's deflate, and zipfile reads it.
+            out.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_LZMA)
     return dest
 
 
@@ -118,6 +119,26 @@ def ensure_client(site: Path, wheels_dir: Path | None) -> list[str]:
     return needed
 
 
+def stub_site(work: Path, wheels_dir: Path | None) -> Path | None:
+    """numpy < 2 for the Python-backend stubs, where this interpreter has numpy 2.
+
+    The stub of tritonserver 2.51 is built against numpy 1: under numpy 2 it hands BYTES inputs
+    over corrupted (seen: `vqa` died in deserialize_bytes_tensor). Only tritonserver's environment
+    gets this folder; the rest of this script keeps the machine's numpy.
+    """
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) < 2:
+        return None
+    wheels = sorted(wheels_dir.glob("numpy-1.*.whl")) if wheels_dir else []
+    if not wheels:
+        raise SystemExit(f"numpy {np.__version__} here: carry a numpy<2 wheel in --wheels-dir for Triton's stubs")
+    dest = work / "stub-site"
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(dest)
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,7 +148,8 @@ def free_port() -> int:
 class Triton:
     """tritonserver from the unpacked bundle on free ports, in its own process group; always stopped."""
 
-    def __init__(self, bundle: Path, repo: Path, work: Path, log_path: Path) -> None:
+    def __init__(self, bundle: Path, repo: Path, work: Path, log_path: Path, stub_path: Path | None = None) -> None:
+        self.stub_path = stub_path
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         backends = work / "backends"
         py = backends / "python"
@@ -160,7 +182,8 @@ class Triton:
                 "/usr/lib/x86_64-linux-gnu", env.get("LD_LIBRARY_PATH", "")]
         env["LD_LIBRARY_PATH"] = ":".join(p for p in libs if p)
         site = sysconfig.get_paths()["purelib"]
-        env["PYTHONPATH"] = ":".join(p for p in (str(REPO_ROOT), site, env.get("PYTHONPATH", "")) if p)
+        first = [str(REPO_ROOT), *([str(self.stub_path)] if self.stub_path else [])]
+        env["PYTHONPATH"] = ":".join(p for p in (*first, site, env.get("PYTHONPATH", "")) if p)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
@@ -274,7 +297,8 @@ def in_process(preset: str, fp16_ceiling: float, budget_s: float, device: str = 
     del model
     torch.cuda.empty_cache()
     return {"flops_per_item": flops, "rows": rows, "best": best,
-            "efficiency_vs_fp16_ceiling": round(best["items_s"] * flops / fp16_ceiling, 4) if flops else None}
+            "efficiency_vs_fp16_ceiling": round(best["items_s"] * flops / fp16_ceiling, 4)
+            if flops and fp16_ceiling > 1 else None}
 
 
 def _merge(results: list[dict[str, Any]], duration: float) -> dict[str, Any]:
@@ -290,6 +314,36 @@ def _merge(results: list[dict[str, Any]], duration: float) -> dict[str, Any]:
     return {"items_per_s": round(items / duration, 1), "p50_ms": pct(50), "p99_ms": pct(99), "errors": errors}
 
 
+def model_stats(server: Triton) -> dict[str, dict[str, float]]:
+    """Triton's cumulative statistics per model: executions, items, and ns spent per phase."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http}/v2/models/stats", timeout=10) as r:
+        stats = json.loads(r.read())
+    out = {}
+    for m in stats.get("model_stats", []):
+        inf = m.get("inference_stats", {})
+        out[m["name"]] = {"executions": float(m.get("execution_count", 0)),
+                          "items": float(m.get("inference_count", 0)),
+                          **{k: float(inf.get(k, {}).get("ns", 0)) for k in
+                             ("queue", "compute_input", "compute_infer", "compute_output")}}
+    return out
+
+
+def stats_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per engine over a window: ms per execution in each phase, and ms a request queued (where the time went)."""
+    out = {}
+    for model, a in after.items():
+        b = before.get(model, {})
+        d = {k: a[k] - b.get(k, 0.0) for k in a}
+        if not d["executions"]:
+            continue
+        # Triton sums queue and compute per request: per request, then per execution for the compute phases.
+        reqs = max(d["items"], 1.0)
+        out[model] = {"queue_ms_per_request": round(d["queue"] / reqs / 1e6, 3),
+                      **{f"{k}_ms_per_request": round(d[k] / reqs / 1e6, 3)
+                         for k in ("compute_input", "compute_infer", "compute_output")}}
+    return out
+
+
 def drive(server: Triton, repo: Path, target: str, concurrency: int, duration: float, work: Path) -> dict[str, Any]:
     """Closed loop at `concurrency` from several driver processes (one Python process tops out first)."""
     from loadtests.grpc_driver import batch_delta, scrape
@@ -297,7 +351,9 @@ def drive(server: Triton, repo: Path, target: str, concurrency: int, duration: f
     procs = max(1, min(8, concurrency // 4))
     per = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     outs = [work / f"drive-{target}-{concurrency}-{i}.json" for i in range(procs)]
-    before = scrape(server.metrics_url)
+    for o in outs:  # a driver that fails writes nothing: never read an earlier window's file
+        o.unlink(missing_ok=True)
+    before, stats0 = scrape(server.metrics_url), model_stats(server)
     running = [
         subprocess.Popen([sys.executable, "-m", "loadtests.grpc_driver", "--url", f"127.0.0.1:{server.grpc}",
                           "--target", target, "--concurrency", str(c), "--duration", str(duration), "--warmup", "1.5",
@@ -308,9 +364,12 @@ def drive(server: Triton, repo: Path, target: str, concurrency: int, duration: f
     codes = [p.wait() for p in running]
     failures = [f"exit {c}: " + (p.stderr.read().decode()[-800:] if p.stderr else "")
                 for p, c in zip(running, codes) if c != 0]
-    after = scrape(server.metrics_url)
+    after, stats1 = scrape(server.metrics_url), model_stats(server)
     results = [json.loads(o.read_text()) for o in outs if o.exists()]
     row = {"target": target, "concurrency": concurrency, "client_processes": procs, **_merge(results, duration)}
+    # The load generators' own CPU: near `duration` per process means the clients, not the server, set the pace.
+    row["client_cpu_s"] = [r.get("extra", {}).get("client_cpu_s") for r in results]
+    row["triton_stats"] = stats_delta(stats0, stats1)
     batches = batch_delta(before, after)["models"]
     row["avg_batch"] = {m: (round(v["avg_batch"], 2) if v["avg_batch"] else None) for m, v in batches.items()
                         if m in ("image_encoder", "text_encoder", "fusion", "vqa")}
@@ -364,6 +423,7 @@ def main() -> int:
     p.add_argument("--make-slim-wheel", type=Path, metavar="DEST",
                    help="write a slimmer copy of --wheel for --python-version's stub and exit")
     p.add_argument("--python-version", default="3.12")
+    p.add_argument("--no-ceilings", action="store_true", help="skip the matmul ceilings (no efficiency figure)")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="check the script itself on a machine without a GPU (tiny, CPU engines; no figures)")
     a = p.parse_args()
@@ -386,6 +446,7 @@ def main() -> int:
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = ":".join(p for p in (str(REPO_ROOT), str(site), os.environ.get("PYTHONPATH", "")) if p)
     unpacked = ensure_client(site, a.wheels_dir)
+    stubs = stub_site(work, a.wheels_dir)
     result: dict[str, Any] = {
         "command": " ".join(["python3", "loadtests/gpu_served.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -394,13 +455,14 @@ def main() -> int:
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "precision": "FP16 autocast (fp32 weights), both sides",
         "carried_packages": unpacked,
+        "stub_numpy": "carried numpy<2 (this machine has numpy 2)" if stubs else "this machine's",
         "presets": {},
     }
 
     def save() -> None:
         out_json.write_text(json.dumps(result, indent=2) + "\n")
 
-    if device == "cuda":
+    if device == "cuda" and not a.no_ceilings:
         from loadtests.gpu_bench import matmul_ceiling
 
         result["fp16_matmul_flops"] = matmul_ceiling(torch.float16)
@@ -414,7 +476,7 @@ def main() -> int:
     if a.answers:
         try:
             repo, exported = export_torch("tiny", work)
-            with Triton(bundle, repo, work, a.out / "tritonserver-tiny.log") as server:
+            with Triton(bundle, repo, work, a.out / "tritonserver-tiny.log", stubs) as server:
                 result["tiny_vqa_answers"] = {**answers_check(server, a.answers), **exported, "ready_s": server.ready_s}
                 result["tiny_vqa_answers"]["avg_batch"] = drive(server, repo, "vqa", 32, a.window, work)["avg_batch"]
         except Exception as e:  # keep going: the presets' figures still count
@@ -430,18 +492,18 @@ def main() -> int:
             budget = 40 if device == "cuda" else 10
             entry["in_process"] = in_process(preset, result["fp16_matmul_flops"], budget, device)
             save()
-            with Triton(bundle, repo, work, a.out / f"tritonserver-{preset}.log") as server:
+            rows = []
+            with Triton(bundle, repo, work, a.out / f"tritonserver-{preset}.log", stubs) as server:
                 entry["ready_s"] = server.ready_s
-                rows = []
-                for target, levels in (("ensemble", concurrencies), ("engines", [c for c in concurrencies if c >= 32]),
-                                       ("vqa", [64])):
+                for target, levels in (("ensemble", concurrencies), ("engines", [max(concurrencies)]), ("vqa", [64])):
                     for c in levels:
                         rows.append(drive(server, repo, target, c, a.window, work))
-                        log(f"  served {preset} {target} c={c}: {rows[-1]}")
+                        log(f"  served {preset} {target} c={c}: {json.dumps(rows[-1])[:600]}")
                         entry["served"] = rows
                         save()
             best_served = max((r for r in rows if r["target"] != "vqa"), key=lambda r: r["items_per_s"])
-            entry["best_served"] = {k: best_served[k] for k in ("target", "concurrency", "items_per_s")}
+            keys = ("target", "concurrency", "items_per_s")
+            entry["best_served"] = {k: best_served[k] for k in keys}
             engine_best = entry["in_process"]["best"]["items_s"]
             entry["served_over_engine_gpu"] = round(best_served["items_per_s"] / engine_best, 3)
         except Exception as e:

@@ -17,6 +17,10 @@ def _skip_reason() -> str | None:
         availability()
     except EngineUnavailable as e:
         return str(e)
+    import torch
+
+    if not torch.cuda.is_available():  # the parity check runs plans on PyTorch's CUDA buffers
+        return f"PyTorch {torch.__version__} has no CUDA here: run `make install-gpu`"
     return None
 
 

@@ -68,6 +68,8 @@ class TorchEngineModel(BatchedEngineModel):
         return from_dlpack(tensor.to_dlpack())
 
     def concat(self, arrays: list[Any]) -> torch.Tensor:
+        if not any(a.is_cuda for a in arrays):  # join on the host: one host-to-device copy per batch
+            return torch.from_numpy(np.concatenate([a.numpy() for a in arrays]))
         return torch.cat([a.to(self.device) for a in arrays])
 
     def run(self, batch: dict[str, Any], wanted: set[str]) -> list[Any]:
