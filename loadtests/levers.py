@@ -13,7 +13,11 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
 - `pool`: gRPC channel pool of the load client, 1 against 4 channels;
 - `serve`: Ray Serve settings in front of `tiny` as installed: preprocessing as its own
   deployment (2 hops) or inline in the ingress (1 hop), ingress replicas, Triton channels,
-  one-question calls sent whole to Triton's `vqa`, Ray's gRPC transport from proxy to replica.
+  one-question calls sent whole to Triton's `vqa`, Ray's gRPC transport from proxy to replica;
+- `front`: the HTTP front door, `tiny` /v1/vqa at c=32, variants in interleaved windows (a fresh
+  Serve app per window, `--rounds` rounds): Ray's proxy with our middleware (shipped), without
+  it, HAProxy (`VTFUSE_FRONT=haproxy`), user code on the replica's main loop, Serve's access log
+  off; then `small`'s repeated-image sequences with Triton's response cache on and off.
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -42,7 +46,7 @@ log = logging.getLogger("loadtests.levers")
 
 TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
-SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve")
+SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front")
 
 
 def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
@@ -206,6 +210,53 @@ def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any
     return _brief(rows)
 
 
+FRONT_VARIANTS: dict[str, dict[str, Any]] = {
+    "ray proxy + middleware (shipped)": {"front": "ray"},
+    "ray proxy, no middleware": {"front": "ray", "proxy_middleware": False},
+    "haproxy (VTFUSE_FRONT=haproxy)": {"front": "haproxy"},
+    "ray proxy, user code on the replica's main loop": {"front": "ray", "env": {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}},
+    "ray proxy, Serve access log off": {"front": "ray", "access_log": False},
+}
+
+
+def front(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """The front-door variants, `rounds` interleaved windows each, then repeated images with the cache on/off."""
+    from loadtests import http_driver, repeat_image
+
+    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in FRONT_VARIANTS}
+    with servers.triton(TINY, "levers-front") as t:
+        for _ in range(rounds):
+            for label, kw in FRONT_VARIANTS.items():
+                try:
+                    with servers.serve_app(t.url_grpc, TINY, "tiny", "levers-front", **kw) as app:
+                        r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
+                            app.url, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name=label)),
+                            label, 1, 1.0)
+                    windows[label].append({"throughput_rps": round(r.throughput_rps, 1), "p99_ms": round(r.p99_ms),
+                                           "errors": r.error_count, "foreign_cpu_share": share})
+                except Exception as e:  # noqa: BLE001 — one variant failing keeps the others
+                    windows[label].append({"error": str(e)[:300]})
+                log.info("   front %-50s %s", label, windows[label][-1])
+    out: dict[str, Any] = {"tiny vqa c32 windows": windows}
+    base = [w["throughput_rps"] for w in windows["ray proxy + middleware (shipped)"] if "throughput_rps" in w]
+    out["mean_over_shipped"] = {
+        k: round(float(np.mean([w["throughput_rps"] for w in v if "throughput_rps" in w])) / float(np.mean(base)), 3)
+        for k, v in windows.items() if base and any("throughput_rps" in w for w in v)
+    }
+    if SMALL.exists():
+        images, questions = repeat_image.corpus_for(5)
+        rep: dict[str, Any] = {}
+        for cache, mb in (("on", None), ("off", 0)):
+            with servers.triton(SMALL, f"levers-repeat-{cache}", response_cache_mb=mb) as t:
+                with servers.serve_app(t.url_grpc, SMALL, "small", f"levers-repeat-{cache}") as app:
+                    rep[cache] = repeat_image.sequences(app.url, images, questions, 8, t.url_metrics)
+        rep["speedup"] = rep["off"]["median_wall_ms"] / rep["on"]["median_wall_ms"]
+        out["small repeated image, cache on vs off"] = rep
+    return out
+
+
 def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
     """Engine threads, ORT spinning and instances inside Triton (`vqa` at c=32), one repository copy each."""
     variants = {
@@ -259,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per in-process measurement")
+    p.add_argument("--rounds", type=int, default=3, help="front: interleaved windows per variant")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "levers.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -282,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             results["pool"] = pool(corpus, args.duration, args.warmup)
         elif section == "serve":
             results["serve"] = serve(corpus, args.duration, args.warmup)
+        elif section == "front":
+            results["front"] = front(corpus, args.duration, args.warmup, args.rounds)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():

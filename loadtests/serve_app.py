@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--front", choices=("ray", "haproxy"), default="ray", help="HTTP front door (VTFUSE_FRONT)")
     p.add_argument("--no-proxy-middleware", action="store_true", help="front ray: without serving.app.proxy")
     p.add_argument("--haproxy-dir", type=Path, help="front haproxy: folder for HAProxy's files")
+    p.add_argument("--no-access-log", action="store_true", help="Serve's per-request access log off (proxy, replicas)")
     p.add_argument("--server-vqa", default="vqa",
                    help="Triton model for one-question /v1/vqa calls (ModelSpec.vqa); empty: off")
     args = p.parse_args(argv)
@@ -80,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
              namespace="vtfuse-bench")
     try:
-        serve.start(**serve_options("127.0.0.1", args.http_port, args.grpc_port or free_port()))
-        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+        logging_config = {"enable_access_log": False} if args.no_access_log else None
+        serve.start(**serve_options("127.0.0.1", args.http_port, args.grpc_port or free_port()),
+                    logging_config=logging_config)
+        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/", logging_config=logging_config)
         log.info("serving on http://127.0.0.1:%d", args.http_port)
         while True:
             time.sleep(3600)

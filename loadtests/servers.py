@@ -235,6 +235,8 @@ def serve_app(
     timeout: float = 240.0,
     env: dict[str, str] | None = None,
     front: str | None = None,
+    access_log: bool = True,
+    proxy_middleware: bool = True,
 ) -> Iterator[Http]:
     """The Ray Serve application (loadtests.serve_app) in front of `triton_url`, on a free HTTP port.
 
@@ -254,7 +256,8 @@ def serve_app(
     cmd = [sys.executable, "-m", "loadtests.serve_app", "--triton-url", triton_url, "--repository", str(repository),
            "--model", model, "--http-port", str(port), "--preprocess", preprocess,
            "--ingress-replicas", str(ingress_replicas), "--pool-size", str(pool_size),
-           "--server-vqa", server_vqa or "", "--front", front]
+           "--server-vqa", server_vqa or "", "--front", front, *([] if access_log else ["--no-access-log"]),
+           *([] if proxy_middleware else ["--no-proxy-middleware"])]
     haproxy_dir = Path(tempfile.mkdtemp(prefix="vh-", dir="/tmp")) if front == "haproxy" else None
     if haproxy_dir is not None:
         cmd += ["--haproxy-dir", str(haproxy_dir)]

@@ -86,4 +86,5 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     assert json.loads((out / "engine-small-fp32.json").read_text())["precision"] == "fp32"
     assert summary["engine_efficiency_int8"] > 0
     assert "ceiling_int8" in json.loads((out / "ceiling_flops.json").read_text())
-    assert summary["serve_composition"] == {"preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}
+    assert summary["serve_composition"] == {
+        "front": "ray", "preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}
