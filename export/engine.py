@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = REPO_ROOT / "build" / "trt_cache"
 ENGINES_FILE = "engines.json"
 INSTALL_HINT = (
-    "on a machine with an NVIDIA GPU and its driver, run `make install-gpu` "
-    "(CUDA PyTorch and TensorRT 10: pip install -e '.[gpu]')"
+    "install TensorRT 10 on a machine with an NVIDIA GPU and its driver: `make install-gpu` "
+    "(CUDA PyTorch and TensorRT, the `gpu` extra)"
 )
 
 

@@ -43,7 +43,8 @@ def _questions(scene: world.Scene, n: int) -> list[str]:
 
 @pytest.mark.parametrize("model", ["tiny", "tiny@1"])  # Triton's `vqa` whole / the engines from the ingress
 def test_eight_one_question_calls_on_one_image_run_the_image_encoder_once(serve_app, model):
-    img, _, scene = fresh_samples(1, seed=4242 if model == "tiny" else 4243)[0]
+    # Seeds no other test uses: the session's Triton (and its cache) is shared by the whole run.
+    img, _, scene = fresh_samples(1, seed=73_421 if model == "tiny" else 73_422)[0]
     image = base64.b64encode(img).decode()
     before = image_encoder(serve_app.triton)
     answers = []
@@ -62,7 +63,7 @@ def test_eight_one_question_calls_on_one_image_run_the_image_encoder_once(serve_
 
 def test_a_cached_answer_serves_callers_that_ask_for_other_outputs(serve_app):
     """The cache is keyed by the pixels alone: an embedding first, then VQA on the same image, both right."""
-    img, _, scene = fresh_samples(1, seed=4244)[0]
+    img, _, scene = fresh_samples(1, seed=73_423)[0]
     image = base64.b64encode(img).decode()
     before = image_encoder(serve_app.triton)
     emb = httpx.post(serve_app.http_url + "/v1/embed", json={"images": [image]}, timeout=60)
@@ -77,7 +78,7 @@ def test_a_cached_answer_serves_callers_that_ask_for_other_outputs(serve_app):
 
 
 def test_different_images_are_not_served_from_the_cache(serve_app):
-    samples = fresh_samples(3, seed=4245)
+    samples = fresh_samples(3, seed=73_424)
     before = image_encoder(serve_app.triton)
     for img, qa, _ in samples:
         r = httpx.post(serve_app.http_url + "/v1/vqa",
