@@ -63,7 +63,7 @@ class Fusion(nn.Module):
         self.model = model
 
     def forward(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        image_atts = torch.ones(feats.shape[:-1], dtype=torch.long)  # (B, T): every image token attends
+        image_atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=feats.device)  # (B, T): every token attends
         hidden = self.model.text_encoder(
             input_ids=ids, attention_mask=mask, encoder_hidden_states=feats, encoder_attention_mask=image_atts
         ).last_hidden_state  # (B, L, Dt)

@@ -58,10 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=("embedded", "onnxruntime", "tensorrt"),
+        choices=("embedded", "onnxruntime", "tensorrt", "torch"),
         default="embedded",
-        help="embedded (Python backend over ONNX Runtime), onnxruntime (NGC container's backend) or tensorrt "
-        "(FP16 plans, built on the GPU machine that serves them; exit 3 where TensorRT or a GPU is missing)",
+        help="embedded (Python backend over ONNX Runtime), onnxruntime (NGC container's backend), tensorrt "
+        "(FP16 plans, built on the GPU machine that serves them; exit 3 where TensorRT or a GPU is missing) or "
+        "torch (the checkpoint's PyTorch modules in the Python backend: FP16 autocast on a GPU, FP32 on the CPU)",
     )
     p.add_argument(
         "--work-dir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,11 @@ class Normalize(nn.Module):
         # Cast first (uint8 → float32 is exact), then NHWC → NCHW on floats.
         x = pixels.float().permute(0, 3, 1, 2) * self.scale  # (B, 3, H, W)
         return (x - self.mean) / self.std
+
+
+def family_module(family: str) -> Any:
+    """The export module of a family (`export/hf/<family>.py`: `load_model`, `graphs`, `parity_cases`, `judge`)."""
+    return importlib.import_module(f"export.hf.{family}")
 
 
 def to_numpy(t: Any) -> np.ndarray:

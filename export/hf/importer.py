@@ -14,14 +14,16 @@ Steps, each failing loudly before anything is installed:
    an explicit `--precision int8` fails;
 5b. TensorRT (`--target tensorrt`, `export.hf.tensorrt`): FP16 plans with profiles over every variable
    axis, judged like int8; where TensorRT or a GPU is missing, `EngineUnavailable` (a skip, exit 3);
+5c. PyTorch (`--target torch`, `export.hf.torch_engine`): the family's modules themselves, held to the
+   fp32 gate on the CPU and, where CUDA is present, judged like int8 under FP16 autocast on the GPU;
 6. install `NAME_<role>/` Triton models (config.pbtxt, `1/model.onnx` or `model.plan`, `1/model.py` for the
-   embedded server, `1/checkpoint/` with import.json and tokenizer.json, `1/manifest.json`), next to
-   what the repository holds, and list the model in `vtfuse_models.json`.
+   Python-backend targets, `1/checkpoint/` with import.json and tokenizer.json (and, for torch, the
+   source's config.json and weights), `1/manifest.json`), next to what the repository holds, and list
+   the model in `vtfuse_models.json`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
@@ -29,7 +31,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -38,8 +39,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import InstallError, ParityError
 from export.hf import parity
-from export.hf.graphs import EngineGraph
+from export.hf.graphs import EngineGraph, family_module
 from export.hf.source import HfSource, image_processing, resolve_source, tokenizer_json
+from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
+from export.hf.torch_engine import check_parity as check_torch_parity
+from export.hf.torch_engine import copy_weights
 from export.onnx_export import sha256_file
 from export.render_repo import COMMITTED_REPO, ENGINE_BACKENDS, ORT_PARAMETER_MAP
 from serving.families.imported import (
@@ -54,22 +58,26 @@ from serving.families.imported import (
 
 log = logging.getLogger(__name__)
 
-IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt")
-DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32"}
-ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32"}
+# The engine file each target installs (torch: none, the weights go into checkpoint/).
+ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": None}
 OPSET = 17
 ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
 # Copied next to import.json so each installed model says what it came from.
 SOURCE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-PYTHON_MODEL = (
-    '"""Triton Python model: an imported engine run by ONNX Runtime (serving/triton/python_models/engine.py)."""\n\n'
-    "from serving.triton.python_models.engine import OnnxEngineModel as TritonPythonModel  # noqa: F401\n"
-)
-
-
-def family_module(family: str) -> ModuleType:
-    """The export module of a family (`export/hf/<family>.py`), imported when needed."""
-    return importlib.import_module(f"export.hf.{family}")
+PYTHON_MODEL = {
+    "embedded": (
+        '"""Triton Python model: an imported engine run by ONNX Runtime (serving/triton/python_models/engine.py)."""'
+        "\n\nfrom serving.triton.python_models.engine import OnnxEngineModel as TritonPythonModel  # noqa: F401\n"
+    ),
+    "torch": (
+        '"""Triton Python model: an imported engine run by PyTorch '
+        '(serving/triton/python_models/hf_torch_engine.py)."""\n\n'
+        "from serving.triton.python_models.hf_torch_engine import HfTorchEngineModel as TritonPythonModel"
+        "  # noqa: F401\n"
+    ),
+}
 
 
 def export_graph(graph: EngineGraph, path: Path) -> Path:
@@ -130,6 +138,12 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
         c.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
         c.parameters["intra_op_threads"].string_value = str(ENGINE_THREADS)
+    elif target == "torch":
+        # The GPU Triton gives the instance (KIND_AUTO), else the CPU; the parameters are hf_torch_engine.py's.
+        c.backend = "python"
+        group.kind = mc.ModelInstanceGroup.KIND_AUTO
+        for key, value in {**TORCH_ENGINE_PARAMETERS, "role": graph.role, "torch_threads": str(ENGINE_THREADS)}.items():
+            c.parameters[key].string_value = value
     else:
         backend, platform, filename = ENGINE_BACKENDS[target]
         c.backend, c.platform, c.default_model_filename = backend, platform, filename
@@ -187,6 +201,9 @@ def import_hf(
         raise InstallError(f"precision {precision!r}: choose fp32 or int8")
     if target == "tensorrt" and precision == "int8":
         raise InstallError("--precision int8 is for the ONNX targets: TensorRT builds FP16 plans from the fp32 ONNX")
+    if target == "torch" and precision == "int8":
+        raise InstallError("--precision int8 is for the ONNX targets: the torch target runs the checkpoint's own "
+                           "weights (FP32 on the CPU, FP16 autocast on a GPU)")
     repo = Path(repo) if repo is not None else COMMITTED_REPO
     if work_dir:
         return _import(source, name, repo, precision, target, Path(work_dir), threads, t0, plan_cache)
@@ -270,6 +287,19 @@ def _import(
             )
         paths, chosen = plans, "fp16"
 
+    torch_parity: dict[str, Any] | None = None
+    if target == "torch":
+        torch_parity = check_torch_parity(graphs, cases, fam.judge, autocast=TORCH_ENGINE_PARAMETERS["autocast"])
+        (work / "parity-torch.json").write_text(json.dumps(torch_parity, indent=2) + "\n")
+        if not torch_parity["ok"]:
+            failures = torch_parity["cpu_fp32"]["failures"] + torch_parity["cuda"].get("failures", [])
+            raise ParityError(
+                f"{name}: the PyTorch engines differ ({'; '.join(failures)})",
+                engine="all",
+                output="torch",
+                figures=torch_parity,
+            )
+
     engines = {g.role: f"{name}_{g.role}" for g in graphs}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parity_summary = {
@@ -279,6 +309,7 @@ def _import(
         "ok": True,
         **({"int8": int8} if int8 is not None else {}),
         **({"tensorrt": tensorrt} if tensorrt is not None else {}),
+        **({"torch": torch_parity} if torch_parity is not None else {}),
     }
     record = ImportRecord(
         name=name,
@@ -310,6 +341,7 @@ def _import(
         "repo": str(repo),
         "parity": report["engines"],
         "int8": int8,
+        **({"torch": torch_parity} if torch_parity is not None else {}),
         "seconds": round(time.monotonic() - t0, 1),
     }
 
@@ -330,7 +362,9 @@ def _install(
     for triton_name in (old.engines.values() if old else ()):
         if (repo / triton_name).exists():
             shutil.rmtree(repo / triton_name)
-    lower_precision: dict[str, Any] = {k: record.parity[k] for k in ("int8", "tensorrt") if k in record.parity}
+    lower_precision: dict[str, Any] = {
+        k: record.parity[k] for k in ("int8", "tensorrt", "torch") if k in record.parity
+    }
     for g in graphs:
         triton_name = record.engines[g.role]
         mdir = repo / triton_name
@@ -342,10 +376,14 @@ def _install(
         (mdir / "config.pbtxt").write_text(
             _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
         )
-        shutil.copyfile(paths[g.role], vdir / ARTEFACT[target])
-        if target == "embedded":
-            (vdir / "model.py").write_text(PYTHON_MODEL)
+        artefact = ARTEFACT[target]
+        if artefact is not None:
+            shutil.copyfile(paths[g.role], vdir / artefact)
+        if target in PYTHON_MODEL:
+            (vdir / "model.py").write_text(PYTHON_MODEL[target])
         ckpt = vdir / "checkpoint"
+        if target == "torch":
+            copy_weights(src.folder, ckpt)
         (ckpt / IMPORT_RECORD).write_text(json.dumps(record.to_json(), indent=2) + "\n")
         shutil.copyfile(work / TOKENIZER_FILE, ckpt / TOKENIZER_FILE)
         for f in SOURCE_FILES:
@@ -365,7 +403,10 @@ def _install(
             "source": record.source,
             "source_weights_sha256": {w.name: sha256_file(w) for w in weights},
             "created": record.created,
-            "export": {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": OPSET},
+            "export": (
+                {"engine": "the family's PyTorch module over the checkpoint's weights (export/hf/torch_engine.py)"}
+                if target == "torch" else {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": OPSET}
+            ),
             "config_pbtxt_sha256": sha256_file(mdir / "config.pbtxt"),
             "artefacts": {
                 p.relative_to(vdir).as_posix(): sha256_file(p) for p in sorted(vdir.rglob("*")) if p.is_file()

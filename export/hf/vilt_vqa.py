@@ -48,7 +48,7 @@ def visual_embed_all_patches(
     x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
     pos = torch.cat((self.position_embeddings[:, 0, :][:, None, :].expand(b, -1, -1), pos), dim=1)
     x = x + pos
-    return x, torch.ones(x.shape[:2], dtype=torch.long), None
+    return x, torch.ones(x.shape[:2], dtype=torch.long, device=x.device), None
 
 
 class SingleStream(nn.Module):

@@ -221,6 +221,17 @@ def test_what_the_runtime_images_run_imports_without_torch():
     _imports_without(["torch", "transformers"], models)
 
 
+def test_the_triton_torch_images_models_import_without_onnx():
+    """The triton-torch image has torch and transformers, the `serving` and `export/hf` code, no ONNX stack."""
+    _imports_without(["onnxruntime", "onnx", "ray", "pytriton", "tritonclient"],
+                     ["serving.triton.python_models.torch_engine", "serving.triton.python_models.hf_torch_engine",
+                      "export.hf.blip_retrieval", "export.hf.vilt_vqa"])
+    requirements = check.requirements(DOCKER / "requirements-triton-torch.txt")
+    assert {"torch", "transformers"} <= set(requirements)
+    dockerfile = (DOCKER / "triton-torch.Dockerfile").read_text()
+    assert "COPY --chown=root:root export/hf/ /opt/vtfuse/export/hf/" in dockerfile
+
+
 @pytest.mark.parametrize(
     ("path", "excluded"),
     [("serving/cli.py", False), ("serving/__pycache__/cli.cpython-311.pyc", True), ("tests/unit/x.py", True),

@@ -10,15 +10,18 @@ call: then each request of the batch runs alone, and only the bad one gets an er
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 from serving.triton.python_models.common import parameters, version_dir
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ def make_session(path: str, intra_threads: int, inter_threads: int = 1, spinning
     that spin steal them from the engine that has work (measured: tiny at batch 32 went
     from 344 to 787 items/s with spinning off, loadtests/results/levers.json).
     """
+    import onnxruntime as ort  # here, not at the top: the PyTorch engine models share this module without it
+
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
@@ -40,7 +45,7 @@ def make_session(path: str, intra_threads: int, inter_threads: int = 1, spinning
     return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
 
 
-class BatchedEngineModel:
+class BatchedEngineModel(abc.ABC):
     """The batching half of an engine model: group requests by shape, run each group as one batch.
 
     Subclasses say how to read an input tensor, join and run a batch, and hand an output back.
@@ -56,13 +61,13 @@ class BatchedEngineModel:
     def concat(self, arrays: list[Any]) -> Any:
         return np.concatenate(arrays)
 
+    @abc.abstractmethod
     def run(self, batch: dict[str, Any], wanted: set[str]) -> list[Any]:
         """The engine on one batch: every output in `output_names` order (None allowed for one nobody wants)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def output_tensor(self, name: str, value: Any) -> Any:
         """One request's slice of an output as a Triton tensor."""
-        raise NotImplementedError
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds = [

@@ -37,7 +37,28 @@ def instance_device(args: dict[str, Any]) -> str:
     return "cpu"
 
 
-class TorchEngineModel(BatchedEngineModel):
+class TorchTensorsModel(BatchedEngineModel):
+    """The tensor hand-over of a PyTorch engine model: CPU inputs from numpy, GPU ones and outputs through DLPack."""
+
+    device: str
+
+    def read(self, tensor: Any) -> torch.Tensor:
+        if tensor.is_cpu():
+            return torch.from_numpy(np.array(tensor.as_numpy()))  # writable: torch warns on read-only memory
+        return from_dlpack(tensor.to_dlpack())
+
+    def concat(self, arrays: list[Any]) -> torch.Tensor:
+        if not any(a.is_cuda for a in arrays):  # join on the host: one host-to-device copy per batch
+            return torch.from_numpy(np.concatenate([a.numpy() for a in arrays]))
+        return torch.cat([a.to(self.device) for a in arrays])
+
+    def output_tensor(self, name: str, value: torch.Tensor) -> Any:
+        if value.is_cuda:
+            return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
+        return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy(), dtype=np.float32))
+
+
+class TorchEngineModel(TorchTensorsModel):
     """TritonPythonModel for `image_encoder`, `text_encoder` and `fusion` of the `torch` target."""
 
     def initialize(self, args: dict[str, Any]) -> None:
@@ -62,23 +83,8 @@ class TorchEngineModel(BatchedEngineModel):
             self.engine.warm_up()
         log.info("%s on %s (%s, %s)", args["model_name"], self.device, self.engine.dtype, self.engine.mode)
 
-    def read(self, tensor: Any) -> torch.Tensor:
-        if tensor.is_cpu():
-            return torch.from_numpy(np.array(tensor.as_numpy()))  # writable: torch warns on read-only memory
-        return from_dlpack(tensor.to_dlpack())
-
-    def concat(self, arrays: list[Any]) -> torch.Tensor:
-        if not any(a.is_cuda for a in arrays):  # join on the host: one host-to-device copy per batch
-            return torch.from_numpy(np.concatenate([a.numpy() for a in arrays]))
-        return torch.cat([a.to(self.device) for a in arrays])
-
     def run(self, batch: dict[str, Any], wanted: set[str]) -> list[Any]:
         return self.engine([batch[n] for n in self.input_names], need_attention="CROSS_ATTENTION" in wanted)
-
-    def output_tensor(self, name: str, value: torch.Tensor) -> Any:
-        if value.is_cuda:
-            return pb_utils.Tensor.from_dlpack(name, to_dlpack(value.contiguous()))
-        return pb_utils.Tensor(name, np.ascontiguousarray(value.numpy(), dtype=np.float32))
 
     def finalize(self) -> None:
         self.engine = None  # type: ignore[assignment]
