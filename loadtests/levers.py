@@ -15,9 +15,11 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
   deployment (2 hops) or inline in the ingress (1 hop), ingress replicas, Triton channels,
   one-question calls sent whole to Triton's `vqa`, Ray's gRPC transport from proxy to replica;
 - `front`: the HTTP front door, `tiny` /v1/vqa at c=32, variants in interleaved windows (a fresh
-  Serve app per window, `--rounds` rounds): Ray's proxy with our middleware (shipped), without
-  it, HAProxy (`VTFUSE_FRONT=haproxy`), user code on the replica's main loop, Serve's access log
-  off; then `small`'s repeated-image sequences with Triton's response cache on and off.
+  Serve app per window, `--rounds` rounds): Ray's proxy with our middleware (the shipped front
+  door until HAProxy replayed calls), without it, HAProxy, user code on the replica's main loop,
+  Serve's access log off; then `small`'s repeated-image sequences with Triton's response cache on and off;
+- `front-haproxy`: the same windows for HAProxy (shipped) against itself with user code on the
+  replica's main loop, with Serve's access log off, and Ray's proxy.
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -46,7 +48,7 @@ log = logging.getLogger("loadtests.levers")
 
 TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
-SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front")
+SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy")
 
 
 def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
@@ -210,25 +212,36 @@ def serve(corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any
     return _brief(rows)
 
 
+MAIN_LOOP_ENV = {  # Ray's throughput-optimised settings, without its switch to direct ingress
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
 FRONT_VARIANTS: dict[str, dict[str, Any]] = {
     "ray proxy + middleware (shipped)": {"front": "ray"},
     "ray proxy, no middleware": {"front": "ray", "proxy_middleware": False},
     "haproxy (VTFUSE_FRONT=haproxy)": {"front": "haproxy"},
-    "ray proxy, user code on the replica's main loop": {"front": "ray", "env": {
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-        "RAY_SERVE_LOG_TO_STDERR": "0", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}},
+    "ray proxy, user code on the replica's main loop": {"front": "ray", "env": MAIN_LOOP_ENV},
     "ray proxy, Serve access log off": {"front": "ray", "access_log": False},
 }
 
 
-def front(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
-    """The front-door variants, `rounds` interleaved windows each, then repeated images with the cache on/off."""
-    from loadtests import http_driver, repeat_image
+# The HAProxy front door (shipped since it replays and answers JSON) against variants of itself.
+HAPROXY_VARIANTS: dict[str, dict[str, Any]] = {
+    "haproxy (shipped)": {"front": "haproxy"},
+    "haproxy, user code on the replica's main loop": {"front": "haproxy", "env": MAIN_LOOP_ENV},
+    "haproxy, Serve access log off": {"front": "haproxy", "access_log": False},
+    "ray proxy + middleware": {"front": "ray"},
+}
 
-    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in FRONT_VARIANTS}
+
+def front_windows(corpus: list[Sample], duration: float, warmup: float, rounds: int,
+                  variants: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`rounds` interleaved c=32 windows of `tiny` one-question /v1/vqa per front-door variant, a fresh stack each."""
+    from loadtests import http_driver
+
+    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
     with servers.triton(TINY, "levers-front") as t:
         for _ in range(rounds):
-            for label, kw in FRONT_VARIANTS.items():
+            for label, kw in variants.items():
                 try:
                     with servers.serve_app(t.url_grpc, TINY, "tiny", "levers-front", **kw) as app:
                         r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
@@ -239,12 +252,31 @@ def front(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> 
                 except Exception as e:  # noqa: BLE001 — one variant failing keeps the others
                     windows[label].append({"error": str(e)[:300]})
                 log.info("   front %-50s %s", label, windows[label][-1])
-    out: dict[str, Any] = {"tiny vqa c32 windows": windows}
-    base = [w["throughput_rps"] for w in windows["ray proxy + middleware (shipped)"] if "throughput_rps" in w]
-    out["mean_over_shipped"] = {
+    return windows
+
+
+def _mean_over(windows: dict[str, list[dict[str, Any]]], baseline: str) -> dict[str, float]:
+    """Each variant's mean req/s ÷ the baseline's."""
+    base = [w["throughput_rps"] for w in windows[baseline] if "throughput_rps" in w]
+    return {
         k: round(float(np.mean([w["throughput_rps"] for w in v if "throughput_rps" in w])) / float(np.mean(base)), 3)
         for k, v in windows.items() if base and any("throughput_rps" in w for w in v)
     }
+
+
+def front_haproxy(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """HAProxy (shipped) against its variants and Ray's proxy, `rounds` interleaved windows each."""
+    windows = front_windows(corpus, duration, warmup, rounds, HAPROXY_VARIANTS)
+    return {"tiny vqa c32 windows": windows, "mean_over_shipped": _mean_over(windows, "haproxy (shipped)")}
+
+
+def front(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """Ray's proxy (shipped until HAProxy replayed calls) against its variants and HAProxy, then repeated images."""
+    from loadtests import repeat_image
+
+    windows = front_windows(corpus, duration, warmup, rounds, FRONT_VARIANTS)
+    out: dict[str, Any] = {"tiny vqa c32 windows": windows,
+                           "mean_over_shipped": _mean_over(windows, "ray proxy + middleware (shipped)")}
     if SMALL.exists():
         images, questions = repeat_image.corpus_for(5)
         rep: dict[str, Any] = {}
@@ -336,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             results["serve"] = serve(corpus, args.duration, args.warmup)
         elif section == "front":
             results["front"] = front(corpus, args.duration, args.warmup, args.rounds)
+        elif section == "front-haproxy":
+            results["front-haproxy"] = front_haproxy(corpus, args.duration, args.warmup, args.rounds)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():

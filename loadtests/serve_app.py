@@ -5,7 +5,7 @@
 It starts a new local Ray cluster of its own (never joins one already running; `num_cpus` =
 cores) with the application built by `serving.app.builder:build_app`; the served model is
 named after `--model`. `--front` picks the HTTP front door as `VTFUSE_FRONT` does for `vtfuse
-serve` (serving/app/front.py): `ray` (Ray's proxy) or `haproxy` (HAProxy in front of the replicas).
+serve` (serving/app/front.py): `haproxy` (HAProxy in front of the replicas, the default) or `ray` (Ray's proxy).
 serving.app.proxy's middleware runs as under `vtfuse serve` (`--no-proxy-middleware`: without it).
 """
 
@@ -18,6 +18,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from serving.app.front import DEFAULT_FRONT, FRONTS
 
 log = logging.getLogger("loadtests.serve_app")
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress-replicas", type=int, default=2)
     p.add_argument("--preprocess-replicas", type=int, default=1)
     p.add_argument("--pool-size", type=int, default=2, help="gRPC channels to Triton per ingress replica")
-    p.add_argument("--front", choices=("ray", "haproxy"), default="ray", help="HTTP front door (VTFUSE_FRONT)")
+    p.add_argument("--front", choices=FRONTS, default=DEFAULT_FRONT, help="HTTP front door (VTFUSE_FRONT)")
     p.add_argument("--no-proxy-middleware", action="store_true", help="front ray: without serving.app.proxy")
     p.add_argument("--haproxy-dir", type=Path, help="front haproxy: folder for HAProxy's files")
     p.add_argument("--no-access-log", action="store_true", help="Serve's per-request access log off (proxy, replicas)")
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from serving.app.front import haproxy_environment
 
         os.environ.update(haproxy_environment(args.haproxy_dir))
+    else:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "0"  # Ray's proxy, whatever the caller's environment says
     app_args = AppArgs(
         triton_url=args.triton_url,
         triton_pool_size=args.pool_size,

@@ -191,7 +191,7 @@ def proxy_environment(config: dict[str, Any]) -> dict[str, str]:
         env["VTFUSE_PROXY_MAX_INFLIGHT"] = str(replicas * per_replica)
     from serving.app.front import front_environment
 
-    env.update(front_environment())  # VTFUSE_FRONT=haproxy: HAProxy in front of the replicas (serving/app/front.py)
+    env.update(front_environment())  # HAProxy in front of the replicas unless VTFUSE_FRONT=ray (serving/app/front.py)
     return env
 
 

@@ -1,4 +1,4 @@
-"""The HTTP front door of the API: Ray Serve's Python proxy (`ray`, the default) or HAProxy (`haproxy`).
+"""The HTTP front door of the API: HAProxy (`haproxy`, the default) or Ray Serve's Python proxy (`ray`).
 
 `ray`: Ray's HTTP proxy actor takes every request and hands it to an Ingress replica by an
 actor call; serving.app.proxy's middleware runs in it (admission, replays of calls a dead
@@ -20,7 +20,7 @@ command line, so Ray tracks and reloads it as its own). With the rewrite:
   `RETRIES`): HAProxy reads the whole request before it picks a replica
   (`option http-buffer-request`) and no longer splices request bodies, so it still holds
   the request when the replica's connection closes without an answer. That holds for
-  requests up to `REPLAY_MAX_BODY` (4 MiB, what Ray's proxy keeps for a replay too); a
+  requests up to `REPLAY_MAX_BODY` (512 KiB; Ray's proxy keeps 4 MiB for a replay); a
   larger one (the API takes up to `limits.max_body_bytes`, 16 MiB) is streamed on, and if its
   replica dies it gets the JSON 503 below, not a replay;
 - the errors HAProxy makes itself about a request (502, 503 and 504: no replica reachable,
@@ -35,7 +35,8 @@ serving.app.proxy's middleware runs inside each replica's HTTP server (Ray insta
 callback there), so what Ray itself answers in a replica is JSON. The Serve gRPC proxy (:9000)
 is unchanged.
 
-Select it with `VTFUSE_FRONT=haproxy` in the environment Ray starts with (`vtfuse serve`).
+`VTFUSE_FRONT` in the environment Ray starts with (`vtfuse serve`) selects the front door:
+`haproxy` when unset, `ray` for Ray's Python proxy.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from serving.app import haproxy_wrapper
 log = logging.getLogger(__name__)
 
 FRONTS = ("ray", "haproxy")
+DEFAULT_FRONT = "haproxy"  # no Python proxy or actor call per request; replays and JSON errors kept (below)
 # When HAProxy sends a request again (to another replica: Ray's `option redispatch 1`). Every
 # task of the API is idempotent (an answer computed from the request alone, nothing stored), so a
 # request a replica may have started on is safe to send again: the connection failed
@@ -70,11 +72,15 @@ FRONTS = ("ray", "haproxy")
 RETRY_ON = "conn-failure empty-response junk-response response-timeout 503"
 RETRIES = 3  # with two replicas: the dead one, the live one, and each once more before a health check marks it down
 # HAProxy replays only a request that is whole in its buffer: `tune.bufsize` is the replay limit
-# for bodies (what Ray's proxy keeps for a replay too, serving.app.proxy.ProxySettings) plus room
-# for the request line and headers and HAProxy's rewrite reserve (`tune.maxrewrite`, 1 KiB).
-# A buffer is taken per request in flight, and only the pages a request fills are touched.
-REPLAY_MAX_BODY = 4 * 1024 * 1024
-BUFSIZE = REPLAY_MAX_BODY + 64 * 1024
+# for bodies plus room for the request line and headers and HAProxy's rewrite reserve
+# (`tune.maxrewrite`, 1 KiB). 512 KiB holds the base64 JSON of a ~380 KB image. Not more: every
+# request and response takes a buffer of this size, and HAProxy's CPU per request grows with it:
+# 2.2 ms at 4 MiB, 0.8 ms at 1 MiB, 0.5 ms at 512 KiB (`tiny` /v1/vqa at c=32: 125, 136 and 163
+# req/s; `python -m loadtests.front_cpu`, loadtests/results/front-cpu.json).
+# `VTFUSE_HAPROXY_REPLAY_MAX_BODY` (bytes) sets another limit.
+REPLAY_MAX_BODY = 512 * 1024
+HEADROOM = 64 * 1024
+BUFSIZE = REPLAY_MAX_BODY + HEADROOM
 
 
 def _free_port() -> int:
@@ -84,12 +90,12 @@ def _free_port() -> int:
 
 
 def selected(env: dict[str, str] | None = None) -> str:
-    """The front door `VTFUSE_FRONT` names (`ray` when unset).
+    """The front door `VTFUSE_FRONT` names (`DEFAULT_FRONT` when unset).
 
     Raises:
         SystemExit: an unknown value.
     """
-    front = (os.environ if env is None else env).get("VTFUSE_FRONT", "ray").strip().lower() or "ray"
+    front = (os.environ if env is None else env).get("VTFUSE_FRONT", DEFAULT_FRONT).strip().lower() or DEFAULT_FRONT
     if front not in FRONTS:
         raise SystemExit(f"VTFUSE_FRONT={front!r}: choose one of {', '.join(FRONTS)}")
     return front
@@ -119,7 +125,7 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
         "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
-        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(BUFSIZE),
+        "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(replay_max_body() + HEADROOM),
     }
 
 
@@ -232,9 +238,15 @@ def write_error_files(errors_dir: Path) -> Path:
     return errors_dir
 
 
+def replay_max_body(env: dict[str, str] | None = None) -> int:
+    """The largest request body HAProxy holds whole to replay (`VTFUSE_HAPROXY_REPLAY_MAX_BODY`, else 1 MiB)."""
+    value = (os.environ if env is None else env).get("VTFUSE_HAPROXY_REPLAY_MAX_BODY", "").strip()
+    return int(value) if value else REPLAY_MAX_BODY
+
+
 def front_environment(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The Ray environment for the front door `VTFUSE_FRONT` selects (empty for `ray`)."""
-    return haproxy_environment() if selected(env) == "haproxy" else {}
+    """The Ray environment for the front door `VTFUSE_FRONT` selects (`ray`: HAProxy off, whatever the shell says)."""
+    return haproxy_environment() if selected(env) == "haproxy" else {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
 
 
 def haproxy_pids(run_dir: Path) -> list[int]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from loadtests.servers import wait_http
+from serving.app.front import front_environment, stop_haproxy
 from serving.app.logs import serve_logging_config
 from serving.app.settings import AppArgs, DeploymentDefaults, Limits, ModelSpec
 from serving.model.checkpoint import REPO_ROOT
@@ -64,6 +66,12 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
     # `vtfuse serve` (no in-flight cap here: the tests' own bursts stay small).
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "serving.app.proxy:middlewares")
+    # The front door `vtfuse serve` runs (serving/app/front.py: HAProxy unless VTFUSE_FRONT=ray), in the environment
+    # Ray starts with (its processes inherit the raylet's), and out of this process's again once Ray runs: stacks that
+    # tests start must not inherit this one's HAProxy ports.
+    front_env = front_environment()
+    saved_env = {k: os.environ.get(k) for k in front_env}
+    os.environ.update(front_env)
     # Ray's processes inherit the OTLP exporter's settings (serving/tracing.py).
     os.environ.update(
         OTEL_EXPORTER_OTLP_ENDPOINT=otlp_receiver.endpoint, OTEL_SERVICE_NAME="vtfuse-api-test",
@@ -77,6 +85,11 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
     )
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         serve.start(**serve_options("127.0.0.1", http_port, grpc_port), tracing_config=serve_tracing_config())
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config=serve_logging_config("JSON"))
@@ -88,3 +101,27 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
             serve.shutdown()
         finally:
             ray.shutdown()
+            if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" in front_env:
+                stop_haproxy(Path(front_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
+
+
+def run_side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str) -> None:
+    """Deploy the vtfuse app with `args` as a second application under `prefix` on the session's Serve.
+
+    Returns once the front door routes `prefix`: HAProxy takes a new route only with its next
+    configuration reload, shortly after `serve.run` returns (`/-/routes` is HAProxy's own answer).
+    """
+    import time
+
+    import httpx
+    from ray import serve
+
+    from serving.app.builder import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=prefix)
+    deadline = time.monotonic() + 30
+    while prefix not in httpx.get(serve_app.http_url + "/-/routes", timeout=5).json():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{prefix} is not among the front door's routes 30 s after serve.run")
+        time.sleep(0.1)
+

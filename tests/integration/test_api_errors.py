@@ -14,6 +14,7 @@ from PIL import Image
 from serving.app.settings import AppArgs, Limits
 from serving.shapes import world
 from tests.helpers import free_port
+from tests.integration.conftest import run_side_app
 
 pytestmark = pytest.mark.integration
 
@@ -188,20 +189,12 @@ def test_a_burst_of_garbage_does_not_take_the_service_down(http):
     assert http.post("/v1/vqa", json=GOOD).status_code == 200
 
 
-def _side_app(name: str, prefix: str, args: AppArgs):
-    from ray import serve
-
-    from serving.app.builder import build_app
-
-    serve.run(build_app(args), name=name, route_prefix=prefix)
-
-
 def test_triton_unreachable_is_503_with_retry_after(serve_app, http):
     """A second app on the same Serve instance whose Triton address answers nothing."""
     from ray import serve
 
     args = AppArgs(triton_url=f"127.0.0.1:{free_port()}", preprocess="inline", limits=Limits(request_timeout_s=5))
-    _side_app("vtfuse-dead-triton", "/dead", args)
+    run_side_app(serve_app, args, "vtfuse-dead-triton", "/dead")
     try:
         t0 = time.monotonic()
         r = http.post("/dead/v1/vqa", json=GOOD)
@@ -219,7 +212,7 @@ def test_expired_deadline_is_504(serve_app, http):
     from ray import serve
 
     args = AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline", limits=Limits(request_timeout_s=0.001))
-    _side_app("vtfuse-no-time", "/notime", args)
+    run_side_app(serve_app, args, "vtfuse-no-time", "/notime")
     try:
         assert_json_error(http.post("/notime/v1/vqa", json=GOOD), 504, "upstream_timeout")
     finally:

@@ -11,6 +11,7 @@ import pytest
 
 from serving.shapes import world
 from tests.helpers import fresh_samples
+from tests.integration.conftest import run_side_app
 
 pytestmark = pytest.mark.integration
 
@@ -201,11 +202,10 @@ def test_inline_composition_answers_like_the_preprocess_deployment(serve_app, ht
     """The shipped composition (preprocess in the ingress) as a side app on the same Serve instance."""
     from ray import serve
 
-    from serving.app.builder import build_app
     from serving.app.settings import AppArgs
 
-    serve.run(build_app(AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline")),
-              name="vtfuse-inline", route_prefix="/inline")
+    run_side_app(serve_app, AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline"), "vtfuse-inline",
+                 "/inline")
     try:
         for img, qa, _ in fresh_samples(6, seed=606):
             body = {"image": b64(img), "questions": [qa.question, "how many squares are there?"], "top_k": 2}

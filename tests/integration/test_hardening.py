@@ -28,7 +28,7 @@ from serving.app.settings import AppArgs, Limits
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
 from serving.shapes import world
-from tests.integration.conftest import TEST_LIMITS
+from tests.integration.conftest import TEST_LIMITS, run_side_app
 
 pytestmark = pytest.mark.integration
 
@@ -225,15 +225,13 @@ def test_rate_limit_per_key_through_serve(serve_app, http):
     """A side app with keys and 1 request/s, burst 3: the 4th quick call of a key is 429 `rate_limited`."""
     from ray import serve
 
-    from serving.app.builder import build_app
-
     args = AppArgs(
         triton_url=serve_app.triton.url_grpc,
         preprocess="inline",
         api_keys=["key-a", "key-b"],
         limits=Limits(rate_limit_rps=1.0, rate_limit_burst=3),
     )
-    serve.run(build_app(args), name="vtfuse-ratelimit", route_prefix="/rl")
+    run_side_app(serve_app, args, "vtfuse-ratelimit", "/rl")
     try:
         a = {"X-API-Key": "key-a"}
         codes = [http.post("/rl/v1/vqa", json=GOOD, headers=a).status_code for _ in range(4)]

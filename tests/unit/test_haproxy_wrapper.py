@@ -289,7 +289,7 @@ def test_a_call_whose_replica_dies_is_replayed_up_to_the_replay_limit(live):
         assert status == 200, body[:300]
         assert json.loads(body)["bytes"] == n
     assert live["dead_calls"], "the dying replica never got a call: nothing was replayed"
-    assert front.REPLAY_MAX_BODY in live["dead_calls"]  # a 4 MiB call was sent again, whole
+    assert front.REPLAY_MAX_BODY in live["dead_calls"]  # a call of the largest replayable body was sent again, whole
     assert sorted(live["ok_calls"]) == sorted(sizes)
 
 
@@ -318,3 +318,12 @@ def test_real_binary_is_never_our_launcher(run_dir, monkeypatch, override):
     if HAPROXY:
         assert os.path.basename(front.real_haproxy_binary()) == "haproxy"
         assert not front._is_launcher(Path(front.real_haproxy_binary()))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, "haproxy"), ("", "haproxy"), ("ray", "ray"), (" HAProxy ", "haproxy")]
+)
+def test_haproxy_is_the_default_front_door_and_ray_stays_selectable(value, expected):
+    assert front.selected({} if value is None else {"VTFUSE_FRONT": value}) == expected
+    with pytest.raises(SystemExit, match="VTFUSE_FRONT='nginx': choose one of ray, haproxy"):
+        front.selected({"VTFUSE_FRONT": "nginx"})
