@@ -45,6 +45,7 @@ import atexit
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -89,6 +90,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Replica ports for direct ingress: between Ray's worker ports (10002-19999 by default) and the
+# kernel's ephemeral ones (32768 up), in blocks so that each stack on a machine has its own.
+PORT_BLOCKS = range(20000, 32768 - 64, 64)
+_handed_out: set[int] = set()  # blocks this process gave a stack (whose replicas may not have bound them yet)
+
+
+def _free_port_block(size: int = 64, tries: int = 50) -> int:
+    """The first port of a block of `size` ports none of which is bound now, picked at random."""
+    for _ in range(tries):
+        base = random.choice([b for b in PORT_BLOCKS if b not in _handed_out])
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        _handed_out.add(base)
+        return base
+    raise RuntimeError(f"no block of {size} free ports in {PORT_BLOCKS.start}-{PORT_BLOCKS.stop + size}")
+
+
 def selected(env: dict[str, str] | None = None) -> str:
     """The front door `VTFUSE_FRONT` names (`DEFAULT_FRONT` when unset).
 
@@ -104,8 +126,11 @@ def selected(env: dict[str, str] | None = None) -> str:
 def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
     """Environment for a Ray cluster whose Serve HTTP ingress is HAProxy in front of the replicas.
 
-    HAProxy's files and its stats and metrics ports are this cluster's own (Ray's defaults are
-    fixed paths under /tmp and ports 8404 / 9101, which two stacks on one machine would share).
+    HAProxy's files, its stats and metrics ports, the ports of Serve's fallback proxies and the
+    replicas' port ranges are this cluster's own. Ray's defaults are fixed paths under /tmp and
+    fixed ports (8404, 9101, and 8500 / 9500 for the fallback proxies that HAProxy sends requests to
+    while no replica of an application is up): two stacks on one machine would share them, and
+    one's requests would reach the other's application.
     """
     # Ray puts the files in a 56-character folder under this one, and HAProxy takes socket paths of 97
     # characters at most: a short base.
@@ -123,6 +148,12 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "m.sock"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        # Ray's replica port ranges are fixed (30000-31000 HTTP, 40000-41000 gRPC), and gRPC binds with
+        # SO_REUSEPORT: two stacks' replicas would share ports, and the kernel spread calls over both.
+        **{f"RAY_SERVE_DIRECT_INGRESS_{edge}_{proto}_PORT": str(base + (63 if edge == "MAX" else 0))
+           for proto, base in (("HTTP", _free_port_block()), ("GRPC", _free_port_block())) for edge in ("MIN", "MAX")},
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
         "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(replay_max_body() + HEADROOM),

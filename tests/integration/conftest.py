@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from loadtests.servers import wait_http
@@ -105,23 +107,21 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
                 stop_haproxy(Path(front_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
 
 
-def run_side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str) -> None:
+def run_side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str, client: httpx.Client) -> None:
     """Deploy the vtfuse app with `args` as a second application under `prefix` on the session's Serve.
 
-    Returns once the front door routes `prefix`: HAProxy takes a new route only with its next
-    configuration reload, shortly after `serve.run` returns (`/-/routes` is HAProxy's own answer).
+    Returns once `client` reaches it. HAProxy takes a new route with its next configuration
+    reload, shortly after `serve.run` returns; a connection kept alive from before the reload
+    gets one more answer from the old HAProxy (old routes) and is closed after it, so the
+    routes are asked through `client` until every such connection of its pool has gone.
     """
-    import time
-
-    import httpx
     from ray import serve
 
     from serving.app.builder import build_app
 
     serve.run(build_app(args), name=name, route_prefix=prefix)
     deadline = time.monotonic() + 30
-    while prefix not in httpx.get(serve_app.http_url + "/-/routes", timeout=5).json():
+    while prefix not in client.get(serve_app.http_url + "/-/routes", timeout=5).json():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{prefix} is not among the front door's routes 30 s after serve.run")
-        time.sleep(0.1)
-
+        time.sleep(0.05)

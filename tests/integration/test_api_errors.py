@@ -194,7 +194,7 @@ def test_triton_unreachable_is_503_with_retry_after(serve_app, http):
     from ray import serve
 
     args = AppArgs(triton_url=f"127.0.0.1:{free_port()}", preprocess="inline", limits=Limits(request_timeout_s=5))
-    run_side_app(serve_app, args, "vtfuse-dead-triton", "/dead")
+    run_side_app(serve_app, args, "vtfuse-dead-triton", "/dead", http)
     try:
         t0 = time.monotonic()
         r = http.post("/dead/v1/vqa", json=GOOD)
@@ -212,7 +212,7 @@ def test_expired_deadline_is_504(serve_app, http):
     from ray import serve
 
     args = AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline", limits=Limits(request_timeout_s=0.001))
-    run_side_app(serve_app, args, "vtfuse-no-time", "/notime")
+    run_side_app(serve_app, args, "vtfuse-no-time", "/notime", http)
     try:
         assert_json_error(http.post("/notime/v1/vqa", json=GOOD), 504, "upstream_timeout")
     finally:

@@ -205,7 +205,7 @@ def test_inline_composition_answers_like_the_preprocess_deployment(serve_app, ht
     from serving.app.settings import AppArgs
 
     run_side_app(serve_app, AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline"), "vtfuse-inline",
-                 "/inline")
+                 "/inline", http)
     try:
         for img, qa, _ in fresh_samples(6, seed=606):
             body = {"image": b64(img), "questions": [qa.question, "how many squares are there?"], "top_k": 2}

@@ -87,4 +87,4 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     assert summary["engine_efficiency_int8"] > 0
     assert "ceiling_int8" in json.loads((out / "ceiling_flops.json").read_text())
     assert summary["serve_composition"] == {
-        "front": "ray", "preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}
+        "front": "haproxy", "preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}

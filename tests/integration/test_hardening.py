@@ -231,7 +231,7 @@ def test_rate_limit_per_key_through_serve(serve_app, http):
         api_keys=["key-a", "key-b"],
         limits=Limits(rate_limit_rps=1.0, rate_limit_burst=3),
     )
-    run_side_app(serve_app, args, "vtfuse-ratelimit", "/rl")
+    run_side_app(serve_app, args, "vtfuse-ratelimit", "/rl", http)
     try:
         a = {"X-API-Key": "key-a"}
         codes = [http.post("/rl/v1/vqa", json=GOOD, headers=a).status_code for _ in range(4)]

@@ -327,3 +327,19 @@ def test_haproxy_is_the_default_front_door_and_ray_stays_selectable(value, expec
     assert front.selected({} if value is None else {"VTFUSE_FRONT": value}) == expected
     with pytest.raises(SystemExit, match="VTFUSE_FRONT='nginx': choose one of ray, haproxy"):
         front.selected({"VTFUSE_FRONT": "nginx"})
+
+
+def test_two_stacks_on_one_machine_share_no_port(tmp_path):
+    """Stats, metrics and Serve's fallback proxies (Ray's defaults: 8404, 9101, 8500, 9500) differ per stack:
+    with the fallback ports shared, a stack whose replicas were not up yet sent requests to the other's app."""
+    a = front.haproxy_environment(tmp_path / "a")
+    b = front.haproxy_environment(tmp_path / "b")
+    ports = [k for k in a if k.endswith("_PORT") and "DIRECT_INGRESS" not in k]
+    assert {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"} <= set(ports)
+    assert len({a[k] for k in ports} | {b[k] for k in ports}) == 2 * len(ports)
+    # The replicas' port ranges (gRPC binds with SO_REUSEPORT: shared ports would mix two stacks' calls).
+    ranges = [range(int(env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{p}_PORT"]),
+                    int(env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{p}_PORT"]) + 1)
+              for env in (a, b) for p in ("HTTP", "GRPC")]
+    assert all(len(r) == 64 and 20000 <= r.start and r.stop <= 32768 for r in ranges)
+    assert len(set().union(*ranges)) == 4 * 64
