@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from serving.tracing import triton_trace_args
-from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer, TritonSettings
-from tests.helpers import free_port
+from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer
+from tests.helpers import running_triton
 from tests.otlp import OtlpReceiver
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -65,19 +65,9 @@ def triton(test_repository: Path, otlp_receiver: OtlpReceiver) -> Iterator[Trito
     Its OpenTelemetry trace mode points at `otlp_receiver` with trace level OFF: a test turns
     tracing on through Triton's trace API for as long as it needs it.
     """
-    repo = test_repository
     trace_args = (
         *triton_trace_args(otlp_receiver.endpoint, enabled=False),
         "--trace-config=opentelemetry,bsp_schedule_delay=200",  # export within 0.2 s (default 5 s)
     )
-    settings = TritonSettings(
-        repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=10,
-        extra_args=trace_args,
-    )
-    server = TritonServer(settings, log_path=ARTIFACTS / "tritonserver.log")
-    server.start()
-    try:
-        server.wait_ready(timeout=240)
-        yield server
-    finally:
-        server.stop()
+    with running_triton(test_repository, ARTIFACTS / "tritonserver.log", extra_args=trace_args) as server:
+        yield server  # type: ignore[misc]

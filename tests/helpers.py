@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from serving.shapes import world
@@ -71,3 +73,19 @@ def settled(read: Callable[[], T], period: float = 0.3, timeout: float = 10.0) -
             return now
         last = now
     return last
+
+
+@contextlib.contextmanager
+def running_triton(repository: Path, log_path: Path, **extra: object) -> Iterator[object]:
+    """A real tritonserver over `repository` on free ports, ready; always stopped (its process group)."""
+    from serving.triton.launcher import TritonServer, TritonSettings
+
+    settings = TritonSettings(repository=repository, http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port(), exit_timeout_s=10, **extra)  # type: ignore[arg-type]
+    server = TritonServer(settings, log_path=log_path)
+    server.start()
+    try:
+        server.wait_ready(timeout=240)
+        yield server
+    finally:
+        server.stop()

@@ -125,3 +125,21 @@ def run_side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str, cli
         if time.monotonic() > deadline:
             raise TimeoutError(f"{prefix} is not among the front door's routes 30 s after serve.run")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def blip(hf_checkpoints):
+    """The random-weight BLIP test checkpoint as transformers loads it, with its processor: the reference."""
+    from transformers import AutoProcessor, BlipForImageTextRetrieval
+
+    folder = str(hf_checkpoints["blip"])
+    return BlipForImageTextRetrieval.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def vilt(hf_checkpoints):
+    """The random-weight ViLT test checkpoint as transformers loads it, with its processor: the reference."""
+    from transformers import AutoProcessor, ViltForQuestionAnswering
+
+    folder = str(hf_checkpoints["vilt"])
+    return ViltForQuestionAnswering.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)

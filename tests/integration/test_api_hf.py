@@ -59,22 +59,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@pytest.fixture(scope="module")
-def blip(hf_checkpoints):
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
-
-    folder = str(hf_checkpoints["blip"])
-    return BlipForImageTextRetrieval.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def vilt(hf_checkpoints):
-    from transformers import AutoProcessor, ViltForQuestionAnswering
-
-    folder = str(hf_checkpoints["vilt"])
-    return ViltForQuestionAnswering.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
 @torch.no_grad()
 def _itm_reference(blip, image: bytes, texts: list[str]) -> np.ndarray:
     model, proc = blip

@@ -33,31 +33,15 @@ from serving.app.tasks import EmbedTask, MatchTask, VqaTask
 from serving.families.imported import read_repository_models
 from serving.model.checkpoint import REPO_ROOT
 from serving.triton.client import TritonClient, TritonClientSettings
-from serving.triton.launcher import TritonServer, TritonSettings
+from serving.triton.launcher import TritonServer
 from tests.conftest import ARTIFACTS
-from tests.helpers import free_port
+from tests.helpers import running_triton
 from tests.integration.test_api_hf import CAPTIONS, QUESTIONS, _embed_reference, _images, _itm_reference, _pil
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 BLIP, VILT = "blip-torch", "vilt-torch"
 ROLES = {BLIP: ("image_encoder", "text_encoder", "fusion"), VILT: ("single_stream",)}
-
-
-@pytest.fixture(scope="module")
-def blip(hf_checkpoints):
-    from transformers import AutoProcessor, BlipForImageTextRetrieval
-
-    folder = str(hf_checkpoints["blip"])
-    return BlipForImageTextRetrieval.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
-
-
-@pytest.fixture(scope="module")
-def vilt(hf_checkpoints):
-    from transformers import AutoProcessor, ViltForQuestionAnswering
-
-    folder = str(hf_checkpoints["vilt"])
-    return ViltForQuestionAnswering.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +59,8 @@ def torch_repository(hf_checkpoints, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def triton(torch_repository: Path) -> Iterator[TritonServer]:
-    settings = TritonSettings(repository=torch_repository, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=10)
-    server = TritonServer(settings, log_path=ARTIFACTS / "tritonserver-hf-torch-target.log")
-    server.start()
-    try:
-        server.wait_ready(timeout=240)
-        yield server
-    finally:
-        server.stop()
+    with running_triton(torch_repository, ARTIFACTS / "tritonserver-hf-torch-target.log") as server:
+        yield server  # type: ignore[misc]
 
 
 @pytest.fixture(scope="module")

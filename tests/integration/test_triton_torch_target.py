@@ -22,9 +22,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
 from serving.model.checkpoint import REPO_ROOT
-from serving.triton.launcher import TritonServer, TritonSettings
+from serving.triton.launcher import TritonServer
 from tests.conftest import ARTIFACTS
-from tests.helpers import free_port
+from tests.helpers import running_triton
 
 # The embedded repository's answers, batching and bad-input tests, run against the torch target.
 from tests.integration.test_triton_vqa import (  # noqa: F401
@@ -52,15 +52,8 @@ def torch_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def triton(torch_repository: Path) -> Iterator[TritonServer]:
-    settings = TritonSettings(repository=torch_repository, http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), exit_timeout_s=10)
-    server = TritonServer(settings, log_path=ARTIFACTS / "tritonserver-torch-target.log")
-    server.start()
-    try:
-        server.wait_ready(timeout=240)
-        yield server
-    finally:
-        server.stop()
+    with running_triton(torch_repository, ARTIFACTS / "tritonserver-torch-target.log") as server:
+        yield server  # type: ignore[misc]
 
 
 def _config(repo: Path, model: str) -> mc.ModelConfig:
