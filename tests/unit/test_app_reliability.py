@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -166,7 +167,11 @@ def test_serve_sizes_the_proxy_cap_from_the_ingress_replicas(monkeypatch):
         ]
     }
     env = proxy_environment(cfg)
-    assert env == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, "VTFUSE_PROXY_MAX_INFLIGHT": "144"}
+    # Ray's proxy (VTFUSE_FRONT=ray, and the fallback behind HAProxy) runs the middleware with this cap.
+    assert {k: env[k] for k in ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "VTFUSE_PROXY_MAX_INFLIGHT")} == {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, "VTFUSE_PROXY_MAX_INFLIGHT": "144"}
+    # The front door's own settings come with it: HAProxy unless VTFUSE_FRONT=ray says otherwise.
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == ("0" if os.environ.get("VTFUSE_FRONT") == "ray" else "1")
 
 
 # -- rate limits, admission, draining ----------------------------------------------------------
