@@ -19,7 +19,10 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
   door until HAProxy replayed calls), without it, HAProxy, user code on the replica's main loop,
   Serve's access log off; then `small`'s repeated-image sequences with Triton's response cache on and off;
 - `front-haproxy`: the same windows for HAProxy (shipped) against itself with user code on the
-  replica's main loop, with Serve's access log off, and Ray's proxy.
+  replica's main loop, with Serve's access log off, and Ray's proxy;
+- `queue-delay`: Triton's `max_queue_delay_microseconds` on `vqa` and the engines behind the public
+  HTTP API (`tiny` /v1/vqa, HAProxy): c=32 req/s and the engines' average batch, and c=1 p50 (what
+  a wait for a fuller batch costs a lone caller), in interleaved windows, a fresh Triton each.
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -48,7 +51,7 @@ log = logging.getLogger("loadtests.levers")
 
 TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
-SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy")
+SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay")
 
 
 def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
@@ -289,6 +292,53 @@ def front(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> 
     return out
 
 
+# max_queue_delay_microseconds of (vqa, the three engines).
+QUEUE_DELAYS: dict[str, tuple[int, int]] = {
+    "vqa 0 us, engines 0 us": (0, 0),
+    "vqa 2000 us, engines 0 us": (2000, 0),
+    "vqa 4000 us, engines 0 us": (4000, 0),
+    "vqa 4000 us, engines 1000 us": (4000, 1000),
+}
+
+
+def queue_delay(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """Queue delays behind the public HTTP API: c=32 req/s and engine batch, c=1 p50; interleaved windows."""
+    from loadtests import http_driver
+
+    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in QUEUE_DELAYS}
+    for _ in range(rounds):
+        for label, (vqa_us, engine_us) in QUEUE_DELAYS.items():
+            def edit(model: str, config: Any, vqa_us: int = vqa_us, engine_us: int = engine_us) -> None:
+                if model == "vqa":
+                    config.dynamic_batching.max_queue_delay_microseconds = vqa_us
+                elif model in flops.ENGINES:
+                    config.dynamic_batching.max_queue_delay_microseconds = engine_us
+
+            dest = servers.variant_repository(TINY, REPO_ROOT / "build" / "bench" / "levers-queue-delay", edit)
+            try:
+                with servers.triton(dest, "levers-queue-delay") as t, servers.serve_app(
+                    t.url_grpc, dest, "tiny", "levers-queue-delay"
+                ) as app:
+                    before = grpc_driver.scrape(t.url_metrics)
+                    r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
+                        app.url, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name=label)), label, 1)
+                    batches = grpc_driver.batch_delta(before, grpc_driver.scrape(t.url_metrics))
+                    lone = asyncio.run(http_driver.drive(app.url, corpus, concurrency=1, duration_s=duration / 2,
+                                                         warmup_s=1.0, name=f"{label} c=1"))
+                windows[label].append({"throughput_rps": round(r.throughput_rps, 1), "p99_ms": round(r.p99_ms),
+                                       "engines_avg_batch": batches["engines_avg_batch"],
+                                       "vqa_avg_batch": batches["models"].get("vqa", {}).get("avg_batch"),
+                                       "c1_p50_ms": round(lone.p50_ms, 1), "errors": r.error_count + lone.error_count,
+                                       "foreign_cpu_share": share})
+            except Exception as e:  # noqa: BLE001 — one variant failing keeps the others
+                windows[label].append({"error": str(e)[:300]})
+            log.info("   queue delay %-32s %s", label, windows[label][-1])
+    c1 = {k: round(float(np.median([w["c1_p50_ms"] for w in v if "c1_p50_ms" in w])), 1)
+          for k, v in windows.items() if any("c1_p50_ms" in w for w in v)}
+    return {"tiny vqa http windows": windows, "mean_over_shipped": _mean_over(windows, "vqa 0 us, engines 0 us"),
+            "c1_p50_ms_median": c1}
+
+
 def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
     """Engine threads, ORT spinning and instances inside Triton (`vqa` at c=32), one repository copy each."""
     variants = {
@@ -370,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             results["front"] = front(corpus, args.duration, args.warmup, args.rounds)
         elif section == "front-haproxy":
             results["front-haproxy"] = front_haproxy(corpus, args.duration, args.warmup, args.rounds)
+        elif section == "queue-delay":
+            results["queue-delay"] = queue_delay(corpus, args.duration, args.warmup, args.rounds)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():
