@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from serving.errors import PayloadTooLarge, SchemaViolation, UnsupportedMediaType
-from serving.model.preprocess import decode_image, tokenize
+from serving.model.preprocess import check_image_header, decode_image, header_size, tokenize
 from serving.model.tokenizer import build_tokenizer
 from serving.shapes import world
 
@@ -58,11 +58,76 @@ def test_gif_is_refused():
         decode_image(buf.getvalue(), 64)
 
 
+def _saved(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+HEADER_CASES = {
+    "png rgb": lambda: _saved(Image.new("RGB", (300, 17)), "PNG"),
+    "png rgba": lambda: _saved(Image.new("RGBA", (1, 4096)), "PNG"),
+    "png 16-bit grey": lambda: _saved(Image.new("I;16", (65, 64)), "PNG"),
+    "png palette": lambda: _saved(Image.new("P", (640, 480)), "PNG"),
+    "jpeg baseline": lambda: _saved(Image.new("RGB", (1024, 768)), "JPEG"),
+    "jpeg progressive": lambda: _saved(Image.new("RGB", (333, 222)), "JPEG", progressive=True),
+    "jpeg grey": lambda: _saved(Image.new("L", (64, 65)), "JPEG"),
+    "jpeg cmyk": lambda: _saved(Image.new("CMYK", (120, 90)), "JPEG"),
+    "jpeg exif + icc": lambda: _saved(
+        Image.new("RGB", (77, 99)), "JPEG", exif=Image.Exif().tobytes(), icc_profile=b"\0" * 5000
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_header_read_directly_gives_pils_size(case):
+    data = HEADER_CASES[case]()
+    assert header_size(data) == Image.open(io.BytesIO(data)).size
+    assert check_image_header(data) == Image.open(io.BytesIO(data)).size
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _encoded(64, "WEBP"),
+        _encoded(64, "GIF"),
+        b"hello world\n" * 50,
+        b"",
+        b"\x89PNG\r\n\x1a\n",  # a signature and nothing else
+        b"\xff\xd8\xff\xe0\x00\x10JFIF",  # a JPEG cut before its frame header
+    ],
+)
+def test_other_bytes_are_left_to_pil(data):
+    assert header_size(data) is None
+
+
+def test_header_check_keeps_the_errors_of_pil():
+    assert check_image_header(_encoded(64, "WEBP")) == (64, 64)
+    with pytest.raises(UnsupportedMediaType, match="GIF"):
+        check_image_header(_encoded(64, "GIF"))
+    with pytest.raises(UnsupportedMediaType, match="no known image header"):
+        check_image_header(b"hello world\n" * 50)
+    with pytest.raises(PayloadTooLarge, match="300x17 = 5100 pixels, over the limit of 5000"):
+        check_image_header(HEADER_CASES["png rgb"](), max_pixels=5000)
+    with pytest.raises(PayloadTooLarge, match="1024x768 = 786432 pixels"):
+        check_image_header(HEADER_CASES["jpeg baseline"](), max_pixels=4096)
+
+
 def test_decompression_bomb_refused_from_header():
     buf = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buf, format="PNG")  # tiny file, 400 M pixels
     with pytest.raises(PayloadTooLarge, match="pixels"):
         decode_image(buf.getvalue(), 64, max_pixels=4096 * 4096)
+    with pytest.raises(PayloadTooLarge, match="pixels"):
+        check_image_header(buf.getvalue(), max_pixels=4096 * 4096)
+    # Over the limit of PIL's own guard too: refused as a bomb, not decoded.
+    with pytest.raises(PayloadTooLarge, match="decompression bomb"):
+        decode_image(buf.getvalue(), 64, max_pixels=10**12)
+    # Between PIL's warning (89 M pixels) and its error: the warning refuses it as well.
+    warned = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(warned, format="PNG")
+    with pytest.raises(PayloadTooLarge, match="decompression bomb"):
+        decode_image(warned.getvalue(), 64, max_pixels=10**12)
 
 
 def test_tokenizer_round_trip_and_normalisation():
