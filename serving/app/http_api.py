@@ -182,6 +182,40 @@ def validate_body(route: str, obj: Any) -> schemas._Request:
         raise SchemaViolation(summarize_validation([dict(x) for x in e.errors()])) from None
 
 
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's route prefix (Serve mounts the app under one)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+class TaskRoutes:
+    """POST to a task route goes straight to its handler; everything else to the FastAPI app.
+
+    The task handlers read the raw body and return a ready Response, so FastAPI's routing,
+    endpoint wrapping and exception middlewares add nothing to them but CPU: ~10 % of an Ingress
+    replica's Python time per one-question call at c=32 (py-spy, loadtests/README.md). The
+    FastAPI routes stay declared for /docs and the OpenAPI schema, and still answer any other
+    method or path (405, 404, the trailing-slash redirect) as before.
+    """
+
+    def __init__(self, app: ASGIApp, run_task: Callable[[Request, str], Awaitable[Response]]) -> None:
+        self.app = app
+        self.run_task = run_task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = route_path(scope) if scope["type"] == "http" and scope.get("method") == "POST" else ""
+        if route not in TASK_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        try:
+            response = await self.run_task(Request(scope, receive), route)
+        except VtfuseError as err:
+            response = error_response(err)
+        await response(scope, receive, send)  # anything else: ApiMiddleware's JSON 500
+
+
 class ApiMiddleware:
     """Outermost ASGI layer: request id, admission control, per-route metrics, last-resort 500 JSON."""
 
@@ -211,9 +245,7 @@ class ApiMiddleware:
         rid = clean_request_id(given)
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # mounted under a route prefix
-            path = path[len(root) :] or "/"
+        path = route_path(scope)
         route = path if path in KNOWN_ROUTES else "/static" if path.startswith("/static/") else "other"
         started, status = False, 500
         add_id = self.echo_request_id or given is None
@@ -462,4 +494,5 @@ def create_api(
 
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     limiter = rate_limiter or RateLimiter(limits.rate_limit_rps, limits.rate_limit_burst)
-    return ApiMiddleware(app, metrics, admission, echo_request_id, args.api_key_values(), limiter)
+    routes = TaskRoutes(app, run_task)
+    return ApiMiddleware(routes, metrics, admission, echo_request_id, args.api_key_values(), limiter)
