@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -263,8 +263,23 @@ class ProxyGuard:
             return
 
 
+def in_replica() -> bool:
+    """True inside a Serve replica's own HTTP server (direct ingress, behind HAProxy), False in Ray's proxy actor."""
+    from ray.serve import context
+
+    return context._get_internal_replica_context() is not None
+
+
 def middlewares() -> list[Any]:
-    """The `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` callback: the middleware list Ray's proxy applies."""
+    """The `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` callback: the middleware list Ray's proxy applies.
+
+    Ray also applies it in each replica's own HTTP server when HAProxy is the front door. There
+    only the JSON error shape is this middleware's job: HAProxy replays a dropped call on another
+    replica (a replay inside the replica would run it on the same one again, after keeping a copy
+    of every body), and the replica's ApiMiddleware admits requests against its own limit.
+    """
     settings = ProxySettings.from_env()
+    if in_replica():
+        settings = replace(settings, max_inflight=0, retries=0)
     log.info("vtfuse proxy middleware: %s", settings)
     return [Middleware(ProxyGuard, settings=settings)]

@@ -154,6 +154,16 @@ def test_proxy_settings_and_callback_come_from_the_environment(monkeypatch):
     assert getattr(__import__(module, fromlist=[func]), func) is middlewares
 
 
+def test_in_a_replica_the_middleware_only_shapes_errors(monkeypatch):
+    """Behind HAProxy Ray runs the callback in each replica: HAProxy replays, ApiMiddleware admits."""
+    from ray.serve import context
+
+    monkeypatch.setenv("VTFUSE_PROXY_MAX_INFLIGHT", "7")
+    monkeypatch.setattr(context, "_get_internal_replica_context", lambda: object())
+    (mw,) = middlewares()
+    assert mw.kwargs["settings"] == ProxySettings(max_inflight=0, retries=0)
+
+
 def test_serve_sizes_the_proxy_cap_from_the_ingress_replicas(monkeypatch):
     monkeypatch.delenv("VTFUSE_PROXY_MAX_INFLIGHT", raising=False)
     monkeypatch.delenv("VTFUSE_LIMITS_MAX_INFLIGHT", raising=False)
