@@ -18,7 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_SKIPPED = 0, 1, 3
-TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
+TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch", "libtorch")
 
 
 def _print(result: Any) -> None:
@@ -152,7 +152,7 @@ def _all(args: argparse.Namespace) -> int:
             _print(results)
             return code
     else:
-        served = "PyTorch engines" if args.target == "torch" else "ONNX"
+        served = {"torch": "PyTorch engines", "libtorch": "TorchScript engines"}.get(args.target, "ONNX")
         skipped = f"target {args.target} serves {served}; TensorRT plans are for --target tensorrt"
         results["engine"] = {"skipped": skipped}
         log.info("stage 3 (engine) skipped: %s", results["engine"]["skipped"])
@@ -197,7 +197,7 @@ def _install_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", type=int, default=1, help="version folder (default 1)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=None,
                    help="engines to install: fp32, or the dynamic-int8 ones of `export quantize` "
-                   "(default: int8 for embedded, fp32 for the NGC targets and torch)")
+                   "(default: int8 for embedded, fp32 for the NGC targets, torch and libtorch)")
 
 
 def register(subparsers: Any) -> None:

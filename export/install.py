@@ -5,6 +5,8 @@ Per model version folder:
 - engines: `model.onnx` (targets `embedded`, `onnxruntime`; fp32, or with `precision="int8"` the
   dynamic-int8 copies of `vtfuse export quantize`), `model.plan` (`tensorrt`), or the checkpoint's
   `checkpoint/model.safetensors` (`torch`: PyTorch engines, checked against ONNX Runtime first);
+  `libtorch`: each engine's folder holds the ensemble that keeps its tensor names, and
+  `<engine>_libtorch/<version>/model.pt` the TorchScript engine (traced, checked against ONNX Runtime);
 - every model: `checkpoint/{config,tokenizer,answers}.json` (preprocess and vqa read them; the
   engines carry them too, so each folder says what it was built from);
 - `manifest.json`: sha256 of every installed file and of config.pbtxt, the parity figures, the
@@ -13,7 +15,7 @@ Per model version folder:
 
 `embedded` installs into the committed `model_repository/` (whose configs must already describe
 the preset: `tiny`), or renders a full Python-backend repository when `--repo` names another
-folder; `onnxruntime` and `tensorrt` always render one (default `build/model_repository-<target>/`).
+folder; the other targets always render one (default `build/model_repository-<target>/`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
 from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
     COMMITTED_REPO,
+    LIBTORCH_FILE,
     TARGETS,
     config_mismatches,
     default_repo,
+    libtorch_name,
     load_config,
     model_dirs,
     render_repository,
@@ -51,7 +55,10 @@ PRECISIONS = ("fp32", "int8")
 # int8 (2.2× fp32 on `small` here, answers unchanged on `tiny`: loadtests/README.md); the NGC
 # targets keep fp32 ONNX, which TensorRT and ONNX Runtime's GPU providers build their own precision from.
 # `torch` keeps fp32 weights; its GPU instances compute under FP16 autocast (config parameter `autocast`).
-DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32"}
+# `libtorch` installs fp32 TorchScript engines (export/libtorch.py).
+DEFAULT_PRECISION = {
+    "embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32", "libtorch": "fp32"
+}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -157,7 +164,10 @@ def install(
     int8 = _int8_report(onnx_dir, target, require_parity) if precision == "int8" else None
     trt_info = _read_json(onnx_dir / ENGINES_FILE) if target == "tensorrt" else None
     torch_engines = _torch_engines(onnx_dir, info, precision) if target == "torch" else None
-    sources = {} if torch_engines else {e: _artefact_source(onnx_dir, e, target, info, precision) for e in ENGINES}
+    libtorch = _libtorch_engines(onnx_dir, info, precision) if target == "libtorch" else None
+    native = torch_engines is None and libtorch is None
+    sources = {e: _artefact_source(onnx_dir, e, target, info, precision) for e in ENGINES} if native else {}
+    traced = {libtorch_name(e): e for e in ENGINES} if libtorch is not None else {}  # model → its engine
 
     dest = Path(repo) if repo is not None else default_repo(target)
     if dest.resolve() == Path(source_repo).resolve():
@@ -180,11 +190,14 @@ def install(
         vdir.mkdir(parents=True, exist_ok=True)
         _clear_artefacts(vdir)
         installed: list[Path] = []
-        if model in ENGINES and target != "torch":
+        if model in ENGINES and native:
             artefact = vdir / ARTEFACT[target]
             shutil.copyfile(sources[model], artefact)
             installed.append(artefact)
-        if model not in ENGINES or target in ("embedded", "torch"):
+        if libtorch is not None and model in traced:
+            shutil.copyfile(libtorch[0][traced[model]], vdir / LIBTORCH_FILE)
+            installed.append(vdir / LIBTORCH_FILE)
+        if (model not in ENGINES and model not in traced) or target in ("embedded", "torch"):
             _ensure_python_model(model_dir, version)
         (vdir / "checkpoint").mkdir()
         if model in ENGINES and torch_engines is not None:
@@ -217,6 +230,8 @@ def install(
                 "mode_on_gpu": params.get("mode"),
                 "parity": torch_engines[1],
             }
+        if libtorch is not None and model in traced:
+            manifest["libtorch"] = {"traced": "torch.jit.trace, fp32, CPU", "parity": libtorch[1]}
         if trt_info is not None and model in ENGINES:
             entry = trt_info["engines"][model]
             manifest["tensorrt"] = {
@@ -242,6 +257,19 @@ def _torch_engines(onnx_dir: Path, info: dict[str, Any], precision: str) -> tupl
     ckpt = source_checkpoint(info)
     try:
         return ckpt, check_torch_parity(ckpt, onnx_dir)
+    except ParityError as e:
+        raise InstallError(f"not installed: {e}") from e
+
+
+def _libtorch_engines(onnx_dir: Path, info: dict[str, Any], precision: str) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The `libtorch` target's traced engines and their parity against ONNX Runtime, before anything is written."""
+    from export.libtorch import build_engines
+    from export.torch_target import source_checkpoint
+
+    if precision != "fp32":
+        raise InstallError("--target libtorch installs fp32 TorchScript engines")
+    try:
+        return build_engines(source_checkpoint(info), onnx_dir)
     except ParityError as e:
         raise InstallError(f"not installed: {e}") from e
 

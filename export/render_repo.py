@@ -27,7 +27,7 @@ from serving.model.model import FusionConfig
 log = logging.getLogger(__name__)
 
 COMMITTED_REPO = REPO_ROOT / "model_repository"
-TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
+TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch", "libtorch")
 # backend, platform and model file of an engine per target (embedded: as committed).
 ENGINE_BACKENDS = {
     "onnxruntime": ("onnxruntime", "onnxruntime_onnx", "model.onnx"),
@@ -53,6 +53,10 @@ TORCH_MODEL_PY = (
 # The torch target's one-round-trip entry for clients that preprocess themselves: Triton chains
 # the engines (image and text encoders side by side, then fusion) with the features left on the GPU.
 TENSORS_ENSEMBLE = "vqa_tensors"
+# The `libtorch` target: each engine's TorchScript file is its own model, behind an ensemble that
+# has the engine's name and tensor names (export/libtorch.py).
+LIBTORCH_SUFFIX = "_libtorch"
+LIBTORCH_FILE = "model.pt"
 # Left in the committed tree by an install or by Python: never copied into a rendered repository.
 BUILT_ARTEFACTS = ("model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__")
 
@@ -120,8 +124,9 @@ def render_config(
     Args:
         config: the committed ModelConfig (not modified).
         cfg: the preset's architecture.
-        target: `embedded`, `onnxruntime`, `tensorrt` or `torch` (engines stay Python-backend
-            models running PyTorch, KIND_AUTO, batches up to TORCH_MAX_BATCH).
+        target: `embedded`, `onnxruntime`, `tensorrt`, `torch` (engines stay Python-backend
+            models running PyTorch, KIND_AUTO, batches up to TORCH_MAX_BATCH) or `libtorch` (an
+            engine becomes the ensemble in front of its TorchScript model: `libtorch_config`).
         name: the model's name when the config has no `name` field.
 
     Raises:
@@ -146,6 +151,8 @@ def render_config(
                 inp.dims.extend(t.dims)
     if target == "torch":
         return _torch_config(out, model)
+    if target == "libtorch" and model in ENGINES:
+        return engine_ensemble_config(out, model)
     if target == "embedded" or model not in ENGINES:
         return out
     backend, platform, filename = ENGINE_BACKENDS[target]
@@ -180,6 +187,66 @@ def _torch_config(out: mc.ModelConfig, model: str) -> mc.ModelConfig:
     del out.dynamic_batching.preferred_batch_size[:]
     for group in out.instance_group:
         group.kind = mc.ModelInstanceGroup.KIND_AUTO
+    return out
+
+
+def libtorch_name(engine: str) -> str:
+    """The TorchScript model behind an engine's ensemble (`image_encoder` → `image_encoder_libtorch`)."""
+    return engine + LIBTORCH_SUFFIX
+
+
+def engine_ensemble_config(engine_config: mc.ModelConfig, model: str) -> mc.ModelConfig:
+    """The `libtorch` target's `<engine>`: a one-step ensemble over `<engine>_libtorch`, with the contract's names.
+
+    It keeps the engine's tensors, batch size and response cache; batching happens in the
+    TorchScript model behind it (an ensemble has no scheduler or instances of its own).
+    """
+    out = mc.ModelConfig(name=model, platform="ensemble", max_batch_size=engine_config.max_batch_size)
+    out.input.extend(engine_config.input)
+    out.output.extend(engine_config.output)
+    if engine_config.HasField("response_cache"):
+        out.response_cache.CopyFrom(engine_config.response_cache)
+    ins, outs = _indexed(engine_config)
+    step = out.ensemble_scheduling.step.add(model_name=libtorch_name(model), model_version=-1)
+    step.input_map.update({backend: contract for contract, backend in ins.items()})
+    step.output_map.update({backend: contract for contract, backend in outs.items()})
+    return out
+
+
+def _indexed(config: mc.ModelConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """`<name>__<index>` for each input and output, by position (as Triton's PyTorch backend binds them)."""
+    return (
+        {t.name: f"{t.name}__{i}" for i, t in enumerate(config.input)},
+        {t.name: f"{t.name}__{i}" for i, t in enumerate(config.output)},
+    )
+
+
+def libtorch_config(engine_config: mc.ModelConfig, model: str) -> mc.ModelConfig:
+    """The `libtorch` target's `<engine>_libtorch`: the engine's config on Triton's PyTorch backend.
+
+    `engine_config` is the engine's config rendered for `embedded`. Tensors are renamed
+    `<name>__<index>` (warm-up inputs too); batching and instances stay the engine's, on any
+    device (KIND_AUTO); Python-backend parameters and the response cache (the ensemble's) go.
+    """
+    out = mc.ModelConfig()
+    out.CopyFrom(engine_config)
+    out.name = libtorch_name(model)
+    out.backend, out.platform, out.default_model_filename = "pytorch", "pytorch_libtorch", LIBTORCH_FILE
+    ins, outs = _indexed(engine_config)
+    for tensor in out.input:
+        tensor.name = ins[tensor.name]
+    for tensor in out.output:
+        tensor.name = outs[tensor.name]
+    for warmup in out.model_warmup:
+        renamed = {ins[k]: v for k, v in warmup.inputs.items()}
+        warmup.inputs.clear()
+        for key, value in renamed.items():
+            warmup.inputs[key].CopyFrom(value)
+    out.parameters.clear()
+    out.ClearField("response_cache")
+    for group in out.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_AUTO
+        del group.gpus[:]
     return out
 
 
@@ -251,6 +318,20 @@ def _ignore_for(model: str, target: str) -> Callable[[str, list[str]], set[str]]
     return ignore
 
 
+def _render_libtorch_model(out: Path, engine_dir: Path, cfg: FusionConfig, header: str) -> dict[str, Path]:
+    """`<engine>_libtorch/` next to the engine's ensemble: its config and an empty version folder."""
+    name = libtorch_name(engine_dir.name)
+    model_dir = out / name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    (model_dir / "1").mkdir(parents=True)
+    embedded = render_config(load_config(engine_dir / "config.pbtxt"), cfg, "embedded", engine_dir.name)
+    config = libtorch_config(embedded, engine_dir.name)
+    note = f"{header.strip()}\nThe TorchScript engine behind the ensemble {engine_dir.name} (export/libtorch.py)."
+    (model_dir / "config.pbtxt").write_text(dump_config(config, note))
+    return {name: model_dir / "config.pbtxt"}
+
+
 def render_repository(
     dest: str | Path, cfg: FusionConfig, target: str, source: str | Path = COMMITTED_REPO
 ) -> dict[str, Path]:
@@ -289,6 +370,8 @@ def render_repository(
         header += "\nedit that file, not this one."
         (target_dir / "config.pbtxt").write_text(dump_config(config, header.strip()))
         written[d.name] = target_dir / "config.pbtxt"
+        if target == "libtorch" and d.name in ENGINES:
+            written.update(_render_libtorch_model(out, d, cfg, header))
     if target == "torch":
         ensemble_dir = out / TENSORS_ENSEMBLE
         if ensemble_dir.exists():

@@ -169,3 +169,51 @@ def test_install_refuses_unchecked_exports(onnx_dir, source_repo, tmp_path):
     (stage / "parity.json").write_text(json.dumps({**report, "ok": False}))
     with pytest.raises(InstallError, match="parity failure"):
         install(stage, "onnxruntime", repo=tmp_path / "ort", source_repo=source_repo)
+
+
+def test_libtorch_install_puts_traced_engines_behind_ensembles(onnx_dir, source_repo, tmp_path):
+    """`--target libtorch`: `<engine>` is an ensemble with the engine's tensors over `<engine>_libtorch`
+    (Triton's PyTorch backend: `<name>__<index>`), whose model.pt answers as ONNX Runtime does."""
+    import numpy as np
+    import torch
+
+    from export.check import ort_session, random_inputs, run_session
+
+    repo = tmp_path / "libtorch"
+    result = install(onnx_dir, "libtorch", repo=repo, source_repo=source_repo)
+    assert sorted(result["models"]) == sorted((*MODELS, *(f"{e}_libtorch" for e in ENGINES)))
+    cfg = FusionConfig.preset("tiny")
+    specs = engine_specs(cfg)
+    committed = {e: load_config(source_repo / e / "config.pbtxt") for e in ENGINES}
+    for e in ENGINES:
+        ensemble, engine = load_config(repo / e / "config.pbtxt"), load_config(repo / f"{e}_libtorch" / "config.pbtxt")
+        assert ensemble.platform == "ensemble" and not ensemble.instance_group
+        assert not ensemble.HasField("dynamic_batching")
+        assert [(t.name, tuple(t.dims)) for t in ensemble.input] == [(t.name, t.dims) for t in specs[e].inputs]
+        assert [(t.name, tuple(t.dims)) for t in ensemble.output] == [(t.name, t.dims) for t in specs[e].outputs]
+        assert ensemble.response_cache.enable == committed[e].response_cache.enable
+        (step,) = ensemble.ensemble_scheduling.step
+        assert step.model_name == f"{e}_libtorch"
+        assert dict(step.input_map) == {f"{t.name}__{i}": t.name for i, t in enumerate(specs[e].inputs)}
+        assert dict(step.output_map) == {f"{t.name}__{i}": t.name for i, t in enumerate(specs[e].outputs)}
+        assert (engine.backend, engine.platform, engine.default_model_filename) == (
+            "pytorch", "pytorch_libtorch", "model.pt"
+        )
+        assert [t.name for t in engine.input] == [f"{t.name}__{i}" for i, t in enumerate(specs[e].inputs)]
+        assert [t.name for t in engine.output] == [f"{t.name}__{i}" for i, t in enumerate(specs[e].outputs)]
+        assert engine.max_batch_size == ensemble.max_batch_size == committed[e].max_batch_size
+        assert engine.dynamic_batching == committed[e].dynamic_batching and not engine.parameters
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_AUTO for g in engine.instance_group)
+        assert not list((repo / e / "1").glob("model.*")), "the ensemble carries no engine"
+        m = _manifest(repo, f"{e}_libtorch")
+        assert set(m["artefacts"]) >= {"model.pt"} and m["libtorch"]["parity"]["ok"] is True
+        # The file Triton would load, at a batch size it was not traced at, against ONNX Runtime.
+        feeds = random_inputs(specs[e], cfg, 3, np.random.default_rng(1))
+        ref = run_session(ort_session(onnx_dir / f"{e}.onnx"), feeds)
+        module = torch.jit.load(str(repo / f"{e}_libtorch" / "1" / "model.pt"))
+        with torch.no_grad():
+            outs = module(*(torch.from_numpy(feeds[t.name]) for t in specs[e].inputs))
+        for t, o in zip(specs[e].outputs, outs):
+            np.testing.assert_allclose(o.numpy(), ref[t.name], rtol=1e-4, atol=1e-4)
+    for m in ("preprocess", "vqa", "vtfuse_catalog"):
+        assert (repo / m / "1" / "model.py").exists()
