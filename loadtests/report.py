@@ -269,17 +269,19 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("vs_naive_http_small", "`small`, public HTTP API ÷ naive server, both HTTP + JSON, same precision",
      "the engines (GEMM-bound) and, less, the front door"),
     ("vs_naive_grpc_tiny", "`tiny`, Triton `vqa` over gRPC (raw bytes) ÷ naive over HTTP + JSON, same precision",
-     "decode in the `vqa` stub, four Python-backend hops, the load client on the same cores"),
+     "decode in the `vqa` stub, four Python-backend hops, the load client on the same cores; of the two "
+     "sides the naive server's rate moves most between runs (see below)"),
     ("int8_gain_small", "`small`, Triton direct gRPC, int8 engines ÷ fp32 engines", "VNNI int8 GEMMs"),
     ("repeat_image_speedup_small", "`small`, 8 one-question /v1/vqa calls in a row on one image, "
      "Triton response cache off ÷ on", "text encoder + fusion + the front door per call, which the cache keeps"),
     ("avg_batch_c32", "`tiny`, Triton direct, items ÷ executions over the three engines at c=32",
      "`vqa` hands each engine one request per batch of ~10"),
     ("batching_speedup_tiny", "`tiny`, Triton direct c=32, dynamic batching on ÷ off",
-     "with batching off, 2 `vqa` + 6 engine instances still overlap work"),
+     "with batching off, 2 `vqa` + 6 engine instances still overlap work; the unbatched run moves most "
+     "between runs (see below)"),
     ("retrieve64_over_vqa1", "`tiny` through the API at c=1, p50 of 1 image × 64 captions ÷ 1 question",
-     "one image encode, a 16-caption shortlist by embedding, ITM on 16; behind HAProxy the 1-question "
-     "call lost the most (no proxy hop on its short path), so the ratio rose"),
+     "one image encode, 64 captions encoded, a 16-caption shortlist by embedding, then ITM on 16 rows "
+     "that each project the same image features again"),
 )
 
 
