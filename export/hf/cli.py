@@ -58,11 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=("embedded", "onnxruntime", "tensorrt", "torch"),
+        choices=("embedded", "onnxruntime", "tensorrt", "torch", "libtorch"),
         default="embedded",
         help="embedded (Python backend over ONNX Runtime), onnxruntime (NGC container's backend), tensorrt "
-        "(FP16 plans, built on the GPU machine that serves them; exit 3 where TensorRT or a GPU is missing) or "
-        "torch (the checkpoint's PyTorch modules in the Python backend: FP16 autocast on a GPU, FP32 on the CPU)",
+        "(FP16 plans, built on the GPU machine that serves them; exit 3 where TensorRT or a GPU is missing), "
+        "torch (the checkpoint's PyTorch modules in the Python backend: FP16 autocast on a GPU, FP32 on the CPU) "
+        "or libtorch (the modules traced to TorchScript for the NGC container's PyTorch backend; the embedded "
+        "server cannot serve it)",
     )
     p.add_argument(
         "--work-dir",

@@ -16,6 +16,9 @@ Steps, each failing loudly before anything is installed:
    axis, judged like int8; where TensorRT or a GPU is missing, `EngineUnavailable` (a skip, exit 3);
 5c. PyTorch (`--target torch`, `export.hf.torch_engine`): the family's modules themselves, held to the
    fp32 gate on the CPU and, where CUDA is present, judged like int8 under FP16 autocast on the GPU;
+5d. TorchScript (`--target libtorch`, `export.hf.libtorch`): each module traced, loaded back and held
+   to the fp32 gate on the parity cases; installed for Triton's PyTorch backend behind an ensemble
+   with the engine's name and tensors (as the native model's libtorch target);
 6. install `NAME_<role>/` Triton models (config.pbtxt, `1/model.onnx` or `model.plan`, `1/model.py` for the
    Python-backend targets, `1/checkpoint/` with import.json and tokenizer.json (and, for torch, the
    source's config.json and weights), `1/manifest.json`), next to what the repository holds, and list
@@ -45,7 +48,15 @@ from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
 from export.hf.torch_engine import check_parity as check_torch_parity
 from export.hf.torch_engine import copy_weights
 from export.onnx_export import sha256_file
-from export.render_repo import COMMITTED_REPO, ENGINE_BACKENDS, ORT_PARAMETER_MAP
+from export.render_repo import (
+    COMMITTED_REPO,
+    ENGINE_BACKENDS,
+    LIBTORCH_FILE,
+    ORT_PARAMETER_MAP,
+    engine_ensemble_config,
+    libtorch_config,
+    libtorch_name,
+)
 from serving.families.imported import (
     IMPORT_RECORD,
     TOKENIZER_FILE,
@@ -58,10 +69,12 @@ from serving.families.imported import (
 
 log = logging.getLogger(__name__)
 
-IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch")
-DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32"}
-# The engine file each target installs (torch: none, the weights go into checkpoint/).
-ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": None}
+IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch", "libtorch")
+DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32", "libtorch": "fp32"}
+# The engine file each target installs in NAME_<role>/1/ (torch: none, the weights go into checkpoint/;
+# libtorch: none, NAME_<role> is an ensemble and model.pt goes into NAME_<role>_libtorch/1/).
+ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": None,
+            "libtorch": None}
 OPSET = 17
 ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
 # Copied next to import.json so each installed model says what it came from.
@@ -144,6 +157,8 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
         group.kind = mc.ModelInstanceGroup.KIND_AUTO
         for key, value in {**TORCH_ENGINE_PARAMETERS, "role": graph.role, "torch_threads": str(ENGINE_THREADS)}.items():
             c.parameters[key].string_value = value
+    elif target == "libtorch":  # the ensemble in front of NAME_<role>_libtorch (_install_libtorch_model)
+        return engine_ensemble_config(engine_config(triton_name, graph, "embedded"), triton_name)
     else:
         backend, platform, filename = ENGINE_BACKENDS[target]
         c.backend, c.platform, c.default_model_filename = backend, platform, filename
@@ -153,6 +168,25 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
             group.kind = mc.ModelInstanceGroup.KIND_AUTO
             c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(ENGINE_THREADS)
     return c
+
+
+EXPORT_NOTE = {
+    "torch": {"engine": "the family's PyTorch module over the checkpoint's weights (export/hf/torch_engine.py)"},
+    "libtorch": {"engine": f"torch.jit.trace of the family's module ({LIBTORCH_FILE} of the model behind this "
+                           "ensemble, export/hf/libtorch.py)"},
+}
+
+
+def _install_libtorch_model(repo: Path, triton_name: str, graph: EngineGraph, traced: Path, header: str) -> None:
+    """`NAME_<role>_libtorch/`: the TorchScript engine on Triton's PyTorch backend, behind the ensemble NAME_<role>."""
+    config = libtorch_config(engine_config(triton_name, graph, "embedded"), triton_name)
+    mdir = repo / config.name
+    if mdir.exists():
+        shutil.rmtree(mdir)
+    (mdir / "1").mkdir(parents=True)
+    note = f"{header}# The TorchScript engine behind the ensemble {triton_name} (export/hf/libtorch.py).\n"
+    (mdir / "config.pbtxt").write_text(note + text_format.MessageToString(config))
+    shutil.copyfile(traced, mdir / "1" / LIBTORCH_FILE)
 
 
 def _header(model: str, role: str, source: str, target: str) -> str:
@@ -204,6 +238,9 @@ def import_hf(
     if target == "torch" and precision == "int8":
         raise InstallError("--precision int8 is for the ONNX targets: the torch target runs the checkpoint's own "
                            "weights (FP32 on the CPU, FP16 autocast on a GPU)")
+    if target == "libtorch" and precision == "int8":
+        raise InstallError("--precision int8 is for the ONNX targets: the libtorch target traces the checkpoint's "
+                           "own FP32 modules")
     repo = Path(repo) if repo is not None else COMMITTED_REPO
     if work_dir:
         return _import(source, name, repo, precision, target, Path(work_dir), threads, t0, plan_cache)
@@ -300,6 +337,21 @@ def _import(
                 figures=torch_parity,
             )
 
+    libtorch: dict[str, Any] | None = None
+    if target == "libtorch":
+        from export.hf import libtorch as hf_libtorch
+
+        paths, libtorch = hf_libtorch.build(graphs, cases, work)
+        (work / "parity-libtorch.json").write_text(json.dumps(libtorch, indent=2) + "\n")
+        if not libtorch["ok"]:
+            raise ParityError(
+                f"{name}: the TorchScript engines differ from transformers: {'; '.join(libtorch['failures'])}",
+                engine=libtorch["failures"][0].split(".")[0],
+                output="libtorch",
+                figures=libtorch,
+            )
+        log.info("import %s: TorchScript parity ok %s", name, json.dumps(libtorch["engines"]))
+
     engines = {g.role: f"{name}_{g.role}" for g in graphs}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parity_summary = {
@@ -310,6 +362,7 @@ def _import(
         **({"int8": int8} if int8 is not None else {}),
         **({"tensorrt": tensorrt} if tensorrt is not None else {}),
         **({"torch": torch_parity} if torch_parity is not None else {}),
+        **({"libtorch": libtorch} if libtorch is not None else {}),
     }
     record = ImportRecord(
         name=name,
@@ -360,10 +413,11 @@ def _install(
     models = read_repository_models(repo)
     old = models.get(record.name)
     for triton_name in (old.engines.values() if old else ()):
-        if (repo / triton_name).exists():
-            shutil.rmtree(repo / triton_name)
+        for folder in (repo / triton_name, repo / libtorch_name(triton_name)):
+            if folder.exists():
+                shutil.rmtree(folder)
     lower_precision: dict[str, Any] = {
-        k: record.parity[k] for k in ("int8", "tensorrt", "torch") if k in record.parity
+        k: record.parity[k] for k in ("int8", "tensorrt", "torch", "libtorch") if k in record.parity
     }
     for g in graphs:
         triton_name = record.engines[g.role]
@@ -376,6 +430,9 @@ def _install(
         (mdir / "config.pbtxt").write_text(
             _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
         )
+        if target == "libtorch":
+            _install_libtorch_model(repo, triton_name, g, paths[g.role], _header(record.name, g.role, record.source,
+                                                                               target))
         artefact = ARTEFACT[target]
         if artefact is not None:
             shutil.copyfile(paths[g.role], vdir / artefact)
@@ -403,10 +460,8 @@ def _install(
             "source": record.source,
             "source_weights_sha256": {w.name: sha256_file(w) for w in weights},
             "created": record.created,
-            "export": (
-                {"engine": "the family's PyTorch module over the checkpoint's weights (export/hf/torch_engine.py)"}
-                if target == "torch" else {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": OPSET}
-            ),
+            "export": EXPORT_NOTE.get(target, {"exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+                                               "opset": OPSET}),
             "config_pbtxt_sha256": sha256_file(mdir / "config.pbtxt"),
             "artefacts": {
                 p.relative_to(vdir).as_posix(): sha256_file(p) for p in sorted(vdir.rglob("*")) if p.is_file()
@@ -417,6 +472,9 @@ def _install(
                 **lower_precision,
             },
         }
+        if target == "libtorch":
+            behind = repo / libtorch_name(triton_name)
+            manifest["libtorch_model"] = {"name": behind.name, LIBTORCH_FILE: sha256_file(behind / "1" / LIBTORCH_FILE)}
         (vdir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     models[record.name] = record
     write_repository_models(repo, models)

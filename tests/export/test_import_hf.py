@@ -564,6 +564,124 @@ def test_tensorrt_target_refuses_int8(checkpoints: Checkpoints, tmp_path: Path):
         import_hf(str(checkpoints.blip), BLIP, repo=tmp_path / "repo", precision="int8", target="tensorrt")
 
 
+# -- the libtorch target ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def libtorch(checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Imported:
+    """BLIP through `import_hf`, ViLT through the command, both `--target libtorch`, into one repository."""
+    root = tmp_path_factory.mktemp("libtorch")
+    repo = root / "repo"
+    blip = import_hf(str(checkpoints.blip), BLIP, repo=repo, target="libtorch", threads=1)
+    code = _cli(["import-hf", str(checkpoints.vilt), "--name", VILT, "--repo", str(repo), "--target", "libtorch",
+                 "--threads", "1"])
+    assert code == EXIT_OK
+    return Imported(repo, {BLIP: blip}, [])
+
+
+def _variable_feed(graph: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs at shapes no parity case has: batch 3, 11 tokens, ViLT images 96 x 64 (the trace saw 2, 8, 64 x 80)."""
+    feed = {}
+    for t in graph.inputs:
+        if t.name == "PIXELS":
+            dims = [96, 64, 3] if -1 in t.dims else list(t.dims)
+            feed[t.name] = rng.integers(0, 256, size=(3, *dims), dtype=np.uint8)
+        elif t.name == "INPUT_IDS":
+            feed[t.name] = rng.integers(5, 35, size=(3, 11), dtype=np.int64)  # the test vocabulary has 39
+        elif t.name == "ATTENTION_MASK":
+            mask = np.ones((3, 11), dtype=np.int64)
+            mask[1, 7:] = 0  # a padded text in the batch
+            feed[t.name] = mask
+        else:
+            feed[t.name] = rng.standard_normal((3, *t.dims)).astype(np.float32)
+    return feed
+
+
+@pytest.mark.parametrize("name", [BLIP, VILT])
+def test_libtorch_engines_are_torchscript_behind_ensembles_with_the_engines_names(
+    libtorch: Imported, checkpoints: Checkpoints, name: str
+):
+    """What Triton's PyTorch backend loads, and what the API calls: the engine's own name and tensors."""
+    from export.hf.graphs import family_module
+    from export.hf.source import image_processing, resolve_source
+
+    record = read_repository_models(libtorch.repo)[name]
+    src = resolve_source(str(checkpoints.blip if name == BLIP else checkpoints.vilt))
+    graphs = {g.role: g for g in family_module(src.family.name).graphs(
+        family_module(src.family.name).load_model(str(src.folder)), src.config, image_processing(src))}
+    rng = np.random.default_rng(3)
+    for role, triton_name in record.engines.items():
+        ensemble = load_config(libtorch.repo / triton_name / "config.pbtxt")
+        behind = load_config(libtorch.repo / f"{triton_name}_libtorch" / "config.pbtxt")
+        g = graphs[role]
+        assert ensemble.platform == "ensemble" and ensemble.max_batch_size == g.max_batch_size
+        assert [t.name for t in ensemble.input] == [t.name for t in g.inputs]
+        assert [t.name for t in ensemble.output] == [t.name for t in g.outputs]
+        (step,) = ensemble.ensemble_scheduling.step
+        assert step.model_name == behind.name == f"{triton_name}_libtorch"
+        assert dict(step.input_map) == {f"{t.name}__{i}": t.name for i, t in enumerate(g.inputs)}
+        assert dict(step.output_map) == {f"{t.name}__{i}": t.name for i, t in enumerate(g.outputs)}
+        assert (behind.backend, behind.platform, behind.default_model_filename) == (
+            "pytorch", "pytorch_libtorch", "model.pt")
+        assert [list(t.dims) for t in behind.input] == [list(t.dims) for t in g.inputs]
+        assert behind.max_batch_size == g.max_batch_size and behind.HasField("dynamic_batching")
+        assert behind.instance_group[0].kind == mc.ModelInstanceGroup.KIND_AUTO and not behind.parameters
+        manifest = json.loads((libtorch.repo / triton_name / "1" / "manifest.json").read_text())
+        assert manifest["target"] == "libtorch" and manifest["parity"]["libtorch"]["ok"]
+        model_pt = libtorch.repo / f"{triton_name}_libtorch" / "1" / "model.pt"
+        assert manifest["libtorch_model"] == {"name": behind.name, "model.pt": hashlib.sha256(
+            model_pt.read_bytes()).hexdigest()}
+        # The installed file at shapes the trace and the parity cases never saw, against the module itself.
+        feed = _variable_feed(g, rng)
+        module = torch.jit.load(str(model_pt), map_location="cpu").eval()
+        with torch.no_grad():
+            got = module(*(torch.from_numpy(feed[t.name]) for t in g.inputs))
+            want = g.module.eval()(*(torch.from_numpy(feed[t.name]) for t in g.inputs))
+        got, want = (x if isinstance(x, tuple) else (x,) for x in (got, want))
+        for t, a, b in zip(g.outputs, got, want):
+            assert a.shape == b.shape and a.shape[0] == 3, (role, t.name, a.shape)
+            scale = max(1.0, float(b.abs().max()))
+            assert float((a - b).abs().max()) / scale <= FP32_MAX_ABS, (role, t.name)
+    # The tokenizer and import record stay where the API reads them: the first engine's checkpoint folder.
+    assert (libtorch.repo / next(iter(record.engines.values())) / "1" / "checkpoint" / "tokenizer.json").exists()
+
+
+def test_the_libtorch_gate_fails_a_trace_that_froze_a_variable_axis(tmp_path: Path):
+    """A module whose trace bakes in the example's token length: the parity cases at other lengths catch it."""
+    from torch import nn
+
+    from export.hf import libtorch as hf_libtorch
+    from export.hf.graphs import EngineGraph, ParityCase, Tensor
+
+    class MeanOverTokens(nn.Module):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return ids.float().sum(1, keepdim=True) / int(ids.shape[1])  # int(): a constant in the trace
+
+    graph = EngineGraph("text_encoder", MeanOverTokens(), (torch.ones(2, 8, dtype=torch.int64),),
+                        (Tensor("INPUT_IDS", "INT64", (-1,)),), (Tensor("MEAN", "FP32", (1,)),))
+    cases = []
+    for n in (8, 5):
+        ids = np.arange(3 * n, dtype=np.int64).reshape(3, n)
+        cases.append(ParityCase("text_encoder", {"INPUT_IDS": ids}, {"MEAN": ids.mean(1, keepdims=True)}))
+    _, report = hf_libtorch.build([graph], cases, tmp_path)
+    assert not report["ok"] and report["failures"][0].startswith("text_encoder.MEAN")
+
+
+def test_libtorch_target_refuses_int8(checkpoints: Checkpoints, tmp_path: Path):
+    with pytest.raises(InstallError, match="traces the checkpoint's own FP32 modules"):
+        import_hf(str(checkpoints.vilt), VILT, repo=tmp_path / "repo", precision="int8", target="libtorch")
+
+
+def test_importing_a_libtorch_name_again_removes_its_torchscript_models(
+    libtorch: Imported, checkpoints: Checkpoints, tmp_path: Path
+):
+    repo = tmp_path / "repo"
+    shutil.copytree(libtorch.repo, repo)
+    import_hf(str(checkpoints.vilt), BLIP, repo=repo, precision="fp32", threads=1)  # BLIP's name, now ViLT, embedded
+    left = sorted(p.name for p in repo.iterdir() if p.name.startswith(f"{BLIP}_"))
+    assert left == [f"{BLIP}_single_stream"]
+
+
 def test_tensorrt_config_and_profiles_cover_every_variable_axis():
     from torch import nn
 
