@@ -79,6 +79,7 @@ class Outcome:
     json_body: bool = True  # an error body of the API's JSON shape (always True for 200s that parsed)
     retry_after: bool = False
     error: str = ""  # "refused" (could not connect: nothing was sent) or "dropped: ..." (sent, never answered)
+    sent: float | None = None  # time.monotonic() when its last byte went to the socket (None: never all sent)
 
     @property
     def latency(self) -> float:
@@ -92,20 +93,57 @@ def _classify_exc(exc: BaseException) -> str:
     return f"dropped: {type(exc).__name__}: {exc}"[:200]
 
 
-async def send(client: httpx.AsyncClient, path: str, body: bytes, timeout: float = 90.0) -> Outcome:
+@dataclass
+class OnTheWire:
+    """How many requests are sent and not yet answered (the drain drill signals while some are)."""
+
+    n: int = 0
+
+
+async def send(
+    client: httpx.AsyncClient, path: str, body: bytes, timeout: float = 90.0, wire: OnTheWire | None = None
+) -> Outcome:
     """POST one JSON body; never raises: the outcome says what happened."""
     t0 = time.monotonic()
+    sent: list[float] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        # On a busy machine the client's own event loop can hold a request for a while before
+        # writing it: what was in flight at a given moment is what had been sent (the drain drill).
+        if event == "http11.send_request_body.complete":
+            sent.append(time.monotonic())
+            if wire is not None:
+                wire.n += 1
+
     try:
-        r = await client.post(path, content=body, headers={"content-type": "application/json"}, timeout=timeout)
+        return await _post(client, path, body, timeout, trace, t0, sent)
+    finally:
+        if wire is not None and sent:
+            wire.n -= 1
+
+
+async def _post(
+    client: httpx.AsyncClient, path: str, body: bytes, timeout: float, trace: Any, t0: float, sent: list[float]
+) -> Outcome:
+    """`send`'s request and its outcome (`sent`: filled by `trace` when the body has gone out)."""
+    try:
+        r = await client.post(
+            path,
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+            extensions={"trace": trace},
+        )
     except Exception as e:  # every transport failure is an outcome
-        return Outcome(t0, time.monotonic(), 0, error=_classify_exc(e))
+        return Outcome(t0, time.monotonic(), 0, error=_classify_exc(e), sent=sent[0] if sent else None)
     t1 = time.monotonic()
+    at = sent[0] if sent else None
     if r.status_code == 200:
         try:
             ok = isinstance(r.json(), dict)
         except ValueError:
             ok = False
-        return Outcome(t0, t1, 200, json_body=ok)
+        return Outcome(t0, t1, 200, json_body=ok, sent=at)
     code, is_json = "", False
     try:
         body_json = r.json()
@@ -113,7 +151,7 @@ async def send(client: httpx.AsyncClient, path: str, body: bytes, timeout: float
         is_json = set(body_json) == {"error"} and bool(body_json["error"].get("message"))
     except (ValueError, KeyError, TypeError):
         code = r.text[:120]
-    return Outcome(t0, t1, r.status_code, code, is_json, "retry-after" in r.headers)
+    return Outcome(t0, t1, r.status_code, code, is_json, "retry-after" in r.headers, sent=at)
 
 
 def new_client(url: str, connections: int, api_key: str | None = None) -> httpx.AsyncClient:
@@ -140,6 +178,7 @@ async def closed_loop(
     pause_on_error_s: float = 0.2,
     stop_on_refusal: bool = False,
     api_key: str | None = None,
+    wire: OnTheWire | None = None,
 ) -> list[Outcome]:
     """`clients` callers each sending /v1/vqa back to back until `stop` is set.
 
@@ -153,7 +192,7 @@ async def closed_loop(
     async def caller(k: int, client: httpx.AsyncClient) -> None:
         i = k
         while not stop.is_set():
-            o = await send(client, "/v1/vqa", bodies[i % len(bodies)])
+            o = await send(client, "/v1/vqa", bodies[i % len(bodies)], wire=wire)
             out.append(o)
             i += clients
             if o.status != 200:
@@ -631,8 +670,17 @@ def drill_drain(stack: ServeStack, clients: int = 16, api_key: str | None = None
 
     async def main() -> list[Outcome]:
         stop = asyncio.Event()
-        task = asyncio.create_task(closed_loop(stack.url, clients, stop, stop_on_refusal=True, api_key=api_key))
+        wire = OnTheWire()
+        task = asyncio.create_task(
+            closed_loop(stack.url, clients, stop, stop_on_refusal=True, api_key=api_key, wire=wire)
+        )
         await asyncio.sleep(3.0)
+        # Signal while half the clients' requests are on the wire: on a busy machine most of them
+        # can be in the client's own hands at a given moment, and those are not in flight.
+        deadline = time.monotonic() + 10.0
+        while wire.n < max(1, clients // 2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        fault["on_the_wire"] = wire.n
         term()
         code = await asyncio.to_thread(stack.wait, 120)
         fault["exit_code"] = code
@@ -643,8 +691,12 @@ def drill_drain(stack: ServeStack, clients: int = 16, api_key: str | None = None
         return await task
 
     outcomes = asyncio.run(main())
-    in_flight = [o for o in outcomes if o.start < fault["at"] < o.end]
-    after = [o for o in outcomes if o.start >= fault["at"]]
+    # In flight: sent before the signal, answered after it. One started before it but still in the
+    # client's hands then (not all sent) is a new request to a draining server: 503 is its answer.
+    at = fault["at"]
+    in_flight = [o for o in outcomes if o.sent is not None and o.sent < at < o.end]
+    unsent = [o for o in outcomes if o.start < at < o.end and (o.sent is None or o.sent >= at)]
+    after = [o for o in outcomes if o.start >= at] + unsent
     return {
         "drill": "drain",
         "clients": clients,
@@ -653,6 +705,8 @@ def drill_drain(stack: ServeStack, clients: int = 16, api_key: str | None = None
         "all_exited_s": fault["all_gone_s"] if fault["all_gone"] else None,
         "in_flight_at_sigterm": len(in_flight),
         "in_flight_ok": sum(o.status == 200 for o in in_flight),
+        "on_the_wire_at_sigterm": fault["on_the_wire"],
+        "started_not_sent_at_sigterm": len(unsent),
         "after_sigterm": dict(Counter(str(o.status) if o.status else o.error.split(":")[0] for o in after)),
         "triton_pid": triton.pid if triton else None,
         "triton_alive_after": bool(triton and triton.is_running() and triton.status() != psutil.STATUS_ZOMBIE),

@@ -163,12 +163,13 @@ def _set_ingress_user_config(
 def drain(client: Any, config: dict[str, Any], timeout_s: float, abort: threading.Event) -> bool:
     """Refuse new requests on every Ingress replica, then wait until none is in flight (at most `timeout_s`)."""
     t0 = time.monotonic()
-    ok = _set_ingress_user_config(client, config, {"draining": True}, min(timeout_s, 30.0), abort)
+    # Requests the front door received before now are in flight even if no replica has them yet:
+    # the replicas admit those (their `x-vtfuse-received-at` stamp) and refuse the rest.
+    state = {"draining": True, "drain_since": time.time()}
+    ok = _set_ingress_user_config(client, config, state, min(timeout_s, 30.0), abort)
     log.info("drain: new requests refused on every replica (%s) after %.1f s", ok, time.monotonic() - t0)
     left = max(1.0, timeout_s - (time.monotonic() - t0))
-    idle = _set_ingress_user_config(
-        client, config, {"draining": True, "drain_wait_s": left}, left + 10.0, abort
-    )
+    idle = _set_ingress_user_config(client, config, {**state, "drain_wait_s": left}, left + 10.0, abort)
     log.info("drain: %s after %.1f s", "in-flight requests done" if idle else "gave up waiting", time.monotonic() - t0)
     return idle
 

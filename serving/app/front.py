@@ -82,6 +82,13 @@ RETRIES = 3  # with two replicas: the dead one, the live one, and each once more
 REPLAY_MAX_BODY = 512 * 1024
 HEADROOM = 64 * 1024
 BUFSIZE = REPLAY_MAX_BODY + HEADROOM
+# How long a stopping Ingress replica keeps its port open so that whatever routes to it stops
+# doing so (Ray's `RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`). Ray's 30 s default is for
+# cloud load balancers that deregister targets slowly; here HAProxy alone routes to replicas, Ray
+# reloads it within a second of a replica stopping, and it replays a refused connection on
+# another replica. With 30 s every stop of `make serve` took ~40 s, after its own drain had
+# already emptied the replicas. An explicit setting in the environment wins.
+MIN_DRAINING_PERIOD_S = 3.0
 
 
 def _free_port() -> int:
@@ -157,6 +164,9 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_RETRY_ON": RETRY_ON,
         "RAY_SERVE_HAPROXY_RETRIES": str(RETRIES),
         "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(replay_max_body() + HEADROOM),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": os.environ.get(
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", f"{MIN_DRAINING_PERIOD_S:g}"
+        ),
     }
 
 

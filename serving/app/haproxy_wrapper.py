@@ -28,7 +28,10 @@ The rewrite:
   the parser's built-in HTML 400: errorfiles do not reach it);
 - the plain-text 404 of `default_backend` (no application route yet: Serve starting or
   redeploying) becomes the JSON 503 Ray's proxy gives then (serving.app.proxy.proxy_error);
-- the caller's `x-request-id` is echoed on HAProxy's own answers, as the API does on its own.
+- the caller's `x-request-id` is echoed on HAProxy's own answers, as the API does on its own;
+- every request is stamped with the time HAProxy received it (RECEIVED_AT_HEADER, ms since
+  the epoch, replacing any the caller sent): a draining replica still admits a request
+  HAProxy had before the drain began (serving.app.pipeline.Admission).
 
 Stdlib only, and run with `-S`: it starts once per HAProxy start and reload.
 """
@@ -42,6 +45,7 @@ import sys
 MARK = "# vtfuse: rewritten by serving/app/haproxy_wrapper.py; Ray's own text is in this file's .ray sibling"
 ERROR_CODES = (400, 408, 500, 502, 503, 504)
 NO_ROUTE_BODY = "no-route.json"  # body of the 503 for a path no application serves (yet)
+RECEIVED_AT_HEADER = "x-vtfuse-received-at"  # when the front door received the request, ms since the epoch
 
 
 def error_file(errors_dir: str, code: int) -> str:
@@ -75,6 +79,7 @@ def rewrite(text: str, errors_dir: str) -> str:
         elif stripped == "frontend http_frontend":
             out += [
                 "    option http-buffer-request",
+                f"    http-request set-header {RECEIVED_AT_HEADER} %[date(0,ms)]",
                 "    http-request set-var(txn.vtfuse_rid) req.hdr(x-request-id) if { req.hdr(x-request-id) -m found }",
                 "    http-after-response set-header x-request-id %[var(txn.vtfuse_rid)]"
                 " if { var(txn.vtfuse_rid) -m found } !{ res.hdr(x-request-id) -m found }",

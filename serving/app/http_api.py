@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.app import schemas
 from serving.app.auth import check_api_key, presented_key
+from serving.app.haproxy_wrapper import RECEIVED_AT_HEADER
 from serving.app.logs import clean_request_id, request_id_var
 from serving.app.metrics import CONTENT_TYPE, ApiMetrics
 from serving.app.models import describe
@@ -216,6 +217,12 @@ class TaskRoutes:
         await response(scope, receive, send)  # anything else: ApiMiddleware's JSON 500
 
 
+def received_at(headers: Headers) -> float | None:
+    """When the front door (HAProxy or Ray's proxy) received the request, wall-clock seconds; None if unstamped."""
+    value = headers.get(RECEIVED_AT_HEADER, "")
+    return int(value) / 1000.0 if value.isdigit() else None
+
+
 class ApiMiddleware:
     """Outermost ASGI layer: request id, admission control, per-route metrics, last-resort 500 JSON."""
 
@@ -276,7 +283,7 @@ class ApiMiddleware:
                         client = scope.get("client")
                         caller = caller_id(key if self.api_keys else None, client[0] if client else None)
                         self.rate_limiter.check(caller)
-                    self.admission.enter()
+                    self.admission.enter(received_at(headers))
                     admitted = True
                 except VtfuseError as err:
                     resp = error_response(err)

@@ -84,12 +84,15 @@ class Ingress:
 
         With `"drain_wait_s": s` it also returns only when nothing is in flight (or `s` passed),
         so a config update that sets both completes when every replica is idle: how
-        `vtfuse serve` drains before it shuts Serve down.
+        `vtfuse serve` drains before it shuts Serve down. `"drain_since": t` (wall-clock seconds)
+        keeps admitting requests the front door received before `t` (Admission.enter).
         """
         draining = bool((config or {}).get("draining", False))
         if draining != self.admission.draining:
             log.warning("draining %s (%d requests in flight)", "on" if draining else "off", self.admission.inflight)
         self.admission.draining = draining
+        since = (config or {}).get("drain_since")  # requests the front door had before this still get in
+        self.admission.drain_since = float(since) if draining and since is not None else None
         wait = float((config or {}).get("drain_wait_s", 0) or 0)
         if draining and wait > 0:
             idle = await self.admission.wait_idle(wait)

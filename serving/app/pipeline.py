@@ -76,21 +76,30 @@ class Admission:
 
     While `draining` (graceful shutdown, see `Ingress.reconfigure`), every new request is
     refused with 503 and the ones in flight finish; `wait_idle` returns when none is left.
+    "In flight" is counted from the front door: a request the front door received before
+    `drain_since` (its `received_at` stamp) is still admitted, even when a busy replica
+    reaches it only after the drain began.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.inflight = 0
         self.draining = False
+        self.drain_since: float | None = None  # wall-clock seconds (time.time()) the drain began
 
-    def enter(self) -> None:
+    def enter(self, received_at: float | None = None) -> None:
         """Admit a request or refuse it at once.
 
+        Args:
+            received_at: wall-clock seconds the front door received the request (None: unknown,
+                as for gRPC; then a draining replica refuses it).
+
         Raises:
-            ShuttingDown: the replica is draining (503 / UNAVAILABLE, Retry-After 1 s).
+            ShuttingDown: the replica is draining and the request came after the drain began (503 /
+                UNAVAILABLE, Retry-After 1 s).
             Overloaded: `limit` requests are already in flight (429 / RESOURCE_EXHAUSTED, Retry-After 1 s).
         """
-        if self.draining:
+        if self.draining and not self._before_drain(received_at):
             raise ShuttingDown("this server is shutting down: retry, another instance will answer", retry_after=1.0)
         if self.inflight >= self.limit:
             raise Overloaded(
@@ -99,14 +108,29 @@ class Admission:
             )
         self.inflight += 1
 
+    def _before_drain(self, received_at: float | None) -> bool:
+        return received_at is not None and self.drain_since is not None and received_at < self.drain_since
+
     def leave(self) -> None:
         """A request admitted by `enter` finished."""
         self.inflight -= 1
 
-    async def wait_idle(self, timeout_s: float, poll_s: float = 0.05) -> bool:
-        """Wait until no request is in flight (True) or `timeout_s` passed (False)."""
+    async def wait_idle(self, timeout_s: float, poll_s: float = 0.05, settle_s: float = 0.5) -> bool:
+        """Wait until no request has been in flight for `settle_s` (True) or `timeout_s` passed (False).
+
+        The settle time lets a request the front door received before the drain, still on
+        its way to this replica, arrive and be admitted before the replica is called idle.
+        """
         deadline = time.monotonic() + timeout_s
-        while self.inflight > 0 and time.monotonic() < deadline:
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if self.inflight > 0:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= settle_s:
+                return True
             await asyncio.sleep(poll_s)
         return self.inflight == 0
 

@@ -18,6 +18,8 @@ everything the proxy does:
    retries) is rewritten to the API's `{"error": {"code", "message"}}` with the status
    of serving.errors and `Retry-After`: no plain-text error ever reaches a client.
    Responses the application made (JSON, or any status below 400) pass untouched.
+4. **Arrival stamp.** Each task request gets `x-vtfuse-received-at` (when this proxy got it),
+   so a draining replica still serves what was in flight at the front door (`stamp_received`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.app.haproxy_wrapper import RECEIVED_AT_HEADER
 from serving.errors import (
     Overloaded,
     UpstreamTimeout,
@@ -53,12 +57,14 @@ class ProxySettings:
 
     Attributes:
         max_inflight: task requests in flight through one proxy before a 429 (0: no limit).
+        stamp_received: set RECEIVED_AT_HEADER on task requests (this proxy is the front door).
         retries: replays of a task request whose replica died (0: none).
         retry_max_body: largest body kept in memory for a replay, bytes.
         retry_backoff_s: wait before the first replay (doubles each time).
     """
 
     max_inflight: int = 0
+    stamp_received: bool = True
     retries: int = 2
     retry_max_body: int = 4 * 1024 * 1024
     retry_backoff_s: float = 0.05
@@ -191,6 +197,8 @@ class ProxyGuard:
                 ),
             )
             return
+        if self.settings.stamp_received:
+            scope = stamp_received(scope)
         self.inflight += 1
         try:
             await self._with_retries(scope, receive, send)
@@ -263,6 +271,18 @@ class ProxyGuard:
             return
 
 
+def stamp_received(scope: Scope) -> Scope:
+    """`scope` with RECEIVED_AT_HEADER set to now (ms since the epoch), replacing any the caller sent.
+
+    A draining replica still admits a request the front door had before the drain began
+    (serving.app.pipeline.Admission); HAProxy stamps its requests the same way.
+    """
+    name = RECEIVED_AT_HEADER.encode()
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != name]
+    headers.append((name, str(int(time.time() * 1000)).encode()))
+    return {**scope, "headers": headers}
+
+
 def in_replica() -> bool:
     """True inside a Serve replica's own HTTP server (direct ingress, behind HAProxy), False in Ray's proxy actor."""
     from ray.serve import context
@@ -280,6 +300,6 @@ def middlewares() -> list[Any]:
     """
     settings = ProxySettings.from_env()
     if in_replica():
-        settings = replace(settings, max_inflight=0, retries=0)
+        settings = replace(settings, max_inflight=0, retries=0, stamp_received=False)  # HAProxy stamps
     log.info("vtfuse proxy middleware: %s", settings)
     return [Middleware(ProxyGuard, settings=settings)]

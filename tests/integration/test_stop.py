@@ -6,7 +6,7 @@ Triton's are sessions of their own), sends one signal, and then checks within 60
 recorded process alive, no process left in those sessions, every port bindable, no
 `/dev/shm/vtfuse<grpc port>_*` region. Where the signal allows a drain, VQA requests sent
 by 8 clients while it arrives are answered (200, or a JSON 503 `shutting_down` for one
-not yet admitted when the drain began; none dropped). Then: a port held by another process (one
+that had not reached the front door when the drain began; none dropped). Then: a port held by another process (one
 that answers HTTP 200 to every GET) is refused by `vtfuse triton` and by `make serve` within
 seconds, naming the port and the holder's pid. The case timings go to
 build/chaos/stop-results.json.

@@ -161,7 +161,25 @@ def test_in_a_replica_the_middleware_only_shapes_errors(monkeypatch):
     monkeypatch.setenv("VTFUSE_PROXY_MAX_INFLIGHT", "7")
     monkeypatch.setattr(context, "_get_internal_replica_context", lambda: object())
     (mw,) = middlewares()
-    assert mw.kwargs["settings"] == ProxySettings(max_inflight=0, retries=0)
+    assert mw.kwargs["settings"] == ProxySettings(max_inflight=0, retries=0, stamp_received=False)
+
+
+def test_the_proxy_stamps_when_it_received_a_task_request_over_any_stamp_the_caller_sent():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append([v for k, v in scope["headers"] if k == b"x-vtfuse-received-at"])
+        await send({"type": "http.response.start", "status": 200, "headers": JSON})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    t0 = time.time()
+    c = TestClient(ProxyGuard(app, ProxySettings()))
+    assert c.post("/v1/vqa", content=b"{}", headers={"x-vtfuse-received-at": "1"}).status_code == 200
+    (stamp,) = seen[-1]
+    assert t0 - 1 <= int(stamp) / 1000 <= time.time() + 1
+    c = TestClient(ProxyGuard(app, ProxySettings(stamp_received=False)))  # in a replica: HAProxy's stamp stays
+    c.post("/v1/vqa", content=b"{}", headers={"x-vtfuse-received-at": "1"})
+    assert seen[-1] == [b"1"]
 
 
 def test_serve_sizes_the_proxy_cap_from_the_ingress_replicas(monkeypatch):
@@ -267,6 +285,48 @@ def test_draining_refuses_new_requests_and_readiness_and_waits_for_in_flight(tmp
     assert asyncio.run(adm2.wait_idle(0.1)) is False
 
 
+def test_a_draining_replica_admits_what_the_front_door_received_before_the_drain(tmp_path):
+    """In flight at SIGTERM counts from the front door: a busy replica may reach such a request late."""
+    args = make_args(make_checkpoint(tmp_path / "c"))
+    pipeline, _ = make_pipeline(args)
+    adm = Admission(4)
+
+    async def collect() -> str:
+        return ""
+
+    c = TestClient(create_api(pipeline, args, ApiMetrics(), collect, adm), raise_server_exceptions=False)
+    body = {"texts": ["a red circle"]}
+    adm.draining, adm.drain_since = True, time.time()
+    before = {"x-vtfuse-received-at": str(int((adm.drain_since - 0.5) * 1000))}
+    after = {"x-vtfuse-received-at": str(int((adm.drain_since + 0.5) * 1000))}
+    assert c.post("/v1/embed", json=body, headers=before).status_code == 200
+    for headers in (after, {}, {"x-vtfuse-received-at": "soon"}):
+        r = c.post("/v1/embed", json=body, headers=headers)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", headers
+    assert adm.inflight == 0
+
+
+def test_idle_means_idle_for_the_settle_time():
+    """A request still on its way when the last one leaves resets the wait: the replica is not called idle."""
+    adm = Admission(4)
+
+    async def run():
+        async def late_arrival():
+            await asyncio.sleep(0.1)
+            adm.enter()
+            await asyncio.sleep(0.3)
+            adm.leave()
+
+        task = asyncio.get_running_loop().create_task(late_arrival())
+        t0 = time.monotonic()
+        idle = await adm.wait_idle(5, poll_s=0.02, settle_s=0.25)
+        await task
+        return idle, time.monotonic() - t0
+
+    idle, took = asyncio.run(run())
+    assert idle and took >= 0.4 + 0.25 - 0.05
+
+
 def test_admission_errors():
     adm = Admission(1)
     adm.enter()
@@ -286,10 +346,11 @@ def test_ingress_reconfigure_toggles_draining():
     obj = cls.__new__(cls)
     obj.admission = Admission(2)
     asyncio.run(obj.reconfigure({"draining": True}))
-    assert obj.admission.draining
-    asyncio.run(obj.reconfigure({"draining": True, "drain_wait_s": 0.5}))
+    assert obj.admission.draining and obj.admission.drain_since is None
+    asyncio.run(obj.reconfigure({"draining": True, "drain_since": 1234.5, "drain_wait_s": 0.5}))
+    assert obj.admission.drain_since == 1234.5
     asyncio.run(obj.reconfigure({}))
-    assert not obj.admission.draining
+    assert not obj.admission.draining and obj.admission.drain_since is None
 
 
 # -- Triton errors and the client ------------------------------------------------------------

@@ -80,6 +80,7 @@ def test_rewrite_buffers_requests_and_answers_json(run_dir):
     assert "option splice-request" not in text  # a spliced body is gone once sent: nothing to replay
     assert "option splice-response" in s["defaults"]  # responses may stay spliced
     assert "option http-buffer-request" in s["frontend http_frontend"]
+    assert "http-request set-header x-vtfuse-received-at %[date(0,ms)]" in s["frontend http_frontend"]
     assert "option http-buffer-request" not in s["frontend grpc_frontend"]  # gRPC streams are left alone
     files = sorted(line.split()[1:] for line in text.splitlines() if line.strip().startswith("errorfile"))
     assert files == [[str(c), f"{errors}/{c}.http"] for c in haproxy_wrapper.ERROR_CODES]
@@ -94,8 +95,12 @@ def test_rewrite_buffers_requests_and_answers_json(run_dir):
     assert haproxy_wrapper.rewrite(text, errors) == text  # idempotent: a reload of an unchanged file
 
 
-def test_environment_points_ray_at_the_launcher_with_replay_settings(run_dir):
+def test_environment_points_ray_at_the_launcher_with_replay_settings(run_dir, monkeypatch):
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
     env = front.haproxy_environment(run_dir)
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"  # not Ray's 30 s: a stop took ~40 s
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "12")
+    assert front.haproxy_environment(run_dir)["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "12"
     assert env["RAY_SERVE_HAPROXY_BINARY_PATH"] == str(run_dir / "haproxy")
     assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
     assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == front.RETRY_ON and env["RAY_SERVE_HAPROXY_RETRIES"] == str(
@@ -203,7 +208,8 @@ class Replica(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # as the kernel does for a SIGKILLed process
             self.close_connection = True
             return
-        self.answer(json.dumps({"bytes": len(body), "rid": self.headers.get("x-request-id")}).encode())
+        stamp = self.headers.get("x-vtfuse-received-at")
+        self.answer(json.dumps({"bytes": len(body), "rid": self.headers.get("x-request-id"), "stamp": stamp}).encode())
 
     def answer(self, body: bytes) -> None:
         self.send_response(200)
@@ -291,6 +297,16 @@ def test_a_call_whose_replica_dies_is_replayed_up_to_the_replay_limit(live):
     assert live["dead_calls"], "the dying replica never got a call: nothing was replayed"
     assert front.REPLAY_MAX_BODY in live["dead_calls"]  # a call of the largest replayable body was sent again, whole
     assert sorted(live["ok_calls"]) == sorted(sizes)
+
+
+@needs_haproxy
+def test_haproxy_stamps_when_it_received_each_call_over_the_caller_s_stamp(live):
+    """A draining replica admits calls HAProxy had before the drain began: it reads this stamp."""
+    t0 = time.time()
+    status, _, body = post(live["port"], b"{}", headers={"x-vtfuse-received-at": "1"})
+    assert status == 200, body[:300]
+    stamp = json.loads(body)["stamp"]
+    assert stamp.isdigit() and t0 - 1 <= int(stamp) / 1000 <= time.time() + 1, stamp
 
 
 @needs_haproxy
