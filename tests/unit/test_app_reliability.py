@@ -249,15 +249,20 @@ def test_rate_limit_per_key_over_http(tmp_path):
     assert c.get("/readyz").status_code == 200  # probes are never limited
 
 
-def test_draining_refuses_new_requests_and_readiness_and_waits_for_in_flight(tmp_path):
+def _api(tmp_path, adm: Admission) -> TestClient:
+    """The HTTP API over the test checkpoint, admitting through `adm`."""
     args = make_args(make_checkpoint(tmp_path / "c"))
     pipeline, _ = make_pipeline(args)
-    adm = Admission(4)
 
     async def collect() -> str:
         return ""
 
-    c = TestClient(create_api(pipeline, args, ApiMetrics(), collect, adm), raise_server_exceptions=False)
+    return TestClient(create_api(pipeline, args, ApiMetrics(), collect, adm), raise_server_exceptions=False)
+
+
+def test_draining_refuses_new_requests_and_readiness_and_waits_for_in_flight(tmp_path):
+    adm = Admission(4)
+    c = _api(tmp_path, adm)
     body = {"texts": ["a red circle"]}
     assert c.post("/v1/embed", json=body).status_code == 200
     adm.draining = True
@@ -287,14 +292,8 @@ def test_draining_refuses_new_requests_and_readiness_and_waits_for_in_flight(tmp
 
 def test_a_draining_replica_admits_what_the_front_door_received_before_the_drain(tmp_path):
     """In flight at SIGTERM counts from the front door: a busy replica may reach such a request late."""
-    args = make_args(make_checkpoint(tmp_path / "c"))
-    pipeline, _ = make_pipeline(args)
     adm = Admission(4)
-
-    async def collect() -> str:
-        return ""
-
-    c = TestClient(create_api(pipeline, args, ApiMetrics(), collect, adm), raise_server_exceptions=False)
+    c = _api(tmp_path, adm)
     body = {"texts": ["a red circle"]}
     adm.draining, adm.drain_since = True, time.time()
     before = {"x-vtfuse-received-at": str(int((adm.drain_since - 0.5) * 1000))}
