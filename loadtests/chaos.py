@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import httpx
 import psutil
 
 from serving.paths import REPO_ROOT
+from serving.procs import free_port
 from serving.shapes import world
 
 log = logging.getLogger(__name__)
@@ -312,12 +312,6 @@ def wait_ready(url: str, timeout: float) -> float:
         time.sleep(0.5)
     raise TimeoutError(f"{url}/readyz not 200 after {timeout:.0f} s")
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

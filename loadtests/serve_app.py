@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from loadtests.servers import REPO_ROOT, free_port
+    from loadtests.servers import REPO_ROOT
     from serving.app.builder import APP_NAME, build_app, serve_options
     from serving.app.settings import AppArgs, DeploymentDefaults, ModelSpec
+    from serving.procs import free_port
 
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     # Ray's processes inherit the front door's environment, as under `vtfuse serve` (serving.app.cli).

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.model.io_spec import ENGINES
+from serving.procs import free_port
 from serving.triton.launcher import TritonServer, TritonSettings
 from serving.triton.model_config import dump_config, load_config
 
@@ -36,12 +36,6 @@ LINKED = ("model.onnx", "model.plan")
 
 ConfigEdit = Callable[[str, object], None]
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(

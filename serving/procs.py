@@ -1,5 +1,6 @@
 """Process plumbing for the servers vtfuse starts: ports, parent-death signals, sessions (Linux `/proc`).
 
+* `free_port` hands out a port nobody listens on, outside the kernel's ephemeral range.
 * `check_ports_free` refuses to start on a port another process listens on, naming the port
   and, where `/proc` tells, the holder's pid and name (`PortInUse`).
 * `listens_on` tells whether a process of ours is the one listening on a port, so a readiness
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -37,6 +39,43 @@ class PortInUse(RuntimeError):
     def __init__(self, message: str, ports: list[int]) -> None:
         super().__init__(message)
         self.ports = ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in (PROC / "sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_handed_out: set[int] = set()  # ports this process gave out, which their server may not have bound yet
+
+
+def free_port(tries: int = 200) -> int:
+    """A TCP port nobody listens on now, above the kernel's ephemeral range where there is room.
+
+    A port from `bind(0)` comes out of the ephemeral range, where any outgoing connection (Ray's
+    workers open many) may take it before the server it was meant for binds it: a CI run once
+    failed so (HAProxy "cannot bind socket (Address already in use)"). Above the range only a
+    server that picked the same number can collide, and a port is never handed out twice here.
+    """
+    _, hi = _ephemeral_range()
+    if hi + 1000 <= 65535:
+        for _ in range(tries):
+            port = random.randint(hi + 1, 65535)
+            if port in _handed_out:
+                continue
+            try:
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))  # also fails when something holds it on 127.0.0.1 only
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # no room above the range: the kernel's pick
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _listening_inodes(port: int) -> set[str]:

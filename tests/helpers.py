@@ -5,23 +5,17 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from serving.procs import free_port
 from serving.shapes import world
 
 T = TypeVar("T")
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fresh_samples(n: int, seed: int) -> list[tuple[bytes, world.QA, world.Scene]]:

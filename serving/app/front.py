@@ -57,6 +57,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from serving.app import haproxy_wrapper
+from serving.procs import free_port
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,6 @@ BUFSIZE = REPLAY_MAX_BODY + HEADROOM
 # already emptied the replicas. An explicit setting in the environment wins.
 MIN_DRAINING_PERIOD_S = 3.0
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Replica ports for direct ingress: between Ray's worker ports (10002-19999 by default) and the
@@ -153,10 +149,10 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(run_dir),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(run_dir / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(run_dir / "m.sock"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
         # Ray's replica port ranges are fixed (30000-31000 HTTP, 40000-41000 gRPC), and gRPC binds with
         # SO_REUSEPORT: two stacks' replicas would share ports, and the kernel spread calls over both.
         **{f"RAY_SERVE_DIRECT_INGRESS_{edge}_{proto}_PORT": str(base + (63 if edge == "MAX" else 0))

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import httpx
 
 from serving.paths import REPO_ROOT
+from serving.procs import free_port
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,6 @@ def mean_batch_size(base: str) -> float | None:
     return _sum(text, "vtfuse_preprocess_batched_requests_total") / batches if batches else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def main(argv: list[str] | None = None) -> int:
     """Run every composition; print the table; write JSON."""
@@ -166,19 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     triton = None
     if ns.triton_url is None:
         triton = TritonServer(
-            TritonSettings(http_port=_free_port(), grpc_port=_free_port(), metrics_port=_free_port()),
+            TritonSettings(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()),
             log_path=REPO_ROOT / "build" / "logs" / "hopbench-triton.log",
         )
         triton.start()
         triton.wait_ready()
         ns.triton_url = triton.url_grpc
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if x)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        _metrics_export_port=_free_port(),
+        _metrics_export_port=free_port(),
         _system_config={"metrics_report_interval_ms": 1000},
     )
     results: dict[str, Any] = {"concurrency": ns.concurrency, "seconds": ns.seconds, "cpus": os.cpu_count()}

@@ -21,19 +21,12 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from serving.procs import kill_session, parent_death_signal, session_pids
+from serving.procs import free_port, kill_session, parent_death_signal, session_pids
 
 log = logging.getLogger(__name__)
 
 STARTED = b"Ray runtime started."
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RayHead:
@@ -54,7 +47,7 @@ class RayHead:
         self.env = env or {}
         self.log_path = log_path
         self.drain_s = drain_s
-        self.gcs_port = _free_port()
+        self.gcs_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._offset = 0
@@ -76,9 +69,9 @@ class RayHead:
             f"--port={self.gcs_port}",
             f"--num-cpus={self.num_cpus:g}",
             "--include-dashboard=false",
-            f"--dashboard-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             f"--metrics-export-port={self.metrics_export_port}",
             "--disable-usage-stats",
         ]  # fmt: skip

@@ -16,9 +16,9 @@ from serving.app.front import front_environment, stop_haproxy
 from serving.app.logs import serve_logging_config
 from serving.app.settings import AppArgs, DeploymentDefaults, Limits, ModelSpec
 from serving.model.checkpoint import REPO_ROOT
+from serving.procs import free_port
 from serving.tracing import serve_tracing_config
 from serving.triton.launcher import TritonServer
-from tests.helpers import free_port
 from tests.otlp import OtlpReceiver
 
 # Small enough to test the 413s quickly; everything else at the shipped defaults.

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from serving.app.settings import AppArgs, Limits
+from serving.procs import free_port
 from serving.shapes import world
-from tests.helpers import free_port
 from tests.integration.conftest import run_side_app
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from tests.helpers import free_port, fresh_samples
+from serving.procs import free_port
+from tests.helpers import fresh_samples
 
 pytestmark = pytest.mark.integration
 

@@ -33,9 +33,8 @@ import pytest
 
 from loadtests import chaos
 from serving.paths import REPO_ROOT
-from serving.procs import session_pids
+from serving.procs import free_port, session_pids
 from serving.triton.launcher import TritonSettings
-from tests.helpers import free_port
 
 pytestmark = [pytest.mark.integration]
 

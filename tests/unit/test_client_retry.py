@@ -44,9 +44,9 @@ from serving.client import (
     VtfuseGrpcClient,
 )
 from serving.errors import Unauthorized
+from serving.procs import free_port
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
-from tests.helpers import free_port
 
 VQA_OK = {
     "model": "tiny",

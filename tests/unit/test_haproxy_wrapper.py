@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from serving.app import front, haproxy_wrapper
-from tests.helpers import free_port
+from serving.procs import free_port
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ray-2.60-haproxy.cfg"
 

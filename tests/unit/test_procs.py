@@ -14,6 +14,7 @@ import pytest
 from serving.procs import (
     PortInUse,
     check_ports_free,
+    free_port,
     listens_on,
     port_holders,
     port_taken,
@@ -41,6 +42,29 @@ def test_a_taken_port_is_refused_naming_its_holder():
         assert refused.value.ports == [port]
     assert not port_taken("127.0.0.1", port) and listens_on(os.getpid(), port) is False
     check_ports_free({"free": port})
+
+
+def test_free_ports_lie_above_the_ephemeral_range_and_are_never_handed_out_twice(monkeypatch):
+    # An outgoing connection takes its local port from the ephemeral range: a port picked there can
+    # be gone before our server binds it (a CI run failed so).
+    lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    if hi + 1000 <= 65535:
+        assert all(hi < p <= 65535 for p in ports), (lo, hi)
+    with socket.socket() as s:  # each is bindable on every address
+        s.bind(("0.0.0.0", ports[-1]))
+    # A port someone listens on is skipped, even one this process never handed out.
+    import random
+
+    randint = random.randint
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        first = iter([taken])
+        monkeypatch.setattr(random, "randint", lambda a, b: next(first, None) or randint(a, b))
+        assert free_port() != taken
 
 
 def test_a_child_gets_the_parent_death_signal_and_sessions_are_listed():
