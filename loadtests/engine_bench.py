@@ -101,7 +101,9 @@ class Engines:
                  "VQA_LOGITS", "ITM_LOGIT", "CROSS_ATTENTION")
         return dict(zip(names, [*img, *txt, *fused]))
 
-    def time_batch(self, batch: int, min_time_s: float = 2.0, min_reps: int = 3, warm_up: bool = True) -> dict[str, Any]:
+    def time_batch(
+        self, batch: int, min_time_s: float = 2.0, min_reps: int = 3, warm_up: bool = True
+    ) -> dict[str, Any]:
         """Median seconds per item batch over at least `min_reps` runs and `min_time_s` seconds."""
         x = self.inputs(batch)
         if warm_up:
@@ -150,9 +152,10 @@ def sweep_paths(
     """
     eng = Engines(paths, cfg, settings)
     runs: dict[int, list[dict[str, Any]]] = {b: [] for b in batches}
-    for i in range(max(1, passes)):
+    passes = max(1, passes)
+    for i in range(passes):
         for b in batches:
-            runs[b].append(eng.time_batch(b, min_time_s / max(1, passes), min_reps=1 if passes > 1 else 3, warm_up=i == 0))
+            runs[b].append(eng.time_batch(b, min_time_s / passes, min_reps=1 if passes > 1 else 3, warm_up=i == 0))
     rows = []
     for b, got in runs.items():
         ms = statistics.median(r["ms_per_batch"] for r in got)
