@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = CALLBACK
         os.environ.setdefault("VTFUSE_PROXY_MAX_INFLIGHT", str(args.ingress_replicas * Limits().max_inflight))
+    from serving.app.ray_background import background_environment
+
+    os.environ.update(background_environment())  # as under `vtfuse serve`
     if args.front == "haproxy":
         from serving.app.front import haproxy_environment
 

@@ -193,6 +193,9 @@ def proxy_environment(config: dict[str, Any]) -> dict[str, str]:
     from serving.app.front import front_environment
 
     env.update(front_environment())  # HAProxy in front of the replicas unless VTFUSE_FRONT=ray (serving/app/front.py)
+    from serving.app.ray_background import background_environment
+
+    env.update(background_environment())  # Serve's controller loop every 0.5 s (serving/app/ray_background.py)
     return env
 
 

@@ -14,6 +14,7 @@ import pytest
 from loadtests.servers import wait_http
 from serving.app.front import front_environment, stop_haproxy
 from serving.app.logs import serve_logging_config
+from serving.app.ray_background import background_environment
 from serving.app.settings import AppArgs, DeploymentDefaults, Limits, ModelSpec
 from serving.model.checkpoint import REPO_ROOT
 from serving.procs import free_port
@@ -71,7 +72,7 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
     # The front door `vtfuse serve` runs (serving/app/front.py: HAProxy unless VTFUSE_FRONT=ray), in the environment
     # Ray starts with (its processes inherit the raylet's), and out of this process's again once Ray runs: stacks that
     # tests start must not inherit this one's HAProxy ports.
-    front_env = front_environment()
+    front_env = front_environment() | background_environment()
     saved_env = {k: os.environ.get(k) for k in front_env}
     os.environ.update(front_env)
     # Ray's processes inherit the OTLP exporter's settings (serving/tracing.py).

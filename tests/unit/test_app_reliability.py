@@ -20,6 +20,7 @@ from serving.app.metrics import ApiMetrics
 from serving.app.pipeline import Admission, preprocess_error
 from serving.app.proxy import CALLBACK, ProxyGuard, ProxySettings, middlewares
 from serving.app.ratelimit import RateLimiter, caller_id
+from serving.app.ray_background import background_environment
 from serving.app.settings import AppArgs, Limits
 from serving.errors import (
     Overloaded,
@@ -200,6 +201,10 @@ def test_serve_sizes_the_proxy_cap_from_the_ingress_replicas(monkeypatch):
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, "VTFUSE_PROXY_MAX_INFLIGHT": "144"}
     # The front door's own settings come with it: HAProxy unless VTFUSE_FRONT=ray says otherwise.
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == ("0" if os.environ.get("VTFUSE_FRONT") == "ray" else "1")
+    # Serve's controller loop every 0.5 s (an idle stack's largest CPU user at Ray's 0.1 s); the environment wins.
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == os.environ.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    assert background_environment({"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}) == {
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"}
 
 
 # -- rate limits, admission, draining ----------------------------------------------------------
