@@ -271,7 +271,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("vs_naive_grpc_tiny", "`tiny`, Triton `vqa` over gRPC (raw bytes) ÷ naive over HTTP + JSON, same precision",
      "decode in the `vqa` stub, four Python-backend hops, the load client on the same cores; of the two "
      "sides the naive server's rate moves most between runs (see below)"),
-    ("int8_gain_small", "`small`, Triton direct gRPC, int8 engines ÷ fp32 engines", "VNNI int8 GEMMs"),
+    ("int8_gain_small", "`small`, Triton direct gRPC, int8 engines ÷ fp32 engines",
+     "int8 GEMMs: AVX-512 VNNI where the CPU has it, else AVX2 (`machine.simd` in the summary says which)"),
     ("repeat_image_speedup_small", "`small`, 8 one-question /v1/vqa calls in a row on one image, "
      "Triton response cache off ÷ on", "text encoder + fusion + the front door per call, which the cache keeps"),
     ("avg_batch_c32", "`tiny`, Triton direct, items ÷ executions over the three engines at c=32",
