@@ -237,17 +237,16 @@ HAPROXY_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def front_windows(corpus: list[Sample], duration: float, warmup: float, rounds: int,
-                  variants: dict[str, dict[str, Any]], repo: Path = TINY,
-                  model: str = "tiny") -> dict[str, list[dict[str, Any]]]:
-    """`rounds` interleaved c=32 windows of one-question /v1/vqa per front-door variant, a fresh stack each."""
+                  variants: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """`rounds` interleaved c=32 windows of `tiny` one-question /v1/vqa per front-door variant, a fresh stack each."""
     from loadtests import http_driver
 
     windows: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
-    with servers.triton(repo, "levers-front") as t:
+    with servers.triton(TINY, "levers-front") as t:
         for _ in range(rounds):
             for label, kw in variants.items():
                 try:
-                    with servers.serve_app(t.url_grpc, repo, model, "levers-front", **kw) as app:
+                    with servers.serve_app(t.url_grpc, TINY, "tiny", "levers-front", **kw) as app:
                         r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
                             app.url, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name=label)),
                             label, 1, 1.0)
