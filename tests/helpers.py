@@ -52,18 +52,21 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def settled(read: Callable[[], T], period: float = 0.3, timeout: float = 10.0) -> T:
-    """`read()` once two readings `period` apart agree.
+def settled(
+    read: Callable[[], T], period: float = 0.3, timeout: float = 10.0, until: Callable[[T], bool] | None = None
+) -> T:
+    """`read()` once two readings `period` apart agree (and `until(reading)` holds, if given), or at `timeout`.
 
     Triton counts a request in its metrics just after the response is on its way, so a
-    count read right after the last answer can miss the last batch.
+    count read right after the last answer can miss the last batch; on a busy machine two
+    readings can agree while a count is still to come, which `until` waits out.
     """
     last = read()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(period)
         now = read()
-        if now == last:
+        if now == last and (until is None or until(now)):
             return now
         last = now
     return last

@@ -53,20 +53,27 @@ def test_json_log_lines_carry_the_callers_request_id(serve_app):
                    headers={"X-Request-ID": rid}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == rid
-    deadline = time.monotonic() + 15
+
+    def ours(lines: list[dict]) -> list[dict]:
+        return [d for d in lines if d.get("name", "").startswith("serving.app.")]
+
+    def serves(lines: list[dict]) -> list[dict]:
+        return [d for d in lines if d.get("name") is None or d.get("name", "").startswith("ray.serve")]
+
+    # Both lines are written after the answer went out (Serve's access line last), so wait for both.
+    deadline = time.monotonic() + 30
     lines: list[dict] = []
     while time.monotonic() < deadline:
         lines = [d for d in _serve_log_lines(rid) if d.get("request_id") == rid]
-        if any(d.get("name", "").startswith("serving.app.") for d in lines):
+        if ours(lines) and serves(lines):
             break
         time.sleep(0.5)
-    ours = [d for d in lines if d.get("name", "").startswith("serving.app.")]
-    assert ours, f"no JSON line of ours with request_id {rid}; lines with it: {lines}"
-    line = ours[0]
+    assert ours(lines), f"no JSON line of ours with request_id {rid}; lines with it: {lines}"
+    line = ours(lines)[0]
     assert line["deployment"].endswith("Ingress") and line["application"] == "vtfuse" and line["route"] == "/"
     assert line["levelname"] == "INFO" and "/v1/vqa" in line["message"]
     # Serve's own access log line for the request, same format, same id.
-    assert any(d.get("name") is None or d.get("name", "").startswith("ray.serve") for d in lines), lines
+    assert serves(lines), f"no access line of Serve's with request_id {rid}; lines with it: {lines}"
 
 
 @pytest.fixture

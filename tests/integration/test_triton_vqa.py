@@ -90,7 +90,7 @@ def test_burst_of_256_at_concurrency_32_batches_every_engine(triton):
             out[model] = (c1 - c0, e1 - e0)
         return out
 
-    counted = settled(deltas)
+    counted = settled(deltas, timeout=30, until=lambda c: all(c[m][0] >= 256 for m in models))
     for model in models:
         assert counted[model][0] >= 256, (model, counted[model])
     items, execs = counted["fusion"]
