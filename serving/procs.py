@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,16 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 _handed_out: set[int] = set()  # ports this process gave out, which their server may not have bound yet
+
+
+def reserve_ports(ports: Iterable[int]) -> None:
+    """Never hand out `ports` here: a parent picked them for this process's servers, which have not bound them yet.
+
+    `vtfuse serve` gets its API and Triton ports from its caller and picks Ray's and HAProxy's
+    own with `free_port()`; without this it could pick its own API port before HAProxy binds it
+    (a test run once failed so).
+    """
+    _handed_out.update(int(p) for p in ports)
 
 
 def free_port(tries: int = 200) -> int:

@@ -48,7 +48,7 @@ from serving.app.health import available as health_available
 from serving.app.logs import serve_logging_config
 from serving.app.raycluster import RayHead
 from serving.paths import REPO_ROOT
-from serving.procs import ParentSignalWatch, PortInUse, check_ports_free
+from serving.procs import ParentSignalWatch, PortInUse, check_ports_free, reserve_ports
 from serving.tracing import TRITON_SERVICE_NAME, otlp_endpoint, sampling_ratio, serve_tracing_config, triton_trace_args
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonSettings
 from serving.triton.supervisor import TritonSupervisor
@@ -58,6 +58,13 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 APP_NAME = "vtfuse"
 REPEAT_SIGNAL_S = 2.0  # a signal this soon after the first is a copy of it (group signal + make's forward)
+# After the drain, what each stop step may take (the stack is gone within ~25 s of the drain's end).
+# serve.shutdown needs the bound: it was seen not to return within 30 s (its proxies' and replicas'
+# own drain periods), on a busy machine pushing the stop past a minute. Our drain has already
+# emptied the API by then, and stopping Ray ends the replicas either way.
+SERVE_SHUTDOWN_S = 10.0
+RAY_DISCONNECT_S = 3.0
+RAY_STOP_S = 8.0  # SIGTERM to `ray start`, then SIGKILL to what is left of its session
 
 
 def _env_int(name: str, default: int) -> int:
@@ -169,7 +176,8 @@ def drain(client: Any, config: dict[str, Any], timeout_s: float, abort: threadin
     ok = _set_ingress_user_config(client, config, state, min(timeout_s, 30.0), abort)
     log.info("drain: new requests refused on every replica (%s) after %.1f s", ok, time.monotonic() - t0)
     left = max(1.0, timeout_s - (time.monotonic() - t0))
-    idle = _set_ingress_user_config(client, config, {**state, "drain_wait_s": left}, left + 10.0, abort)
+    # The replicas wait at most `left` s; a few more for the controller to see them RUNNING again.
+    idle = _set_ingress_user_config(client, config, {**state, "drain_wait_s": left}, left + 5.0, abort)
     log.info("drain: %s after %.1f s", "in-flight requests done" if idle else "gave up waiting", time.monotonic() - t0)
     return idle
 
@@ -250,6 +258,7 @@ def run_serve(ns: argparse.Namespace) -> int:
     except PortInUse as e:
         print(f"vtfuse serve: not started: {e}", file=sys.stderr, flush=True)
         return 2
+    reserve_ports(_ports(ns).values())  # Ray's and HAProxy's own ports, picked below, must not take these
     if ns.otlp_endpoint:  # Ray's processes and the SDK exporter read the standard variables
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = ns.otlp_endpoint
     if otlp_endpoint():
@@ -291,12 +300,12 @@ def run_serve(ns: argparse.Namespace) -> int:
         watch.cancel()
         t0 = time.monotonic()
         if state["ray"]:
-            _bounded(serve.shutdown, 30.0, "serve.shutdown")
-            _bounded(ray.shutdown, 10.0, "ray.shutdown")
+            _bounded(serve.shutdown, SERVE_SHUTDOWN_S, "serve.shutdown")
+            _bounded(ray.shutdown, RAY_DISCONNECT_S, "ray.shutdown")
         t1 = time.monotonic()
         triton_stop = threading.Thread(target=supervisor.stop, name="triton-stop")  # nothing in flight any more
         triton_stop.start()
-        head.stop()
+        head.stop(timeout=RAY_STOP_S)
         t2 = time.monotonic()
         triton_stop.join()
         log.info(

@@ -119,6 +119,15 @@ def leftovers(st: chaos.ServeStack, sids: set[int]) -> list[str]:
     return left
 
 
+def stop_timeline(st: chaos.ServeStack) -> str:
+    """The stack's own log lines about its stop (drain, each step's time, what did not return), for a failure."""
+    if st.log_path is None or not st.log_path.exists():
+        return ""
+    keys = ("serving.app.cli", "serving.app.raycluster", "serving.triton")
+    lines = [ln for ln in st.log_path.read_text(errors="replace").splitlines() if any(k in ln for k in keys)]
+    return "\n".join(lines[-20:])
+
+
 CASES = {
     # name: (signal, whom)
     "sigterm-group": (signal.SIGTERM, "group"),
@@ -183,7 +192,7 @@ def test_signal_stops_everything(case: str) -> None:
             "in_flight_ok": sum(o.status == 200 for o in in_flight),
             "after": dict(Counter(str(o.status) if o.status else o.error.split(":")[0] for o in outcomes)),
         }
-        assert not left, f"{case}: still alive {all_gone_s:.0f} s after the signal: {left}"
+        assert not left, f"{case}: still alive {all_gone_s:.0f} s after the signal: {left}\n{stop_timeline(st)}"
         assert all_gone_s <= STOP_BUDGET_S
         assert not taken, f"{case}: ports still taken: {taken}"
         assert not glob.glob(shm), f"{case}: Triton shared memory left: {glob.glob(shm)}"

@@ -19,6 +19,7 @@ from serving.procs import (
     port_holders,
     port_taken,
     process_name,
+    reserve_ports,
     session_pids,
 )
 from serving.triton.launcher import TritonSettings
@@ -65,6 +66,24 @@ def test_free_ports_lie_above_the_ephemeral_range_and_are_never_handed_out_twice
         first = iter([taken])
         monkeypatch.setattr(random, "randint", lambda a, b: next(first, None) or randint(a, b))
         assert free_port() != taken
+
+
+def test_reserved_ports_are_never_handed_out(monkeypatch):
+    # `vtfuse serve` reserves the API and Triton ports its caller chose (not bound yet) before
+    # picking Ray's and HAProxy's: a test stack once lost its API port to one of those picks.
+    import random
+
+    _, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    if hi + 1000 > 65535:
+        pytest.skip("no room above the ephemeral range: free_port() takes the kernel's pick")
+    free = [free_port() for _ in range(3)]  # bindable now; handed out, so forget them again below
+    from serving import procs
+
+    monkeypatch.setattr(procs, "_handed_out", set())
+    reserve_ports(free[:2])
+    picks = iter(free)  # the picker draws both reserved ports first
+    monkeypatch.setattr(random, "randint", lambda a, b: next(picks))
+    assert free_port() == free[2]
 
 
 def test_a_child_gets_the_parent_death_signal_and_sessions_are_listed():
