@@ -22,7 +22,9 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
   replica's main loop, with Serve's access log off, and Ray's proxy;
 - `queue-delay`: Triton's `max_queue_delay_microseconds` on `vqa` and the engines behind the public
   HTTP API (`tiny` /v1/vqa, HAProxy): c=32 req/s and the engines' average batch, and c=1 p50 (what
-  a wait for a fuller batch costs a lone caller), in interleaved windows, a fresh Triton each.
+  a wait for a fuller batch costs a lone caller), in interleaved windows, a fresh Triton each;
+- `small-engines`: `small`'s engine instances and ORT threads behind the public HTTP API
+  (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each).
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -37,6 +39,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,9 @@ log = logging.getLogger("loadtests.levers")
 
 TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
-SECTIONS = ("ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay")
+SECTIONS = (
+    "ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay", "small-engines"
+)
 
 
 def ort_options(repo: Path, batch: int, min_time_s: float) -> list[dict[str, Any]]:
@@ -301,42 +306,80 @@ QUEUE_DELAYS: dict[str, tuple[int, int]] = {
 }
 
 
-def queue_delay(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
-    """Queue delays behind the public HTTP API: c=32 req/s and engine batch, c=1 p50; interleaved windows."""
+def http_windows(repo: Path, preset: str, edits: dict[str, Callable[..., None]], corpus: list[Sample],
+                 duration: float, warmup: float, rounds: int, tag: str, lone: bool = False) -> dict[str, list[dict]]:
+    """`rounds` interleaved c=32 windows of one-question /v1/vqa per variant (a config edit of `repo`'s models),
+    each on a fresh Triton and Serve app: req/s, p99, the engines' and `vqa`'s average batch; with `lone`,
+    also the p50 of one caller alone (what a wait for a fuller batch costs it)."""
     from loadtests import http_driver
 
-    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in QUEUE_DELAYS}
+    windows: dict[str, list[dict[str, Any]]] = {k: [] for k in edits}
     for _ in range(rounds):
-        for label, (vqa_us, engine_us) in QUEUE_DELAYS.items():
-            def edit(model: str, config: Any, vqa_us: int = vqa_us, engine_us: int = engine_us) -> None:
-                if model == "vqa":
-                    config.dynamic_batching.max_queue_delay_microseconds = vqa_us
-                elif model in flops.ENGINES:
-                    config.dynamic_batching.max_queue_delay_microseconds = engine_us
-
-            dest = servers.variant_repository(TINY, REPO_ROOT / "build" / "bench" / "levers-queue-delay", edit)
+        for label, edit in edits.items():
+            dest = servers.variant_repository(repo, REPO_ROOT / "build" / "bench" / f"levers-{tag}", edit)
             try:
-                with servers.triton(dest, "levers-queue-delay") as t, servers.serve_app(
-                    t.url_grpc, dest, "tiny", "levers-queue-delay"
+                with servers.triton(dest, f"levers-{tag}") as t, servers.serve_app(
+                    t.url_grpc, dest, preset, f"levers-{tag}"
                 ) as app:
                     before = grpc_driver.scrape(t.url_metrics)
                     r, share, _ = uncontended(lambda app=app, label=label: asyncio.run(http_driver.drive(
                         app.url, corpus, concurrency=32, duration_s=duration, warmup_s=warmup, name=label)), label, 1)
                     batches = grpc_driver.batch_delta(before, grpc_driver.scrape(t.url_metrics))
-                    lone = asyncio.run(http_driver.drive(app.url, corpus, concurrency=1, duration_s=duration / 2,
-                                                         warmup_s=1.0, name=f"{label} c=1"))
-                windows[label].append({"throughput_rps": round(r.throughput_rps, 1), "p99_ms": round(r.p99_ms),
-                                       "engines_avg_batch": batches["engines_avg_batch"],
-                                       "vqa_avg_batch": batches["models"].get("vqa", {}).get("avg_batch"),
-                                       "c1_p50_ms": round(lone.p50_ms, 1), "errors": r.error_count + lone.error_count,
-                                       "foreign_cpu_share": share})
+                    row = {"throughput_rps": round(r.throughput_rps, 2), "p99_ms": round(r.p99_ms),
+                           "engines_avg_batch": batches["engines_avg_batch"],
+                           "avg_batch": {m: v.get("avg_batch") for m, v in batches["models"].items()},
+                           "errors": r.error_count, "foreign_cpu_share": share}
+                    if lone:
+                        one = asyncio.run(http_driver.drive(app.url, corpus, concurrency=1, duration_s=duration / 2,
+                                                            warmup_s=1.0, name=f"{label} c=1"))
+                        row |= {"c1_p50_ms": round(one.p50_ms, 1), "errors": r.error_count + one.error_count}
+                windows[label].append(row)
             except Exception as e:  # noqa: BLE001 — one variant failing keeps the others
                 windows[label].append({"error": str(e)[:300]})
-            log.info("   queue delay %-32s %s", label, windows[label][-1])
+            log.info("   %s %-40s %s", tag, label, windows[label][-1])
+    return windows
+
+
+def queue_delay(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """Queue delays behind the public HTTP API: c=32 req/s and engine batch, c=1 p50; interleaved windows."""
+    edits: dict[str, Callable[..., None]] = {}
+    for label, (vqa_us, engine_us) in QUEUE_DELAYS.items():
+        def edit(model: str, config: Any, vqa_us: int = vqa_us, engine_us: int = engine_us) -> None:
+            if model == "vqa":
+                config.dynamic_batching.max_queue_delay_microseconds = vqa_us
+            elif model in flops.ENGINES:
+                config.dynamic_batching.max_queue_delay_microseconds = engine_us
+
+        edits[label] = edit
+    windows = http_windows(TINY, "tiny", edits, corpus, duration, warmup, rounds, "queue-delay", lone=True)
     c1 = {k: round(float(np.median([w["c1_p50_ms"] for w in v if "c1_p50_ms" in w])), 1)
           for k, v in windows.items() if any("c1_p50_ms" in w for w in v)}
     return {"tiny vqa http windows": windows, "mean_over_shipped": _mean_over(windows, "vqa 0 us, engines 0 us"),
             "c1_p50_ms_median": c1}
+
+
+# Instances and ORT threads of `small`'s engines behind the public HTTP API: {model: (instances, threads)}.
+SMALL_ENGINE_VARIANTS: dict[str, dict[str, tuple[int, int]]] = {
+    "as installed (2 instances x 2 threads each)": {},
+    "image_encoder 1 instance": {"image_encoder": (1, 2)},
+    "every engine 1 instance": {e: (1, 2) for e in ("image_encoder", "text_encoder", "fusion")},
+    "every engine 2 instances x 1 thread": {e: (2, 1) for e in ("image_encoder", "text_encoder", "fusion")},
+}
+
+
+def small_engines(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
+    """`small`'s engine instances and threads behind the public HTTP API, c=32; interleaved windows."""
+    edits: dict[str, Callable[..., None]] = {}
+    for label, settings in SMALL_ENGINE_VARIANTS.items():
+        def edit(model: str, config: Any, settings: dict[str, tuple[int, int]] = settings) -> None:
+            if model in settings:
+                config.instance_group[0].count = settings[model][0]
+                config.parameters["intra_op_threads"].string_value = str(settings[model][1])
+
+        edits[label] = edit
+    windows = http_windows(SMALL, "small", edits, corpus, duration, warmup, rounds, "small-engines")
+    return {"small vqa http windows": windows,
+            "mean_over_shipped": _mean_over(windows, "as installed (2 instances x 2 threads each)")}
 
 
 def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
@@ -422,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
             results["front-haproxy"] = front_haproxy(corpus, args.duration, args.warmup, args.rounds)
         elif section == "queue-delay":
             results["queue-delay"] = queue_delay(corpus, args.duration, args.warmup, args.rounds)
+        elif section == "small-engines":
+            results["small-engines"] = small_engines(corpus, args.duration, args.warmup, args.rounds)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():
