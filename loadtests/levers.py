@@ -367,10 +367,15 @@ SMALL_ENGINE_VARIANTS: dict[str, dict[str, tuple[int, int]]] = {
 }
 
 
-def small_engines(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
-    """`small`'s engine instances and threads behind the public HTTP API, c=32; interleaved windows."""
+def small_engines(corpus: list[Sample], duration: float, warmup: float, rounds: int,
+                  only: list[str] | None = None) -> dict[str, Any]:
+    """`small`'s engine instances and threads behind the public HTTP API, c=32; interleaved windows.
+
+    `only`: the variants whose label starts with one of these (the installed one is always run)."""
     edits: dict[str, Callable[..., None]] = {}
     for label, settings in SMALL_ENGINE_VARIANTS.items():
+        if only and settings and not label.startswith(tuple(only)):
+            continue
         def edit(model: str, config: Any, settings: dict[str, tuple[int, int]] = settings) -> None:
             if model in settings:
                 config.instance_group[0].count = settings[model][0]
@@ -437,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per in-process measurement")
     p.add_argument("--rounds", type=int, default=3, help="front: interleaved windows per variant")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "levers.json")
+    p.add_argument("--variants", nargs="+", help="small-engines: only the variants whose label starts so")
+    p.add_argument("--key", help="the result's key in --out (default: the section's name)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server first, as Ctrl-C does
@@ -466,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         elif section == "queue-delay":
             results["queue-delay"] = queue_delay(corpus, args.duration, args.warmup, args.rounds)
         elif section == "small-engines":
-            results["small-engines"] = small_engines(corpus, args.duration, args.warmup, args.rounds)
+            results[args.key or "small-engines"] = small_engines(corpus, args.duration, args.warmup, args.rounds,
+                                                                 args.variants)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():
