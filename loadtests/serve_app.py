@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     from loadtests.servers import REPO_ROOT
     from serving.app.builder import APP_NAME, build_app, serve_options
     from serving.app.settings import AppArgs, DeploymentDefaults, ModelSpec
-    from serving.procs import free_port
+    from serving.procs import free_port, reserve_ports
 
+    reserve_ports(p for p in (args.http_port, args.grpc_port) if p)  # HAProxy's and Serve's own picks avoid them
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     # Ray's processes inherit the front door's environment, as under `vtfuse serve` (serving.app.cli).
     if not args.no_proxy_middleware:
