@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="front: interleaved windows per variant")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "levers.json")
     p.add_argument("--variants", nargs="+", help="small-engines: only the variants whose label starts so")
-    p.add_argument("--key", help="the result's key in --out (default: the section's name)")
+    p.add_argument("--key", help="small-engines: its key in --out (default: small-engines), to keep a repeat apart")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server first, as Ctrl-C does
