@@ -34,10 +34,14 @@ from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
 from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
     COMMITTED_REPO,
+    ENGINE_THREADS,
     LIBTORCH_FILE,
+    ORT_PARAMETER_MAP,
     TARGETS,
     config_mismatches,
     default_repo,
+    dump_config,
+    leading_comments,
     libtorch_name,
     load_config,
     model_dirs,
@@ -58,6 +62,10 @@ PRECISIONS = ("fp32", "int8")
 # `libtorch` installs fp32 TorchScript engines (export/libtorch.py).
 DEFAULT_PRECISION = {
     "embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32", "libtorch": "fp32"
+}
+# The engines' thread parameter in each target's config (TensorRT and libtorch engines have none).
+THREAD_PARAMETER = {
+    "embedded": "intra_op_threads", "onnxruntime": ORT_PARAMETER_MAP["intra_op_threads"], "torch": "torch_threads"
 }
 
 
@@ -108,6 +116,20 @@ def _ensure_python_model(model_dir: Path, version: int) -> None:
             shutil.copyfile(other / "model.py", vdir / "model.py")
             log.info("%s: copied %s/model.py into version %d", model_dir.name, other.name, version)
             return
+
+
+def _set_engine_threads(config_path: Path, target: str, precision: str) -> None:
+    """A rendered engine config gets the thread count its precision measured best with (ENGINE_THREADS)."""
+    key = THREAD_PARAMETER.get(target)
+    if key is None:
+        return
+    config = load_config(config_path)
+    if key not in config.parameters:
+        return
+    threads = str(ENGINE_THREADS[precision])
+    if config.parameters[key].string_value != threads:
+        config.parameters[key].string_value = threads
+        config_path.write_text(dump_config(config, leading_comments(config_path).strip()))
 
 
 def _clear_artefacts(vdir: Path) -> None:
@@ -179,8 +201,14 @@ def install(
                 f"the configs of {', '.join(bad)} in {dest} do not describe preset {cfg.name}: "
                 f"pass --repo build/model_repository-embedded-{cfg.name} to render a repository for it"
             )
+        if target == "embedded" and precision != "int8":
+            log.warning("the committed configs give each %s engine instance %d thread(s), measured best for int8; "
+                        "pass --repo to render a repository with %d for %s", precision, ENGINE_THREADS["int8"],
+                        ENGINE_THREADS[precision], precision)
     else:
         render_repository(dest, cfg, target, source=source_repo)
+        for engine in ENGINES:
+            _set_engine_threads(dest / engine / "config.pbtxt", target, precision)
 
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     manifests = {}

@@ -36,6 +36,12 @@ ENGINE_BACKENDS = {
 # Python-backend engine parameters that have an ONNX Runtime backend equivalent; every other
 # parameter of a Python-backend engine is read by its model.py alone and is dropped.
 ORT_PARAMETER_MAP = {"intra_op_threads": "intra_op_thread_count", "inter_op_threads": "inter_op_thread_count"}
+# CPU threads per engine instance (each engine runs 2 instances), by precision, as measured on 2 cores
+# behind the public HTTP API (loadtests/README.md, levers 12, 39, 40): int8 1 (`small` 1.105× the
+# req/s of 2 threads, every window higher: two instances of 2 threads each contend for 2 cores);
+# fp32 2 (1 thread lost 7 % on `small`). The committed configs carry the int8 setting;
+# `vtfuse export install` sets the installed precision's.
+ENGINE_THREADS = {"int8": 1, "fp32": 2}
 # The `torch` target: engines stay Python-backend models, running PyTorch (torch_engine.py) on the
 # GPU Triton gives them (KIND_AUTO), else the CPU. Larger batches than the CPU engines take, with
 # no preferred sizes, so the dynamic batcher fills a GPU batch from whatever is queued.
@@ -179,9 +185,9 @@ def _torch_config(out: mc.ModelConfig, model: str) -> mc.ModelConfig:
         out.parameters["engine_max_batch"].string_value = str(TORCH_MAX_BATCH)
     if model not in ENGINES:
         return out
-    threads = out.parameters["intra_op_threads"].string_value if "intra_op_threads" in out.parameters else "1"
     out.parameters.clear()
-    for key, value in {**TORCH_ENGINE_PARAMETERS, "torch_threads": threads}.items():
+    # fp32 weights: on the CPU, the threads fp32 engines measured best with.
+    for key, value in {**TORCH_ENGINE_PARAMETERS, "torch_threads": str(ENGINE_THREADS["fp32"])}.items():
         out.parameters[key].string_value = value
     out.max_batch_size = TORCH_MAX_BATCH
     del out.dynamic_batching.preferred_batch_size[:]

@@ -23,8 +23,8 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
 - `queue-delay`: Triton's `max_queue_delay_microseconds` on `vqa` and the engines behind the public
   HTTP API (`tiny` /v1/vqa, HAProxy): c=32 req/s and the engines' average batch, and c=1 p50 (what
   a wait for a fuller batch costs a lone caller), in interleaved windows, a fresh Triton each;
-- `small-engines`: `small`'s engine instances and ORT threads behind the public HTTP API
-  (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each).
+- `small-engines`, `tiny-engines`: that preset's engine instances and ORT threads behind the public
+  HTTP API (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each).
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -55,7 +55,8 @@ log = logging.getLogger("loadtests.levers")
 TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
 SECTIONS = (
-    "ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay", "small-engines"
+    "ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay", "small-engines",
+    "tiny-engines",
 )
 
 
@@ -318,7 +319,8 @@ def http_windows(repo: Path, preset: str, edits: dict[str, Callable[..., None]],
         for label, edit in edits.items():
             dest = servers.variant_repository(repo, REPO_ROOT / "build" / "bench" / f"levers-{tag}", edit)
             try:
-                with servers.triton(dest, f"levers-{tag}") as t, servers.serve_app(
+                # No response cache: the corpus repeats its images, and the lone caller's would be answered from it.
+                with servers.triton(dest, f"levers-{tag}", response_cache_mb=0) as t, servers.serve_app(
                     t.url_grpc, dest, preset, f"levers-{tag}"
                 ) as app:
                     before = grpc_driver.scrape(t.url_metrics)
@@ -340,6 +342,12 @@ def http_windows(repo: Path, preset: str, edits: dict[str, Callable[..., None]],
     return windows
 
 
+def _c1_medians(windows: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each variant's median c=1 p50 over its windows (those measured with `lone`)."""
+    return {k: round(float(np.median([w["c1_p50_ms"] for w in v if "c1_p50_ms" in w])), 1)
+            for k, v in windows.items() if any("c1_p50_ms" in w for w in v)}
+
+
 def queue_delay(corpus: list[Sample], duration: float, warmup: float, rounds: int) -> dict[str, Any]:
     """Queue delays behind the public HTTP API: c=32 req/s and engine batch, c=1 p50; interleaved windows."""
     edits: dict[str, Callable[..., None]] = {}
@@ -352,28 +360,30 @@ def queue_delay(corpus: list[Sample], duration: float, warmup: float, rounds: in
 
         edits[label] = edit
     windows = http_windows(TINY, "tiny", edits, corpus, duration, warmup, rounds, "queue-delay", lone=True)
-    c1 = {k: round(float(np.median([w["c1_p50_ms"] for w in v if "c1_p50_ms" in w])), 1)
-          for k, v in windows.items() if any("c1_p50_ms" in w for w in v)}
     return {"tiny vqa http windows": windows, "mean_over_shipped": _mean_over(windows, "vqa 0 us, engines 0 us"),
-            "c1_p50_ms_median": c1}
+            "c1_p50_ms_median": _c1_medians(windows)}
 
 
-# Instances and ORT threads of `small`'s engines behind the public HTTP API: {model: (instances, threads)}.
-SMALL_ENGINE_VARIANTS: dict[str, dict[str, tuple[int, int]]] = {
-    "as installed (2 instances x 2 threads each)": {},
-    "image_encoder 1 instance": {"image_encoder": (1, 2)},
-    "every engine 1 instance": {e: (1, 2) for e in ("image_encoder", "text_encoder", "fusion")},
-    "every engine 2 instances x 1 thread": {e: (2, 1) for e in ("image_encoder", "text_encoder", "fusion")},
+# Instances and ORT threads of the engines behind the public HTTP API: {model: (instances, threads)}.
+# Until lever 40 the engines ran 2 instances x 2 threads, the baseline of results/levers.json's
+# `small-engines*` and `tiny-engines` entries ("as installed (2 instances x 2 threads each)").
+INSTALLED_ENGINES = "as installed (2 instances x 1 thread each)"
+_ENGINES = ("image_encoder", "text_encoder", "fusion")
+ENGINE_VARIANTS: dict[str, dict[str, tuple[int, int]]] = {
+    INSTALLED_ENGINES: {},
+    "every engine 2 instances x 2 threads": {e: (2, 2) for e in _ENGINES},
+    "image_encoder 1 instance x 2 threads": {"image_encoder": (1, 2)},
+    "every engine 1 instance x 2 threads": {e: (1, 2) for e in _ENGINES},
 }
 
 
-def small_engines(corpus: list[Sample], duration: float, warmup: float, rounds: int,
-                  only: list[str] | None = None) -> dict[str, Any]:
-    """`small`'s engine instances and threads behind the public HTTP API, c=32; interleaved windows.
+def engine_variants(preset: str, corpus: list[Sample], duration: float, warmup: float, rounds: int,
+                    only: list[str] | None = None) -> dict[str, Any]:
+    """The engines' instances and threads (`tiny` or `small`) behind the public HTTP API, c=32; interleaved windows.
 
     `only`: the variants whose label starts with one of these (the installed one is always run)."""
     edits: dict[str, Callable[..., None]] = {}
-    for label, settings in SMALL_ENGINE_VARIANTS.items():
+    for label, settings in ENGINE_VARIANTS.items():
         if only and settings and not label.startswith(tuple(only)):
             continue
         def edit(model: str, config: Any, settings: dict[str, tuple[int, int]] = settings) -> None:
@@ -382,9 +392,10 @@ def small_engines(corpus: list[Sample], duration: float, warmup: float, rounds: 
                 config.parameters["intra_op_threads"].string_value = str(settings[model][1])
 
         edits[label] = edit
-    windows = http_windows(SMALL, "small", edits, corpus, duration, warmup, rounds, "small-engines")
-    return {"small vqa http windows": windows,
-            "mean_over_shipped": _mean_over(windows, "as installed (2 instances x 2 threads each)")}
+    repo = SMALL if preset == "small" else TINY
+    windows = http_windows(repo, preset, edits, corpus, duration, warmup, rounds, f"{preset}-engines", lone=True)
+    return {f"{preset} vqa http windows": windows, "mean_over_shipped": _mean_over(windows, INSTALLED_ENGINES),
+            "c1_p50_ms_median": _c1_medians(windows)}
 
 
 def triton_engines(repo: Path, corpus: list[Sample], duration: float, warmup: float) -> dict[str, Any]:
@@ -442,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per in-process measurement")
     p.add_argument("--rounds", type=int, default=3, help="front: interleaved windows per variant")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "levers.json")
-    p.add_argument("--variants", nargs="+", help="small-engines: only the variants whose label starts so")
-    p.add_argument("--key", help="small-engines: its key in --out (default: small-engines), to keep a repeat apart")
+    p.add_argument("--variants", nargs="+", help="small-/tiny-engines: only the variants whose label starts so")
+    p.add_argument("--key", help="small-/tiny-engines: its key in --out (default: the section), to keep a repeat apart")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # stop every server first, as Ctrl-C does
@@ -472,9 +483,10 @@ def main(argv: list[str] | None = None) -> int:
             results["front-haproxy"] = front_haproxy(corpus, args.duration, args.warmup, args.rounds)
         elif section == "queue-delay":
             results["queue-delay"] = queue_delay(corpus, args.duration, args.warmup, args.rounds)
-        elif section == "small-engines":
-            results[args.key or "small-engines"] = small_engines(corpus, args.duration, args.warmup, args.rounds,
-                                                                 args.variants)
+        elif section in ("small-engines", "tiny-engines"):
+            preset = section.split("-")[0]
+            results[args.key or section] = engine_variants(preset, corpus, args.duration, args.warmup, args.rounds,
+                                                           args.variants)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():

@@ -76,6 +76,29 @@ def test_onnxruntime_configs_parse_with_native_backend_and_io_spec_dims(onnx_dir
         assert (repo / m / "1" / "model.py").read_bytes() == (source_repo / m / "1" / "model.py").read_bytes()
 
 
+@pytest.mark.parametrize(
+    ("target", "precision", "parameter", "threads"),
+    [
+        ("embedded", "int8", "intra_op_threads", "1"),
+        ("embedded", "fp32", "intra_op_threads", "2"),
+        ("onnxruntime", "fp32", "intra_op_thread_count", "2"),
+        ("onnxruntime", "int8", "intra_op_thread_count", "1"),
+        ("torch", "fp32", "torch_threads", "2"),
+    ],
+)
+def test_rendered_engines_get_the_threads_their_precision_measured_best_with(
+    onnx_dir, source_repo, tmp_path, target, precision, parameter, threads
+):
+    # int8: two instances of one thread each beat two of two threads on 2 cores; fp32 the other way.
+    repo = tmp_path / target
+    install(onnx_dir, target, repo=repo, source_repo=source_repo, precision=precision)
+    for e in ENGINES:
+        config = load_config(repo / e / "config.pbtxt")
+        assert config.parameters[parameter].string_value == threads, e
+        assert _manifest(repo, e)["config_pbtxt_sha256"] == sha256_file(repo / e / "config.pbtxt")
+    assert load_config(source_repo / "fusion" / "config.pbtxt").parameters["intra_op_threads"].string_value == "1"
+
+
 def test_tensorrt_install_needs_stage_3_and_writes_nothing_without_it(onnx_dir, source_repo, tmp_path):
     repo = tmp_path / "trt"
     with pytest.raises(InstallError, match="vtfuse export engine"):

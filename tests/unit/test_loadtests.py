@@ -173,7 +173,7 @@ def test_no_batching_variant_keeps_everything_but_dynamic_batching(tmp_path):
 
 
 def test_engine_settings_edit_touches_only_the_engines(tmp_path):
-    edit = servers.engine_settings(threads=1, instances=2)
+    edit = servers.engine_settings(threads=2, instances=2)
     for name in ("fusion", "vqa"):
         config = load_config(REPO / "model_repository" / name)
         before = load_config(REPO / "model_repository" / name)
@@ -181,7 +181,7 @@ def test_engine_settings_edit_touches_only_the_engines(tmp_path):
         if name == "vqa":
             assert config == before
         else:
-            assert config.parameters["intra_op_threads"].string_value == "1"
+            assert config.parameters["intra_op_threads"].string_value == "2"
             assert config.instance_group[0].count == 2
 
 
@@ -269,11 +269,11 @@ def test_summary_leaves_a_failed_setup_null():
 
 def test_tune_candidate_edits_batching_and_instances():
     config = load_config(REPO / "model_repository" / "fusion")
-    Candidate(500, (8, 16, 128), 2, threads=1).apply(config)
+    Candidate(500, (8, 16, 128), 2, threads=2).apply(config)
     assert config.dynamic_batching.max_queue_delay_microseconds == 500
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]  # 128 > max_batch_size dropped
     assert config.instance_group[0].count == 2
-    assert config.parameters["intra_op_threads"].string_value == "1"
+    assert config.parameters["intra_op_threads"].string_value == "2"
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 256  # untouched
 
 
