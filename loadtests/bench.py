@@ -2,7 +2,8 @@
 
 Setups are measured one at a time (everything else stopped), the load generator on the same
 machine. The offered load of every comparison is a closed loop at concurrency 32 for the
-same duration. Steps:
+same duration. Triton runs without its response cache except where the cache itself is measured
+(step 5): the load corpus repeats its images, and the naive server keeps no image features. Steps:
 
 1. the machine's fp32 matmul ceiling (4096², ONNX Runtime's thread count), its int8 one where
    the engines are int8, and FLOPs/item;
@@ -14,7 +15,8 @@ same duration. Steps:
    /v1/retrieve against one single-question /v1/vqa at c=1;
 5. `small`: Triton direct gRPC and Ray Serve → Triton at c=32, the same with the other precision's
    engines (Triton direct, for `int8_gain_small`), and 8 sequential one-question /v1/vqa calls
-   per image with Triton's response cache on (as shipped) and off (`repeat_image_speedup_small`);
+   per image with Triton's response cache on (as shipped) and off (`repeat_image_speedup_small`,
+   a fresh stack each);
    The `tiny` /v1/vqa c=32 run is repeated through the other HTTP front door (serving/app/front.py);
 6. the naive server (FastAPI + PyTorch eager, one worker per core) on `tiny` and `small`, at the
    precision of the served engines (int8: PyTorch's dynamic quantisation of the Linear layers),
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from export.onnx_export import default_onnx_dir
+from export.render_repo import ENGINE_THREADS
 from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, repeat_image, servers
 from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
 from serving import progress
@@ -55,6 +58,10 @@ SMALL_REPO = REPO_ROOT / "build" / "model_repository-small"
 C = 32  # the offered load of every comparison
 CONTENDED = 0.10  # share of all cores other processes may take during a measurement before it is repeated
 T = TypeVar("T")
+# Throughput and latency runs start Triton without its response cache: the corpus repeats its 64
+# images, which the cache would answer from image features it kept, while the naive server computes
+# every one. What the cache gains on repeated images is its own figure (`repeat_image_speedup_small`).
+NO_CACHE = 0
 
 
 @dataclass(frozen=True)
@@ -226,7 +233,7 @@ class Bench:
         return self.s.small_repo.resolve() == self.s.tiny_repo.resolve()
 
     def triton_tiny(self) -> None:
-        with servers.triton(self.s.tiny_repo, "tiny") as t:
+        with servers.triton(self.s.tiny_repo, "tiny", response_cache_mb=NO_CACHE) as t:
             for c in self.s.sweep:
                 if c != C:
                     self.grpc(t.url_grpc, f"triton-grpc-tiny-c{c}", c)
@@ -246,7 +253,6 @@ class Bench:
             if self.shared:
                 self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s,
                           metrics_url=t.url_metrics)
-                self.repeat(app.url, t.url_metrics, "on")
 
     def serve_tiny_other_front(self, t: TritonServer) -> None:
         """/v1/vqa at c=32 through the other HTTP front door (HAProxy when Ray's proxy is shipped, and back)."""
@@ -257,13 +263,13 @@ class Bench:
     def triton_tiny_unbatched(self) -> None:
         dest = REPO_ROOT / "build" / "bench" / "model_repository-tiny-nobatch"
         servers.variant_repository(self.s.tiny_repo, dest, servers.no_dynamic_batching)
-        with servers.triton(dest, "tiny-nobatch") as t:
+        with servers.triton(dest, "tiny-nobatch", response_cache_mb=NO_CACHE) as t:
             self.grpc(t.url_grpc, f"triton-grpc-tiny-nobatch-c{C}", C, metrics_url=t.url_metrics)
 
     def triton_small(self) -> None:
         if self.shared:
             return
-        with servers.triton(self.s.small_repo, "small") as t:
+        with servers.triton(self.s.small_repo, "small", response_cache_mb=NO_CACHE) as t:
             self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
             if self.s.serve:
                 self.stage("serve-small", lambda: self.serve_small(t))
@@ -271,23 +277,25 @@ class Bench:
     def serve_small(self, t: TritonServer) -> None:
         with servers.serve_app(t.url_grpc, self.s.small_repo, "small", "small") as app:
             self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s, metrics_url=t.url_metrics)
-            self.repeat(app.url, t.url_metrics, "on")
 
-    def repeat_small_off(self) -> None:
-        """The repeated-image sequences again on a `small` stack whose Triton runs without the response cache."""
+    def repeat_small(self) -> None:
+        """The repeated-image sequences on a `small` stack with Triton's response cache on (as shipped), then off."""
         if not self.s.serve:
             return
-        with servers.triton(self.s.small_repo, "small-nocache", response_cache_mb=0) as t:
-            with servers.serve_app(t.url_grpc, self.s.small_repo, "small", "small-nocache") as app:
-                self.repeat(app.url, t.url_metrics, "off")
+        for cache, mb in (("on", None), ("off", NO_CACHE)):
+            with servers.triton(self.s.small_repo, f"small-cache-{cache}", response_cache_mb=mb) as t:
+                with servers.serve_app(t.url_grpc, self.s.small_repo, "small", f"small-cache-{cache}") as app:
+                    self.repeat(app.url, t.url_metrics, cache)
 
     def triton_small_other_precision(self) -> None:
         """`small` through Triton direct with the other precision's engines (for `int8_gain_small`)."""
         other = "fp32" if self.small_int8 else "int8"
         preset = engine_bench.repository_config(self.s.small_repo).name  # `tiny` stands in for `small` in --quick
         dest = REPO_ROOT / "build" / "bench" / f"model_repository-small-{other}"
-        servers.variant_repository(self.s.small_repo, dest, servers.no_edit, precision.replacements(preset, other))
-        with servers.triton(dest, f"small-{other}") as t:
+        # Each precision with the engine threads it measured best with, as `vtfuse export install` sets them.
+        edit = servers.engine_settings(threads=ENGINE_THREADS[other])
+        servers.variant_repository(self.s.small_repo, dest, edit, precision.replacements(preset, other))
+        with servers.triton(dest, f"small-{other}", response_cache_mb=NO_CACHE) as t:
             self.grpc(t.url_grpc, f"triton-grpc-small-{other}-c{C}", C, t.url_metrics, self.s.small_duration_s)
 
     def naive(self) -> None:
@@ -317,7 +325,7 @@ class Bench:
         self.stage("triton-tiny-nobatch", self.triton_tiny_unbatched)
         self.stage("triton-small", self.triton_small)
         self.stage("triton-small-other-precision", self.triton_small_other_precision)
-        self.stage("repeat-image-small-cache-off", self.repeat_small_off)
+        self.stage("repeat-image-small", self.repeat_small)
         self.stage("naive", self.naive)
         from loadtests.report import summary
 
@@ -373,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         args.wait_quiet = 0.0 if args.quick else 600.0
     if not args.quick:
         ensure_small_repository(args.small_repo)
-    if args.engine_threads or args.engine_instances or args.precision:
+    # Another precision gets the engine threads it measured best with unless told (as `vtfuse export install`).
+    threads = args.engine_threads or (ENGINE_THREADS[args.precision] if args.precision else None)
+    if threads or args.engine_instances or args.precision:
         # Variant repositories under build/bench/; the committed ones stay untouched.
-        edit = servers.engine_settings(args.engine_threads, args.engine_instances)
-        tag = f"t{args.engine_threads or 'x'}-i{args.engine_instances or 'x'}-{args.precision or 'installed'}"
+        edit = servers.engine_settings(threads, args.engine_instances)
+        tag = f"t{threads or 'x'}-i{args.engine_instances or 'x'}-{args.precision or 'installed'}"
         for preset in ("tiny",) if args.quick else ("tiny", "small"):
             src = getattr(args, f"{preset}_repo")
             swap = precision.replacements(preset, args.precision) if args.precision else None
@@ -388,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = BenchSettings(serve=not args.no_serve, tiny_repo=args.tiny_repo, small_repo=args.small_repo)
     bench = Bench(settings, out)
     bench.raw["engine_overrides"] = {
-        "intra_op_threads": args.engine_threads, "instances": args.engine_instances, "precision": args.precision,
+        "intra_op_threads": threads, "instances": args.engine_instances, "precision": args.precision,
     }
     bench.raw["serve_composition"] = servers.shipped_serve_composition()
     bench.raw["repositories"] = {"tiny": str(settings.tiny_repo), "small": str(settings.small_repo)}
