@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -214,6 +214,13 @@ class Bench:
             (p, lambda repo=repo: engine_bench.sweep(repo, self.s.batches, min_time_s=self.s.engine_min_time_s))
             for p, repo in (("tiny", self.s.tiny_repo), ("small", self.s.small_repo))
         ]
+        instances, threads = engine_bench.served_layout(self.s.small_repo)
+        if instances > 1 and threads:
+            # As Triton runs them (instances at once, their own threads each): when that beats one set on every
+            # core, it is the in-process best that `served_over_engine_*` divide by.
+            layout = replace(engine_bench.IN_PROCESS, intra_threads=threads)
+            setups.append(("small-instances", lambda: engine_bench.sweep(
+                self.s.small_repo, self.s.batches, layout, self.s.engine_min_time_s, streams=instances)))
         if self.small_int8:  # engine_efficiency is defined against the fp32 ceiling: time the fp32 graphs too
             fp32 = {e: self.s.small_onnx / f"{e}.onnx" for e in flops.ENGINES}
             cfg = engine_bench.repository_config(self.s.small_repo)

@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -118,6 +119,15 @@ class Engines:
         return {"batch": batch, "reps": len(times), "ms_per_batch": med * 1e3, "items_per_s": batch / med}
 
 
+def served_layout(repository: str | Path) -> tuple[int, int]:
+    """(instances, intra-op threads) of the repository's `image_encoder`: how Triton runs each engine."""
+    from export.render_repo import load_config
+
+    config = load_config(Path(repository) / "image_encoder" / "config.pbtxt")
+    threads = config.parameters["intra_op_threads"].string_value if "intra_op_threads" in config.parameters else "0"
+    return config.instance_group[0].count, int(threads)
+
+
 def repository_precision(repository: str | Path) -> str:
     """`fp32` or `int8`: the engines a repository serves (its manifest; fp32 before precisions were recorded)."""
     manifest = Path(repository) / "fusion" / "1" / "manifest.json"
@@ -130,10 +140,43 @@ def sweep(
     settings: SessionSettings = IN_PROCESS,
     min_time_s: float = 2.0,
     passes: int = 3,
+    streams: int = 1,
 ) -> dict[str, Any]:
     """Items/s per batch size of a repository's engines; `best` is the batch with the most items/s."""
-    res = sweep_paths(repository_onnx(repository), repository_config(repository), batches, settings, min_time_s, passes)
+    res = sweep_paths(repository_onnx(repository), repository_config(repository), batches, settings, min_time_s, passes,
+                      streams)
     return res | {"repository": str(repository), "precision": repository_precision(repository)}
+
+
+def time_streams(engines: list[Engines], batch: int, min_time_s: float, warm_up: bool = True) -> dict[str, Any]:
+    """Items/s of several engine sets each running batches back to back in its own thread, over one window.
+
+    ONNX Runtime releases the GIL while a session runs, so N sets of 1 thread each run as Triton's
+    N engine instances of 1 thread do."""
+    x = engines[0].inputs(batch)
+    if warm_up:
+        for eng in engines:
+            eng.run(*x)
+    done = [0] * len(engines)
+    stop = threading.Event()
+
+    def loop(i: int) -> None:
+        while not stop.is_set():
+            engines[i].run(*x)
+            done[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(engines))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(min_time_s)
+    stop.set()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0  # includes each set finishing its last batch, which `done` counts
+    items_per_s = batch * sum(done) / wall
+    # ms_per_batch: wall time per item batch of all sets together (so items/s = batch / it, as for one set).
+    return {"batch": batch, "reps": sum(done), "ms_per_batch": batch * 1e3 / items_per_s, "items_per_s": items_per_s}
 
 
 def sweep_paths(
@@ -143,19 +186,27 @@ def sweep_paths(
     settings: SessionSettings = IN_PROCESS,
     min_time_s: float = 2.0,
     passes: int = 3,
+    streams: int = 1,
 ) -> dict[str, Any]:
     """Items/s per batch size of three engine files, over `passes` interleaved passes of `min_time_s / passes` each.
 
     Each batch size's row is the median of its passes. One window per batch let a quiet or busy spell
     of this shared machine land on one batch size: rows moved ±10 % between runs, and `best`, the
     largest of them, was biased upwards by the luckiest window.
+
+    `streams` > 1: that many engine sets run at once, each in its own thread (`time_streams`), as
+    Triton runs its engine instances; `settings.intra_threads` is then per set.
     """
-    eng = Engines(paths, cfg, settings)
+    sets = [Engines(paths, cfg, settings) for _ in range(max(1, streams))]
     runs: dict[int, list[dict[str, Any]]] = {b: [] for b in batches}
     passes = max(1, passes)
     for i in range(passes):
         for b in batches:
-            runs[b].append(eng.time_batch(b, min_time_s / passes, min_reps=1 if passes > 1 else 3, warm_up=i == 0))
+            if streams > 1:
+                runs[b].append(time_streams(sets, b, min_time_s / passes, warm_up=i == 0))
+            else:
+                runs[b].append(sets[0].time_batch(b, min_time_s / passes, min_reps=1 if passes > 1 else 3,
+                                                  warm_up=i == 0))
     rows = []
     for b, got in runs.items():
         ms = statistics.median(r["ms_per_batch"] for r in got)
@@ -166,6 +217,7 @@ def sweep_paths(
         "preset": cfg.name,
         "files": {e: str(p) for e, p in paths.items()},
         "settings": asdict(settings) | {"intra_threads": settings.intra_threads or ort_threads()},
+        "streams": max(1, streams),
         "rows": rows,
         "best": best,
     }
@@ -182,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per batch size")
+    p.add_argument("--streams", type=int, default=1,
+                   help="engine sets run at once, each in its own thread (as Triton's engine instances)")
     args = p.parse_args(argv)
-    res = sweep(args.repository, tuple(args.batches), replace(IN_PROCESS, intra_threads=args.threads), args.min_time)
+    res = sweep(args.repository, tuple(args.batches), replace(IN_PROCESS, intra_threads=args.threads), args.min_time,
+                streams=args.streams)
     json.dump(res, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

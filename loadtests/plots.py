@@ -65,10 +65,12 @@ def plot_cdf(runs: dict[str, RunResult], path: Path, suffix: str = "-c32") -> Pa
 
 def plot_engines(raw: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in ("engine_tiny", "engine_small", "engine_small_fp32"):
+    for key in ("engine_tiny", "engine_small", "engine_small_instances", "engine_small_fp32"):
         if key in raw:
             rows = raw[key]["rows"]
             label = f"{raw[key]['preset']} {raw[key].get('precision', 'fp32')}"
+            if raw[key].get("streams", 1) > 1:
+                label += f", {raw[key]['streams']} sets × {raw[key]['settings']['intra_threads']} thread at once"
             ax.plot([r["batch"] for r in rows], [r["items_per_s"] for r in rows], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

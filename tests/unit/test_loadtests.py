@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -257,6 +258,29 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     assert s["retrieve64_over_vqa1"] == pytest.approx(30 / 12.5, abs=1e-4)
     assert s["targets"]["vs_naive_http_small"]["met"] is True and s["targets"]["vs_naive_http_tiny"]["met"] is True
     assert s["targets"]["vs_naive_p99_tiny_under_half"]["met"] is True  # 50 ms < 200 ms / 2
+
+
+def test_served_over_engine_divides_by_the_better_in_process_arrangement():
+    served = _run("serve-http-small-c32", 16, 2500, avg_batch=8.0)
+    one_set = {"rows": [{"batch": 8, "items_per_s": 18.0}], "best": {"batch": 8, "items_per_s": 18.0},
+               "settings": {"intra_threads": 2}}
+    two_sets = {"rows": [{"batch": 8, "items_per_s": 20.0}], "best": {"batch": 8, "items_per_s": 20.0},
+                "settings": {"intra_threads": 1}, "streams": 2}
+    ratio, detail = report._served_over_engine(served, one_set, two_sets)
+    assert ratio == pytest.approx(16 / 20, abs=1e-4)
+    assert (detail["in_process_streams"], detail["in_process_threads_per_stream"]) == (2, 1)
+    assert report._served_over_engine(served, one_set, None)[0] == pytest.approx(16 / 18, abs=1e-4)
+
+
+def test_engine_sets_run_at_once_count_every_batch_they_finish():
+    from loadtests import engine_bench
+
+    res = engine_bench.sweep(REPO / "model_repository", (2,), dataclasses.replace(engine_bench.IN_PROCESS,
+                             intra_threads=1), min_time_s=0.3, passes=1, streams=2)
+    row = res["rows"][0]
+    assert res["streams"] == 2 and res["settings"]["intra_threads"] == 1
+    assert row["reps"] >= 2 and row["items_per_s"] == pytest.approx(2 * 1e3 / row["ms_per_batch"])
+    assert engine_bench.served_layout(REPO / "model_repository") == (2, 1)
 
 
 def test_summary_leaves_a_failed_setup_null():
