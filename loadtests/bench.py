@@ -20,7 +20,11 @@ same duration. Triton runs without its response cache except where the cache its
    The `tiny` /v1/vqa c=32 run is repeated through the other HTTP front door (serving/app/front.py);
 6. the naive server (FastAPI + PyTorch eager, one worker per core) on `tiny` and `small`, at the
    precision of the served engines (int8: PyTorch's dynamic quantisation of the Linear layers),
-   and fp32 at c=32 too when that differs (the older, mixed-precision ratios in `details.history`).
+   and fp32 at c=32 too when that differs (the older, mixed-precision ratios in `details.history`);
+7. paired rounds for `vs_naive_http_*`: the public HTTP API and the naive server at c=32 in
+   adjacent windows, fresh stacks each, the order alternating between rounds; the ratio is the
+   median over rounds of each round's ratio (steps 4–6 measure the two sides ~15 minutes apart,
+   and windows of one setup that far apart differ by up to ±20 % on this machine).
 
 `--quick` is a smoke run: seconds-long windows, a 2048² matmul, and `tiny` stands in for
 `small` (no `small` repository needed; its setups reuse tiny's servers); its figures say
@@ -83,6 +87,7 @@ class BenchSettings:
     # Every c=32 comparison run is measured this many times back to back and the median-throughput
     # window kept (Ray's figures on 2 shared cores move ±15 % between windows; all are in the run JSON).
     repeats: int = 3
+    paired_rounds: int = 3  # step 7: rounds of (public HTTP API, naive server) adjacent windows per preset
     serve: bool = True
     tiny_repo: Path = TINY_REPO
     small_repo: Path = SMALL_REPO
@@ -94,7 +99,7 @@ class BenchSettings:
         return cls(
             quick=True, duration_s=3.0, warmup_s=1.0, small_duration_s=3.0, sweep=(1, C), batches=(1, 8),
             engine_min_time_s=0.2, matmul_reps=1, matmul_n=2048, latency_requests_s=2.0, serve=serve, attempts=1,
-            repeats=1, repeat_sequences=2,
+            repeats=1, repeat_sequences=2, paired_rounds=1,
             tiny_repo=tiny_repo, small_repo=tiny_repo, small_onnx=default_onnx_dir("tiny"),
         )
 
@@ -126,9 +131,11 @@ class Bench:
         """`fn`'s result, the CPU share other work took meanwhile, attempts (repeated while contended)."""
         return uncontended(fn, label, self.s.attempts, CONTENDED)
 
-    def measured(self, name: str, once: Callable[[], RunResult], concurrency: int) -> RunResult:
-        """`once` measured (`repeats` times at c=32, keeping the median-throughput window), then kept."""
-        n = self.s.repeats if concurrency == C else 1
+    def measured(self, name: str, once: Callable[[], RunResult], concurrency: int,
+                 repeats: int | None = None) -> RunResult:
+        """`once` measured (`repeats` times, by default the settings' at c=32 and once otherwise, keeping the
+        median-throughput window), then kept."""
+        n = repeats if repeats is not None else self.s.repeats if concurrency == C else 1
         windows = [self.uncontended(name, once) for _ in range(n)]
         ordered = sorted(windows, key=lambda w: w[0].throughput_rps)
         res, share, attempts = ordered[len(ordered) // 2]
@@ -163,7 +170,7 @@ class Bench:
         return self.measured(name, once, concurrency)
 
     def http(self, url: str, name: str, concurrency: int, kind: str = "vqa", duration: float | None = None,
-             metrics_url: str | None = None) -> RunResult:
+             metrics_url: str | None = None, repeats: int | None = None) -> RunResult:
         def once() -> RunResult:
             before = grpc_driver.scrape(metrics_url) if metrics_url else ""
             res = asyncio.run(http_driver.drive(
@@ -174,7 +181,7 @@ class Bench:
                 res.extra["triton_batches"] = grpc_driver.batch_delta(before, grpc_driver.scrape(metrics_url))
             return res
 
-        return self.measured(name, once, concurrency)
+        return self.measured(name, once, concurrency, repeats)
 
     @property
     def small_int8(self) -> bool:
@@ -324,6 +331,30 @@ class Bench:
             with servers.baseline("small", precision=p) as b:
                 self.http(b.url, f"naive-{p}-small-c{C}", C, duration=self.s.small_duration_s)
 
+    def paired(self) -> None:
+        """Step 7: per preset, rounds of one public-HTTP-API window and one naive-server window, back to back.
+
+        Each window gets a fresh stack; round r runs the API first when r is even and the naive server
+        first when r is odd, so a drift of the machine favours neither side. A round's two windows are
+        `paired-serve-<preset>-r<r>` and `paired-naive-<preset>-r<r>` (report.paired_ratio).
+        """
+        if not self.s.serve:
+            return
+        for preset in ("tiny",) if self.shared else ("tiny", "small"):
+            repo = self.s.tiny_repo if preset == "tiny" else self.s.small_repo
+            duration = self.s.duration_s if preset == "tiny" else self.s.small_duration_s
+            for r in range(self.s.paired_rounds):
+                for side in ("serve", "naive") if r % 2 == 0 else ("naive", "serve"):
+                    name = f"paired-{side}-{preset}-r{r}"
+                    if side == "naive":
+                        with servers.baseline(preset, precision=self.precision(preset)) as b:
+                            self.http(b.url, name, C, duration=duration, repeats=1)
+                        continue
+                    with servers.triton(repo, name, response_cache_mb=NO_CACHE) as t, servers.serve_app(
+                        t.url_grpc, repo, preset, name
+                    ) as app:
+                        self.http(app.url, name, C, duration=duration, repeats=1)
+
     def run(self) -> dict[str, Any]:
         started = time.time()
         self.stage("ceiling+flops", self.ceiling)
@@ -334,6 +365,7 @@ class Bench:
         self.stage("triton-small-other-precision", self.triton_small_other_precision)
         self.stage("repeat-image-small", self.repeat_small)
         self.stage("naive", self.naive)
+        self.stage("paired", self.paired)
         from loadtests.report import summary
 
         result = summary(self, started)

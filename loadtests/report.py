@@ -12,7 +12,11 @@ Keys (numbers; `null` where a setup failed, the reason under `errors`):
   many sets at once as Triton runs instances, each with the instances' threads (`engine_small_instances`);
 - `vs_naive_http_tiny`, `vs_naive_http_small`: the public HTTP API (Ray Serve → Triton) ÷ the naive
   server, both HTTP + JSON, the naive server at the precision of the served engines (int8 engines
-  against PyTorch's dynamic int8, fp32 against fp32; `..._detail` says which and holds both p99s);
+  against PyTorch's dynamic int8, fp32 against fp32; `..._detail` says which and holds both p99s):
+  the median over the paired rounds (bench step 7) of each round's ratio, its two windows adjacent
+  (`..._detail.paired` lists every round; `..._detail` holds the median round's figures); the ratio of
+  the sequential c=32 windows (measured ~15 minutes apart) is `..._detail.sequential`, and is the
+  figure where no round has both windows;
 - `vs_naive_grpc_tiny`: Triton's `vqa` over gRPC (raw image bytes) ÷ the naive server over HTTP +
   JSON, same precision: what a client talking to Triton directly gets;
 - `int8_gain_small`: `small` through Triton direct at c=32, int8 engines ÷ fp32 engines, each with
@@ -100,6 +104,32 @@ def _vs_naive(ours: RunResult | None, naive: RunResult | None, label: str) -> tu
     }
 
 
+def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None, dict[str, Any]]:
+    """The median over rounds of (public HTTP API ÷ naive server) in adjacent windows, and each round.
+
+    A round counts when both its windows completed (`paired-serve-<preset>-r<r>`, `paired-naive-<preset>-r<r>`).
+    The details are the median round's own figures (as `_vs_naive` gives them) plus `paired`: every round.
+    """
+    rounds = []
+    for name in sorted(runs):
+        prefix = f"paired-serve-{preset}-r"
+        if not name.startswith(prefix):
+            continue
+        r = name[len(prefix):]
+        ratio, d = _vs_naive(_run(runs, name), _run(runs, f"paired-naive-{preset}-r{r}"), "serve_http")
+        if ratio is not None:
+            rounds.append((int(r), ratio, d))
+    if not rounds:
+        return None, {}
+    rounds.sort()
+    by_ratio = sorted(rounds, key=lambda x: x[1])
+    _, value, median = by_ratio[(len(by_ratio) - 1) // 2]  # an even count keeps the lower middle
+    return value, {**median, "paired": [
+        {"round": r, "first": "serve" if r % 2 == 0 else "naive", "ratio": ratio,
+         "serve_http_rps": d["serve_http_rps"], "naive_rps": d["naive_rps"]} for r, ratio, d in rounds
+    ]}
+
+
 def _precision_of(raw: dict[str, Any], preset: str) -> str:
     return (raw.get("precision") or {}).get(preset, "fp32")
 
@@ -158,6 +188,13 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     # Like with like: the same precision on both sides, HTTP + JSON against HTTP + JSON.
     vht, d_vht = _vs_naive(http_tiny, naive_tiny, "serve_http")
     vhs, d_vhs = _vs_naive(http_small, naive_small, "serve_http")
+    # The paired rounds' median where there is one; the sequential windows' ratio stays beside it.
+    # (quick runs pair `tiny` only: there `small` keeps the sequential figure)
+    paired = {p: paired_ratio(runs, p) for p in ("tiny", "small")}
+    if paired["tiny"][0] is not None:
+        vht, d_vht = paired["tiny"][0], {**paired["tiny"][1], "sequential": {"value": vht, **d_vht}}
+    if paired["small"][0] is not None:
+        vhs, d_vhs = paired["small"][0], {**paired["small"][1], "sequential": {"value": vhs, **d_vhs}}
     vgt, p99_tiny = _vs_naive(grpc_tiny, naive_tiny, "triton_grpc")
     for d, p in ((d_vht, tiny_p), (d_vhs, small_p), (p99_tiny, tiny_p)):
         if d:
@@ -302,8 +339,16 @@ def _fmt(v: Any) -> str:
 def _rps(d: dict[str, Any] | None, ours: str) -> str:
     if not d:
         return ""
-    return (f"{d[f'{ours}_rps']:.1f} ÷ {d['naive_rps']:.1f} req/s, p99 {d[ours]:.0f} vs {d['naive']:.0f} ms; "
+    text = (f"{d[f'{ours}_rps']:.1f} ÷ {d['naive_rps']:.1f} req/s, p99 {d[ours]:.0f} vs {d['naive']:.0f} ms; "
             f"{d.get('precision', '')}")
+    if d.get("paired"):
+        ratios = ", ".join(f"{r['ratio']:.3g}" for r in d["paired"])
+        text = f"median of {len(d['paired'])} paired rounds (ratios {ratios}), its round " + text
+    seq = d.get("sequential") or {}
+    if seq.get("value") is not None:
+        text += (f"; the sequential windows: {seq['value']:.3g} "
+                 f"({seq[f'{ours}_rps']:.1f} ÷ {seq['naive_rps']:.1f} req/s)")
+    return text
 
 
 def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") -> str:

@@ -75,6 +75,10 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
         assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (key, v)
     assert summary["machine"]["cores"] >= 1 and summary["versions"]["onnxruntime"] != "absent"
     assert summary["commit"]
+    # step 7: one paired round (public HTTP API and naive server back to back) gives vs_naive_http_tiny
+    [paired] = summary["vs_naive_http_tiny_detail"]["paired"]
+    assert paired["ratio"] == summary["vs_naive_http_tiny"] and paired["first"] == "serve"
+    assert summary["vs_naive_http_tiny_detail"]["sequential"]["value"] > 0
     for name in summary["runs"]:
         run = json.loads((out / "runs" / f"{name}.json").read_text())
         assert run["completed"] > 0 and run["error_count"] == 0, (name, run["errors"])

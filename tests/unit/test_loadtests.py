@@ -312,3 +312,26 @@ def test_tune_grid_and_pick_best_respect_the_budget():
     ]
     assert pick_best(rows, 100)["label"] == "b"
     assert pick_best(rows, 10) is None
+
+
+def test_vs_naive_http_is_the_median_of_paired_rounds_with_the_sequential_ratio_beside_it():
+    runs = {r.name: r for r in [
+        _run("serve-http-tiny-c32", 300, 100), _run("naive-fp32-tiny-c32", 200, 150),  # sequential: 1.5
+        _run("paired-serve-tiny-r0", 240, 100), _run("paired-naive-tiny-r0", 200, 150),  # 1.2
+        _run("paired-naive-tiny-r1", 150, 150), _run("paired-serve-tiny-r1", 210, 100),  # 1.4
+        _run("paired-serve-tiny-r2", 220, 100), _run("paired-naive-tiny-r2", 200, 150),  # 1.1
+        _run("paired-serve-small-r0", 20, 100),  # its naive window failed: no round for small
+        _run("serve-http-small-c32", 16, 2500), _run("naive-fp32-small-c32", 8, 5000),
+    ]}
+    bench = SimpleNamespace(runs=runs, raw={}, errors={}, s=BenchSettings())
+    s = report.summary(bench, 0.0)
+    assert s["vs_naive_http_tiny"] == pytest.approx(1.2)  # the median round, not the sequential 1.5
+    d = s["vs_naive_http_tiny_detail"]
+    assert (d["serve_http_rps"], d["naive_rps"]) == (240, 200)  # the median round's own windows
+    assert [(r["round"], r["first"], r["ratio"]) for r in d["paired"]] == [
+        (0, "serve", 1.2), (1, "naive", 1.4), (2, "serve", 1.1)]
+    assert d["sequential"]["value"] == pytest.approx(1.5)
+    assert s["vs_naive_http_small"] == pytest.approx(2.0)  # no complete round: the sequential windows
+    assert "paired" not in s["vs_naive_http_small_detail"]
+    text = report.markdown(s)
+    assert "median of 3 paired rounds (ratios 1.2, 1.4, 1.1)" in text and "the sequential windows: 1.5" in text
