@@ -24,7 +24,8 @@ same duration. Triton runs without its response cache except where the cache its
 7. paired rounds for `vs_naive_http_*`: the public HTTP API and the naive server at c=32 in
    adjacent windows, fresh stacks each, the order alternating between rounds; the ratio is the
    median over rounds of each round's ratio (steps 4–6 measure the two sides ~15 minutes apart,
-   and windows of one setup that far apart differ by up to ±20 % on this machine).
+   and windows of one setup that far apart differ by up to ±20 % on this machine). `small`'s rounds
+   also time its in-process engines next to the API window, for `served_over_engine_http`.
 
 `--quick` is a smoke run: seconds-long windows, a 2048² matmul, and `tiny` stands in for
 `small` (no `small` repository needed; its setups reuse tiny's servers); its figures say
@@ -92,6 +93,11 @@ class BenchSettings:
     tiny_repo: Path = TINY_REPO
     small_repo: Path = SMALL_REPO
     small_onnx: Path = default_onnx_dir("small")  # stage-1 folder of `small`: its fp32 graphs
+
+    @property
+    def shared(self) -> bool:
+        """True when `small` is the tiny repository (quick runs)."""
+        return self.small_repo.resolve() == self.tiny_repo.resolve()
 
     @classmethod
     def quick_run(cls, serve: bool = True, tiny_repo: Path = TINY_REPO) -> BenchSettings:
@@ -216,11 +222,10 @@ class Bench:
         write_json(self.out / "ceiling_flops.json", {k: self.raw[k] for k in ("ceiling", "ceiling_int8", "flops")
                                                      if k in self.raw})
 
-    def engines(self) -> None:
-        setups: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            (p, lambda repo=repo: engine_bench.sweep(repo, self.s.batches, min_time_s=self.s.engine_min_time_s))
-            for p, repo in (("tiny", self.s.tiny_repo), ("small", self.s.small_repo))
-        ]
+    def small_arrangements(self) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+        """The in-process sweeps of `small`'s engines that `served_over_engine_*` take the best of."""
+        setups: list[tuple[str, Callable[[], dict[str, Any]]]] = [("small", lambda: engine_bench.sweep(
+            self.s.small_repo, self.s.batches, min_time_s=self.s.engine_min_time_s))]
         instances, threads = engine_bench.served_layout(self.s.small_repo)
         if instances > 1 and threads:
             # As Triton runs them (instances at once, their own threads each): when that beats one set on every
@@ -228,6 +233,12 @@ class Bench:
             layout = replace(engine_bench.IN_PROCESS, intra_threads=threads)
             setups.append(("small-instances", lambda: engine_bench.sweep(
                 self.s.small_repo, self.s.batches, layout, self.s.engine_min_time_s, streams=instances)))
+        return setups
+
+    def engines(self) -> None:
+        setups: list[tuple[str, Callable[[], dict[str, Any]]]] = [("tiny", lambda: engine_bench.sweep(
+            self.s.tiny_repo, self.s.batches, min_time_s=self.s.engine_min_time_s))]
+        setups += self.small_arrangements()
         if self.small_int8:  # engine_efficiency is defined against the fp32 ceiling: time the fp32 graphs too
             fp32 = {e: self.s.small_onnx / f"{e}.onnx" for e in flops.ENGINES}
             cfg = engine_bench.repository_config(self.s.small_repo)
@@ -244,7 +255,7 @@ class Bench:
     @property
     def shared(self) -> bool:
         """True when `small` is the tiny repository (quick runs): its setups reuse tiny's servers."""
-        return self.s.small_repo.resolve() == self.s.tiny_repo.resolve()
+        return self.s.shared
 
     def triton_tiny(self) -> None:
         with servers.triton(self.s.tiny_repo, "tiny", response_cache_mb=NO_CACHE) as t:
@@ -337,23 +348,47 @@ class Bench:
         Each window gets a fresh stack; round r runs the API first when r is even and the naive server
         first when r is odd, so a drift of the machine favours neither side. A round's two windows are
         `paired-serve-<preset>-r<r>` and `paired-naive-<preset>-r<r>` (report.paired_ratio).
+
+        For `small` (`tiny` in quick runs, where it stands in) a round also times the in-process engines
+        (`small_arrangements`) right next to the API window, on the far side from the naive one: the engine
+        window first in even rounds, last in odd ones (`raw["paired_engine_<preset>_r<r>"]`,
+        report.paired_served_over_engine).
         """
         if not self.s.serve:
             return
         for preset in ("tiny",) if self.shared else ("tiny", "small"):
             repo = self.s.tiny_repo if preset == "tiny" else self.s.small_repo
             duration = self.s.duration_s if preset == "tiny" else self.s.small_duration_s
+            with_engines = preset == ("tiny" if self.shared else "small")
             for r in range(self.s.paired_rounds):
-                for side in ("serve", "naive") if r % 2 == 0 else ("naive", "serve"):
+                sides = ("serve", "naive") if r % 2 == 0 else ("naive", "serve")
+                if with_engines:
+                    sides = ("engine", *sides) if r % 2 == 0 else (*sides, "engine")
+                for side in sides:
                     name = f"paired-{side}-{preset}-r{r}"
-                    if side == "naive":
+                    if side == "engine":
+                        self.paired_engines(f"paired_engine_{preset}_r{r}")
+                    elif side == "naive":
                         with servers.baseline(preset, precision=self.precision(preset)) as b:
                             self.http(b.url, name, C, duration=duration, repeats=1)
-                        continue
-                    with servers.triton(repo, name, response_cache_mb=NO_CACHE) as t, servers.serve_app(
-                        t.url_grpc, repo, preset, name
-                    ) as app:
-                        self.http(app.url, name, C, duration=duration, repeats=1)
+                    else:
+                        with servers.triton(repo, name, response_cache_mb=NO_CACHE) as t, servers.serve_app(
+                            t.url_grpc, repo, preset, name
+                        ) as app:
+                            self.http(app.url, name, C, duration=duration, repeats=1,
+                                      metrics_url=t.url_metrics if with_engines else None)
+
+    def paired_engines(self, key: str) -> None:
+        """`small`'s in-process arrangements, timed as step 2 times them, kept under `raw[key]`."""
+        timed: dict[str, Any] = {}
+        for name, fn in self.small_arrangements():
+            res, share, attempts = self.uncontended(f"{key} {name}", fn)
+            timed[name.replace("-", "_")] = res | {"foreign_cpu_share": share, "attempts": attempts}
+            log.info("   %s %s: best %.1f items/s at batch %d", key, name, res["best"]["items_per_s"],
+                     res["best"]["batch"])
+        self.raw[key] = timed
+        paired = {k: v for k, v in self.raw.items() if k.startswith("paired_engine_")}
+        write_json(self.out / "engine-paired.json", paired)
 
     def run(self) -> dict[str, Any]:
         started = time.time()

@@ -10,6 +10,10 @@ Keys (numbers; `null` where a setup failed, the reason under `errors`):
   batch (the conservative choice; the ratio at the in-process row nearest the batch the engines
   ran at is beside it, `at_engines_batch`), the better of one engine set on every core and as
   many sets at once as Triton runs instances, each with the instances' threads (`engine_small_instances`);
+  for `served_over_engine_http`, the median over the paired rounds (bench step 7), whose engine windows
+  are timed right next to their API window (`details.served_over_engine_http.paired` lists every round;
+  the ratio from the sweep's windows, minutes apart, is `...sequential`, and is the figure where no
+  round has both windows);
 - `vs_naive_http_tiny`, `vs_naive_http_small`: the public HTTP API (Ray Serve → Triton) ÷ the naive
   server, both HTTP + JSON, the naive server at the precision of the served engines (int8 engines
   against PyTorch's dynamic int8, fp32 against fp32; `..._detail` says which and holds both p99s):
@@ -130,6 +134,37 @@ def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None,
     ]}
 
 
+def paired_served_over_engine(
+    runs: dict[str, RunResult], raw: dict[str, Any], preset: str
+) -> tuple[float | None, dict[str, Any]]:
+    """The median over rounds of (public HTTP API items/s ÷ the in-process best timed next to it), and each round.
+
+    A round counts when its API window completed (`paired-serve-<preset>-r<r>`) and its engines were timed
+    (`raw["paired_engine_<preset>_r<r>"]`: every arrangement, as step 2 times them). The details are the
+    median round's own (as `_served_over_engine` gives them) plus `paired`: every round.
+    """
+    rounds = []
+    prefix = f"paired_engine_{preset}_r"
+    for key in sorted(raw):
+        if not key.startswith(prefix):
+            continue
+        r = int(key[len(prefix):])
+        ratio, d = _served_over_engine(_run(runs, f"paired-serve-{preset}-r{r}"), *raw[key].values())
+        if ratio is not None:
+            rounds.append((r, ratio, d))
+    if not rounds:
+        return None, {}
+    rounds.sort()
+    by_ratio = sorted(rounds, key=lambda x: x[1])
+    _, value, median = by_ratio[(len(by_ratio) - 1) // 2]  # an even count keeps the lower middle
+    return value, {**median, "paired": [
+        {"round": r, "engines": "first" if r % 2 == 0 else "last", "ratio": ratio,
+         "served_items_per_s": d["served_items_per_s"], "in_process_best_items_per_s": d["in_process_best_items_per_s"],
+         "in_process_streams": d["in_process_streams"], "in_process_best_batch": d["in_process_best_batch"],
+         "at_engines_batch": d["at_engines_batch"]} for r, ratio, d in rounds
+    ]}
+
+
 def _precision_of(raw: dict[str, Any], preset: str) -> str:
     return (raw.get("precision") or {}).get(preset, "fp32")
 
@@ -178,6 +213,12 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     small = (raw.get("engine_small"), raw.get("engine_small_instances"))
     sog, details["served_over_engine_grpc"] = _served_over_engine(grpc_small, *small)
     soh, details["served_over_engine_http"] = _served_over_engine(http_small, *small)
+    # The paired rounds' median where there is one (engines timed next to the API window, as for
+    # vs_naive_http_*); the figure from the sweep's windows, minutes apart, stays beside it.
+    psoh, d_psoh = paired_served_over_engine(runs, raw, "tiny" if bench.s.shared else "small")
+    if psoh is not None:
+        soh, details["served_over_engine_http"] = psoh, {
+            **d_psoh, "sequential": {"value": soh, **details["served_over_engine_http"]}}
 
     grpc_tiny = _run(runs, f"triton-grpc-tiny-c{C}")
     http_tiny = _run(runs, f"serve-http-tiny-c{C}")
@@ -377,6 +418,14 @@ def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") 
         if det.get(key):
             d = det[key]
             extra[key] = f"{d['served_items_per_s']:.2f} ÷ {d['in_process_best_items_per_s']:.2f} items/s"
+            if d.get("paired"):
+                ratios = ", ".join(f"{r['ratio']:.3g}" for r in d["paired"])
+                extra[key] = (f"median of {len(d['paired'])} paired rounds (ratios {ratios}), its round "
+                              f"{extra[key]}")
+            seq = d.get("sequential") or {}
+            if seq.get("value") is not None:
+                extra[key] += (f"; the sequential windows: {seq['value']:.3g} ({seq['served_items_per_s']:.2f} ÷ "
+                               f"{seq['in_process_best_items_per_s']:.2f} items/s)")
     lines = [
         f"Measured by `make bench` at commit `{str(s.get('commit', '?'))[:12]}` on {s.get('measured_at')} "
         f"({s.get('bench_seconds')} s; other work on the cores ≤ {_fmt(s.get('foreign_cpu_share_max'))} of them "

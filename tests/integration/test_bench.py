@@ -79,6 +79,12 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     [paired] = summary["vs_naive_http_tiny_detail"]["paired"]
     assert paired["ratio"] == summary["vs_naive_http_tiny"] and paired["first"] == "serve"
     assert summary["vs_naive_http_tiny_detail"]["sequential"]["value"] > 0
+    # ... and, its engines timed first (tiny stands in for small), served_over_engine_http
+    soe = summary["details"]["served_over_engine_http"]
+    [paired] = soe["paired"]
+    assert paired["ratio"] == summary["served_over_engine_http"] and paired["engines"] == "first"
+    assert soe["engines_avg_batch"] >= 1 and soe["sequential"]["value"] > 0
+    assert set(json.loads((out / "engine-paired.json").read_text())) == {"paired_engine_tiny_r0"}
     for name in summary["runs"]:
         run = json.loads((out / "runs" / f"{name}.json").read_text())
         assert run["completed"] > 0 and run["error_count"] == 0, (name, run["errors"])

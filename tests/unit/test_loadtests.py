@@ -272,6 +272,44 @@ def test_served_over_engine_divides_by_the_better_in_process_arrangement():
     assert report._served_over_engine(served, one_set, None)[0] == pytest.approx(16 / 18, abs=1e-4)
 
 
+def _engines(one: float, two: float) -> dict[str, dict[str, object]]:
+    """A paired round's engine window: one set on every core, and two sets at once."""
+    return {
+        "small": {"rows": [{"batch": 8, "items_per_s": one}], "best": {"batch": 8, "items_per_s": one},
+                  "settings": {"intra_threads": 2}},
+        "small_instances": {"rows": [{"batch": 1, "items_per_s": two}], "best": {"batch": 1, "items_per_s": two},
+                            "settings": {"intra_threads": 1}, "streams": 2},
+    }
+
+
+def test_served_over_engine_http_is_the_median_of_paired_rounds_with_the_sequential_ratio_beside_it():
+    runs = {r.name: r for r in [
+        _run("serve-http-small-c32", 15, 2500, avg_batch=8.0),  # sequential: 15 / 22 (the step-2 engines)
+        _run("paired-serve-small-r0", 16, 2500, avg_batch=8.0),  # ÷ 20 (two sets) = 0.8
+        _run("paired-serve-small-r1", 18, 2500, avg_batch=8.0),  # ÷ 20 (one set) = 0.9
+        _run("paired-serve-small-r2", 14, 2500, avg_batch=8.0),  # ÷ 20 = 0.7
+        # round 3's API window failed: it does not count
+    ]}
+    raw = {"engine_small": _engines(18.0, 22.0)["small_instances"],
+           "paired_engine_small_r0": _engines(18.0, 20.0), "paired_engine_small_r1": _engines(20.0, 19.0),
+           "paired_engine_small_r2": _engines(17.0, 20.0), "paired_engine_small_r3": _engines(17.0, 20.0)}
+    s = report.summary(SimpleNamespace(runs=runs, raw=raw, errors={}, s=BenchSettings()), 0.0)
+    assert s["served_over_engine_http"] == pytest.approx(0.8)  # the median round, not the sequential 15 / 22
+    d = s["details"]["served_over_engine_http"]
+    assert (d["served_items_per_s"], d["in_process_best_items_per_s"], d["in_process_streams"]) == (16, 20.0, 2)
+    assert [(r["round"], r["engines"], r["ratio"], r["in_process_streams"]) for r in d["paired"]] == [
+        (0, "first", 0.8, 2), (1, "last", 0.9, 1), (2, "first", 0.7, 2)]
+    assert d["sequential"]["value"] == pytest.approx(15 / 22, abs=1e-4)
+    text = report.markdown(s)
+    assert "median of 3 paired rounds (ratios 0.8, 0.9, 0.7), its round 16.00 ÷ 20.00 items/s" in text
+    assert "the sequential windows: 0.682 (15.00 ÷ 22.00 items/s)" in text
+    # With no paired engine window, the sweep's windows give the figure.
+    s = report.summary(SimpleNamespace(runs=runs, raw={"engine_small": raw["engine_small"]}, errors={},
+                                       s=BenchSettings()), 0.0)
+    assert s["served_over_engine_http"] == pytest.approx(15 / 22, abs=1e-4)
+    assert "paired" not in s["details"]["served_over_engine_http"]
+
+
 def test_engine_sets_run_at_once_count_every_batch_they_finish():
     from loadtests import engine_bench
 
