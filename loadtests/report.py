@@ -43,6 +43,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None,
     A round counts when both its windows completed (`paired-serve-<preset>-r<r>`, `paired-naive-<preset>-r<r>`).
     The details are the median round's own figures (as `_vs_naive` gives them) plus `paired`: every round.
     """
-    rounds = []
+    rounds: list[tuple[int, float, dict[str, Any]]] = []
     for name in sorted(runs):
         prefix = f"paired-serve-{preset}-r"
         if not name.startswith(prefix):
@@ -123,15 +124,20 @@ def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None,
         ratio, d = _vs_naive(_run(runs, name), _run(runs, f"paired-naive-{preset}-r{r}"), "serve_http")
         if ratio is not None:
             rounds.append((int(r), ratio, d))
+    return _median_round(rounds, lambda r, d: {"first": "serve" if r % 2 == 0 else "naive",
+                                                "serve_http_rps": d["serve_http_rps"], "naive_rps": d["naive_rps"]})
+
+
+def _median_round(
+    rounds: list[tuple[int, float, dict[str, Any]]], row: Callable[[int, dict[str, Any]], dict[str, Any]]
+) -> tuple[float | None, dict[str, Any]]:
+    """The median round's ratio, its details and `paired`: every round (`row` picks what each lists)."""
     if not rounds:
         return None, {}
     rounds.sort()
     by_ratio = sorted(rounds, key=lambda x: x[1])
     _, value, median = by_ratio[(len(by_ratio) - 1) // 2]  # an even count keeps the lower middle
-    return value, {**median, "paired": [
-        {"round": r, "first": "serve" if r % 2 == 0 else "naive", "ratio": ratio,
-         "serve_http_rps": d["serve_http_rps"], "naive_rps": d["naive_rps"]} for r, ratio, d in rounds
-    ]}
+    return value, {**median, "paired": [{"round": r, "ratio": ratio, **row(r, d)} for r, ratio, d in rounds]}
 
 
 def paired_served_over_engine(
@@ -143,7 +149,7 @@ def paired_served_over_engine(
     (`raw["paired_engine_<preset>_r<r>"]`: every arrangement, as step 2 times them). The details are the
     median round's own (as `_served_over_engine` gives them) plus `paired`: every round.
     """
-    rounds = []
+    rounds: list[tuple[int, float, dict[str, Any]]] = []
     prefix = f"paired_engine_{preset}_r"
     for key in sorted(raw):
         if not key.startswith(prefix):
@@ -152,17 +158,9 @@ def paired_served_over_engine(
         ratio, d = _served_over_engine(_run(runs, f"paired-serve-{preset}-r{r}"), *raw[key].values())
         if ratio is not None:
             rounds.append((r, ratio, d))
-    if not rounds:
-        return None, {}
-    rounds.sort()
-    by_ratio = sorted(rounds, key=lambda x: x[1])
-    _, value, median = by_ratio[(len(by_ratio) - 1) // 2]  # an even count keeps the lower middle
-    return value, {**median, "paired": [
-        {"round": r, "engines": "first" if r % 2 == 0 else "last", "ratio": ratio,
-         "served_items_per_s": d["served_items_per_s"], "in_process_best_items_per_s": d["in_process_best_items_per_s"],
-         "in_process_streams": d["in_process_streams"], "in_process_best_batch": d["in_process_best_batch"],
-         "at_engines_batch": d["at_engines_batch"]} for r, ratio, d in rounds
-    ]}
+    return _median_round(rounds, lambda r, d: {"engines": "first" if r % 2 == 0 else "last", **{
+        k: d[k] for k in ("served_items_per_s", "in_process_best_items_per_s", "in_process_streams",
+                          "in_process_best_batch", "at_engines_batch")}})
 
 
 def _precision_of(raw: dict[str, Any], preset: str) -> str:
