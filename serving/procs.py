@@ -11,6 +11,10 @@
   `start_new_session=True` and its children (which may make process groups of their own).
 * `ParentSignalWatch`: GNU make does not pass SIGINT on to its recipe (it counts on the
   terminal signalling the whole group); this notices that the parent is handling one.
+* `SignalRelay`: SIGINT/SIGTERM handled on a thread of its own. A Python signal handler runs
+  in the main thread between two bytecodes, wherever that thread is, even inside
+  `threading.Event.wait` holding the event's lock: a handler that takes a lock can hang the
+  process. The relay's handler only writes the signal's number into a pipe.
 """
 
 from __future__ import annotations
@@ -268,3 +272,44 @@ class ParentSignalWatch(threading.Thread):
     def cancel(self) -> None:
         """Stop watching."""
         self._cancel.set()
+
+
+class SignalRelay(threading.Thread):
+    """Calls `on_signal(signum)` on this thread for each SIGINT/SIGTERM the process gets.
+
+    The handler `install` sets does nothing but `os.write` (no lock, no allocation that can
+    block), so the main thread may be anywhere when the signal lands. Call `install` again
+    after a library replaced the handlers (`ray.init` does).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal: Callable[[int], None]) -> None:
+        super().__init__(name="signal-relay", daemon=True)
+        self.on_signal = on_signal
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # a full pipe drops the byte: the relay already has work
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        try:
+            os.write(self._write, bytes([signum]))
+        except OSError:
+            pass
+
+    def install(self) -> None:
+        """(Re)install the handlers; starts the relay thread the first time."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handler)
+        if not self.is_alive():
+            self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                self.on_signal(signum)

@@ -32,6 +32,7 @@ import argparse
 import atexit
 import copy
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -48,7 +49,7 @@ from serving.app.health import available as health_available
 from serving.app.logs import serve_logging_config
 from serving.app.raycluster import RayHead
 from serving.paths import REPO_ROOT
-from serving.procs import ParentSignalWatch, PortInUse, check_ports_free, reserve_ports
+from serving.procs import ParentSignalWatch, PortInUse, SignalRelay, check_ports_free, reserve_ports
 from serving.tracing import TRITON_SERVICE_NAME, otlp_endpoint, sampling_ratio, serve_tracing_config, triton_trace_args
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonSettings
 from serving.triton.supervisor import TritonSupervisor
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 APP_NAME = "vtfuse"
+STOP_STACKS_AFTER_S = 25.0  # a stop ends ~11 s after the signal; one still running at drain + this is stuck
 REPEAT_SIGNAL_S = 2.0  # a signal this soon after the first is a copy of it (group signal + make's forward)
 # After the drain, what each stop step may take (the stack is gone within ~25 s of the drain's end).
 # serve.shutdown needs the bound: it was seen not to return within 30 s (its proxies' and replicas'
@@ -238,17 +240,22 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     stop, force = threading.Event(), threading.Event()
     first_signal: list[float] = []
+    signal_lock = threading.Lock()
 
-    def on_signal(signum: int, _frame: object = None) -> None:
-        now = time.monotonic()
-        if not first_signal:
-            first_signal.append(now)
-        elif now - first_signal[0] >= REPEAT_SIGNAL_S:
-            force.set()  # a second signal, not a copy of the first: skip the drain
-        stop.set()
+    def on_signal(signum: int) -> None:
+        """On the relay's or the parent watch's thread, never in a signal handler (SignalRelay says why)."""
+        with signal_lock:
+            now = time.monotonic()
+            if not first_signal:
+                first_signal.append(now)
+                # A stop that hangs leaves every thread's stack in the log, before anyone kills it.
+                faulthandler.dump_traceback_later(ns.drain_timeout + STOP_STACKS_AFTER_S)
+            elif now - first_signal[0] >= REPEAT_SIGNAL_S:
+                force.set()  # a second signal, not a copy of the first: skip the drain
+            stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    relay = SignalRelay(on_signal)
+    relay.install()
     watch = ParentSignalWatch(on_signal)
     if ns.stop_with_parent:
         stop_with_parent()
@@ -308,6 +315,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         head.stop(timeout=RAY_STOP_S)
         t2 = time.monotonic()
         triton_stop.join()
+        faulthandler.cancel_dump_traceback_later()
         log.info(
             "stopped: Serve %.1f s, then Ray %.1f s and Triton %.1f s", t1 - t0, t2 - t1, time.monotonic() - t1
         )
@@ -324,8 +332,7 @@ def run_serve(ns: argparse.Namespace) -> int:
             return 0
         ray.init(address=head.address, namespace="serve")
         state["ray"] = True
-        for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own handlers: ours win
-            signal.signal(sig, on_signal)
+        relay.install()  # ray.init installs its own handlers: ours win
         client = serve_start(
             http_options=schema.http_options.model_dump(),
             grpc_options=schema.grpc_options.model_dump(),

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 from pathlib import Path
 
-from serving.procs import PortInUse
+from serving.procs import PortInUse, SignalRelay
 from serving.triton.launcher import DEFAULT_REPOSITORY, TritonServer, TritonSettings
 
 
@@ -27,8 +26,7 @@ def run_triton(args: argparse.Namespace) -> int:
         restrict_apis=args.restrict_apis,
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    SignalRelay(lambda _signum: stop.set()).install()  # not Event.set in a signal handler (SignalRelay says why)
     server = TritonServer(settings)
     try:
         server.start()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from serving.paths import REPO_ROOT
 from serving.procs import (
     PortInUse,
     check_ports_free,
@@ -150,3 +151,37 @@ def test_the_supervisor_gives_up_when_a_restart_finds_its_port_taken(monkeypatch
         assert sup.failure and "pid 42" in sup.failure and Server.started == 2  # no loop
     finally:
         sup.stop()
+
+
+RELAY_CHILD = """
+import os, signal, sys, threading, time
+from serving.procs import SignalRelay
+
+stop = threading.Event()
+got = []
+def on_signal(signum):
+    got.append((signum, threading.current_thread().name))
+    if len(got) == 2:
+        stop.set()
+SignalRelay(on_signal).install()
+print("ready", flush=True)
+while not stop.wait(0.001):  # the main thread spends its time inside Event.wait, as `vtfuse serve` does
+    pass
+print(got, flush=True)
+"""
+
+
+def test_signal_relay_hands_each_signal_to_its_own_thread():
+    """SIGTERM then SIGINT reach `on_signal` in order, on the relay thread, while the main thread waits."""
+    child = subprocess.Popen([sys.executable, "-c", RELAY_CHILD], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=10)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+    assert out.strip() == str([(int(signal.SIGTERM), "signal-relay"), (int(signal.SIGINT), "signal-relay")])
