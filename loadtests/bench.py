@@ -96,8 +96,13 @@ class BenchSettings:
 
     @property
     def shared(self) -> bool:
-        """True when `small` is the tiny repository (quick runs)."""
+        """True when `small` is the tiny repository (quick runs): its setups reuse tiny's servers."""
         return self.small_repo.resolve() == self.tiny_repo.resolve()
+
+    @property
+    def small_role(self) -> str:
+        """The preset measured as `small`: `tiny` where it stands in (quick runs)."""
+        return "tiny" if self.shared else "small"
 
     @classmethod
     def quick_run(cls, serve: bool = True, tiny_repo: Path = TINY_REPO) -> BenchSettings:
@@ -252,18 +257,13 @@ class Bench:
             log.info("   in-process %s: best %.1f items/s at batch %d", name, res["best"]["items_per_s"],
                      res["best"]["batch"])
 
-    @property
-    def shared(self) -> bool:
-        """True when `small` is the tiny repository (quick runs): its setups reuse tiny's servers."""
-        return self.s.shared
-
     def triton_tiny(self) -> None:
         with servers.triton(self.s.tiny_repo, "tiny", response_cache_mb=NO_CACHE) as t:
             for c in self.s.sweep:
                 if c != C:
                     self.grpc(t.url_grpc, f"triton-grpc-tiny-c{c}", c)
             self.grpc(t.url_grpc, f"triton-grpc-tiny-c{C}", C, metrics_url=t.url_metrics)
-            if self.shared:
+            if self.s.shared:
                 self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
             if self.s.serve:
                 self.stage("serve-tiny", lambda: self.serve_tiny(t))
@@ -275,7 +275,7 @@ class Bench:
                 self.http(app.url, f"serve-http-tiny-c{c}", c, metrics_url=t.url_metrics if c == C else None)
             self.http(app.url, "serve-http-tiny-vqa1-c1", 1, "vqa", self.s.latency_requests_s)
             self.http(app.url, "serve-http-tiny-retrieve64-c1", 1, "retrieve64", self.s.latency_requests_s)
-            if self.shared:
+            if self.s.shared:
                 self.http(app.url, f"serve-http-small-c{C}", C, duration=self.s.small_duration_s,
                           metrics_url=t.url_metrics)
 
@@ -292,7 +292,7 @@ class Bench:
             self.grpc(t.url_grpc, f"triton-grpc-tiny-nobatch-c{C}", C, metrics_url=t.url_metrics)
 
     def triton_small(self) -> None:
-        if self.shared:
+        if self.s.shared:
             return
         with servers.triton(self.s.small_repo, "small", response_cache_mb=NO_CACHE) as t:
             self.grpc(t.url_grpc, f"triton-grpc-small-c{C}", C, t.url_metrics, self.s.small_duration_s)
@@ -329,14 +329,14 @@ class Bench:
         with servers.baseline("tiny", precision=tiny_p) as b:
             for c in self.s.sweep:
                 self.http(b.url, f"naive-{tiny_p}-tiny-c{c}", c)
-            if self.shared:
+            if self.s.shared:
                 self.http(b.url, f"naive-{small_p}-small-c{C}", C, duration=self.s.small_duration_s)
         if tiny_p != "fp32":
             with servers.baseline("tiny", precision="fp32") as b:
                 self.http(b.url, f"naive-fp32-tiny-c{C}", C)
-                if self.shared:
+                if self.s.shared:
                     self.http(b.url, f"naive-fp32-small-c{C}", C, duration=self.s.small_duration_s)
-        if self.shared:
+        if self.s.shared:
             return
         for p in dict.fromkeys((small_p, "fp32")):
             with servers.baseline("small", precision=p) as b:
@@ -356,10 +356,10 @@ class Bench:
         """
         if not self.s.serve:
             return
-        for preset in ("tiny",) if self.shared else ("tiny", "small"):
+        for preset in ("tiny",) if self.s.shared else ("tiny", "small"):
             repo = self.s.tiny_repo if preset == "tiny" else self.s.small_repo
             duration = self.s.duration_s if preset == "tiny" else self.s.small_duration_s
-            with_engines = preset == ("tiny" if self.shared else "small")
+            with_engines = preset == self.s.small_role
             for r in range(self.s.paired_rounds):
                 sides = ("serve", "naive") if r % 2 == 0 else ("naive", "serve")
                 if with_engines:

@@ -213,7 +213,7 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     soh, details["served_over_engine_http"] = _served_over_engine(http_small, *small)
     # The paired rounds' median where there is one (engines timed next to the API window, as for
     # vs_naive_http_*); the figure from the sweep's windows, minutes apart, stays beside it.
-    psoh, d_psoh = paired_served_over_engine(runs, raw, "tiny" if bench.s.shared else "small")
+    psoh, d_psoh = paired_served_over_engine(runs, raw, bench.s.small_role)
     if psoh is not None:
         soh, details["served_over_engine_http"] = psoh, {
             **d_psoh, "sequential": {"value": soh, **details["served_over_engine_http"]}}
