@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,26 +71,38 @@ class Int8Criteria:
     min_logit_cosine: float = 0.99
 
 
-def quantize_engines(onnx_dir: Path) -> dict[str, Path]:
-    """Write `<onnx_dir>/int8/<engine>.onnx` from the fp32 stage-1 graphs."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    dest = onnx_dir / INT8_DIR
-    dest.mkdir(parents=True, exist_ok=True)
-    out = {}
+@contextmanager
+def quiet_quantizer_logs() -> Iterator[None]:
+    """Only errors from the root logger meanwhile: ONNX Runtime's quantizers log every tensor they skip."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.ERROR))  # the quantizer logs every skipped tensor, and a pre-processing hint
+    root.setLevel(max(level, logging.ERROR))
     try:
-        for e in ENGINES:
-            src = onnx_dir / f"{e}.onnx"
-            if not src.exists():
-                raise FileNotFoundError(f"{src} missing: run `vtfuse export onnx` first")
-            out[e] = dest / f"{e}.onnx"
-            quantize_dynamic(src, out[e], weight_type=QuantType.QInt8, op_types_to_quantize=list(OP_TYPES))
+        yield
     finally:
         root.setLevel(level)
+
+
+def dynamic_int8(paths: dict[str, Path], dest: Path) -> dict[str, Path]:
+    """`dest/<name>.onnx`: ONNX Runtime dynamic int8 (MatMul and Gemm weights, QInt8 per tensor) of each graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dest.mkdir(parents=True, exist_ok=True)
+    out = {}
+    with quiet_quantizer_logs():
+        for name, src in paths.items():
+            out[name] = dest / f"{name}.onnx"
+            quantize_dynamic(src, out[name], weight_type=QuantType.QInt8, op_types_to_quantize=list(OP_TYPES))
     return out
+
+
+def quantize_engines(onnx_dir: Path) -> dict[str, Path]:
+    """Write `<onnx_dir>/int8/<engine>.onnx` from the fp32 stage-1 graphs."""
+    srcs = {e: onnx_dir / f"{e}.onnx" for e in ENGINES}
+    for src in srcs.values():
+        if not src.exists():
+            raise FileNotFoundError(f"{src} missing: run `vtfuse export onnx` first")
+    return dynamic_int8(srcs, onnx_dir / INT8_DIR)
 
 
 def _scenes(n: int, seed: int) -> tuple[list[bytes], list[world.QA], list[str], list[str]]:

@@ -46,6 +46,7 @@ class SessionSettings:
     mem_arena: bool = True
     spinning: bool = True
     parallel: bool = False
+    profile_prefix: str = ""  # set: ONNX Runtime's profiler writes a trace per session with this prefix
 
     def options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -55,6 +56,9 @@ class SessionSettings:
         so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
         so.enable_cpu_mem_arena = self.mem_arena
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
         return so
 
 

@@ -24,7 +24,10 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
   HTTP API (`tiny` /v1/vqa, HAProxy): c=32 req/s and the engines' average batch, and c=1 p50 (what
   a wait for a fuller batch costs a lone caller), in interleaved windows, a fresh Triton each;
 - `small-engines`, `tiny-engines`: that preset's engine instances and ORT threads behind the public
-  HTTP API (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each).
+  HTTP API (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each);
+- `quantizers`: kinds of int8 for `small`'s engines (ONNX Runtime dynamic per tensor, per channel,
+  uint8 weights, static, transformer fusions) against PyTorch's dynamic int8 as the naive server runs
+  it, in-process on one core, and where the shipped int8 item spends its time (`quantizers.py`).
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
@@ -46,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests import engine_bench, flops, grpc_driver, precision, servers
+from loadtests import engine_bench, flops, grpc_driver, precision, quantizers, servers
 from loadtests.common import REPO_ROOT, RESULTS_DIR, Sample, make_corpus, uncontended, write_json
 from loadtests.loops import closed_loop
 
@@ -56,7 +59,7 @@ TINY = REPO_ROOT / "model_repository"
 SMALL = REPO_ROOT / "build" / "model_repository-small"
 SECTIONS = (
     "ort", "int8", "triton", "transport", "pool", "serve", "front", "front-haproxy", "queue-delay", "small-engines",
-    "tiny-engines",
+    "tiny-engines", "quantizers",
 )
 
 
@@ -487,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             preset = section.split("-")[0]
             results[args.key or section] = engine_variants(preset, corpus, args.duration, args.warmup, args.rounds,
                                                            args.variants)
+        elif section == "quantizers":
+            results["quantizers"] = quantizers.compare("small", SMALL, corpus, min_time_s=3 * args.min_time)
         elif section == "triton":
             results["triton"] = {"tiny": triton_engines(TINY, corpus, args.duration, args.warmup)}
             if SMALL.exists():

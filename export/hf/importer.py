@@ -48,6 +48,7 @@ from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
 from export.hf.torch_engine import check_parity as check_torch_parity
 from export.hf.torch_engine import copy_weights
 from export.onnx_export import sha256_file
+from export.quantize import dynamic_int8
 from export.render_repo import (
     COMMITTED_REPO,
     ENGINE_BACKENDS,
@@ -110,26 +111,6 @@ def export_graph(graph: EngineGraph, path: Path) -> Path:
             dynamo=False,
         )
     return path
-
-
-def quantize_int8(paths: dict[str, Path], dest: Path) -> dict[str, Path]:
-    """ONNX Runtime dynamic int8 (MatMul and Gemm weights, QInt8) of each engine."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from export.quantize import OP_TYPES
-
-    dest.mkdir(parents=True, exist_ok=True)
-    out = {}
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # the quantizer logs every tensor it skips
-    try:
-        for role, src in paths.items():
-            out[role] = dest / f"{role}.onnx"
-            quantize_dynamic(src, out[role], weight_type=QuantType.QInt8, op_types_to_quantize=list(OP_TYPES))
-    finally:
-        root.setLevel(level)
-    return out
 
 
 def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.ModelConfig:
@@ -288,7 +269,7 @@ def _import(
     int8: dict[str, Any] | None = None
     paths = fp32_paths
     if chosen == "int8":
-        int8_paths = quantize_int8(fp32_paths, work / "int8")
+        int8_paths = dynamic_int8(fp32_paths, work / "int8")
         int8_out = parity.run_cases(int8_paths, cases, threads)
         view = fam.judge(parity.by_role(cases, fp32_out), parity.by_role(cases, int8_out))
         int8 = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",

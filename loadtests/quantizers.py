@@ -1,0 +1,267 @@
+"""Kinds of int8 for the CPU engines, against each other and against PyTorch's dynamic int8, in-process.
+
+`vs_naive_http_small` sets the served int8 engines against the naive server running PyTorch's
+dynamic int8 (`quantize_dynamic` on every Linear). On a CPU without AVX512-VNNI both sides multiply
+uint8 × int8 with the same AVX2 instructions, so the served side can win only by what its
+quantiser and kernels do better per item, and by batching. This measures that margin on one core
+(one intra-op thread, one torch thread: one engine instance, one naive worker):
+
+- PyTorch fp32 and dynamic int8: the preset's model, as the naive server runs it;
+- ONNX Runtime fp32 and five int8 kinds of the three engines: dynamic per tensor (shipped), dynamic
+  per channel, dynamic with uint8 weights, static QDQ and static QOperator (calibrated on renders of
+  the shapes world, per-channel int8 weights, uint8 activations), and ONNX Runtime's transformer
+  fusions (LayerNorm, GELU, attention where its patterns match) before the shipped dynamic int8;
+- items/s per batch size, each row the median of interleaved passes;
+- parity with ONNX Runtime fp32 on the renders: smallest cosine of the VQA logits and of the embeddings;
+- where the shipped int8 item spends its time at batch 1, per op type (ONNX Runtime's profiler).
+
+    python -m loadtests.levers --only quantizers     # → results/levers.json, section `quantizers`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadtests import engine_bench, precision
+from loadtests.common import REPO_ROOT, Sample
+from loadtests.flops import ENGINES
+from serving.model.config import FusionConfig
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = REPO_ROOT / "build" / "quantizers"
+OP_TYPES = ["MatMul", "Gemm"]
+ONE_THREAD = engine_bench.SessionSettings(intra_threads=1, spinning=False)
+Feeds = dict[str, np.ndarray]
+Builder = Callable[[Path, Path, list[Feeds], FusionConfig], None]  # (fp32 graph, int8 graph to write, calibration, cfg)
+
+
+def corpus_inputs(corpus: list[Sample], cfg: FusionConfig, repo: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels and question tokens of the renders, decoded and tokenised as the served path does."""
+    from serving.model.preprocess import decode_image, load_tokenizer, tokenize
+
+    tok = load_tokenizer(repo / "fusion" / "1" / "checkpoint" / "tokenizer.json")
+    pixels = np.stack([decode_image(s.image, cfg.image_size) for s in corpus])
+    ids, mask = tokenize(tok, [s.question for s in corpus], cfg.max_text_len)
+    return pixels, ids, mask
+
+
+def calibration_feeds(fp32: engine_bench.Engines, x: tuple[np.ndarray, ...]) -> dict[str, list[Feeds]]:
+    """One feed per render for each engine; the fusion's are the fp32 encoders' outputs."""
+    pixels, ids, mask = x
+    out = fp32.run(pixels, ids, mask)
+    one = [slice(i, i + 1) for i in range(len(pixels))]
+    return {
+        "image_encoder": [{"PIXELS": pixels[s]} for s in one],
+        "text_encoder": [{"INPUT_IDS": ids[s], "ATTENTION_MASK": mask[s]} for s in one],
+        "fusion": [{"IMAGE_FEATURES": out["IMAGE_FEATURES"][s], "TEXT_FEATURES": out["TEXT_FEATURES"][s],
+                    "ATTENTION_MASK": mask[s]} for s in one],
+    }
+
+
+def _static(fmt: str) -> Builder:
+    def build(src: Path, dst: Path, feeds: list[Feeds], cfg: FusionConfig) -> None:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it: Iterator[Feeds] = iter(feeds)
+
+            def get_next(self) -> Feeds | None:
+                return next(self.it, None)
+
+        pre = dst.with_suffix(".pre.onnx")
+        quant_pre_process(str(src), str(pre))  # shapes inferred, as the static quantiser asks
+        quantize_static(str(pre), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES)
+        pre.unlink()
+
+    return build
+
+
+def _dynamic(weight_type: str = "QInt8", per_channel: bool = False) -> Builder:
+    def build(src: Path, dst: Path, _feeds: list[Feeds], _cfg: FusionConfig) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
+                         op_types_to_quantize=OP_TYPES)
+
+    return build
+
+
+def _fused_then_dynamic(src: Path, dst: Path, feeds: list[Feeds], cfg: FusionConfig) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = dst.with_suffix(".fused.onnx")
+    kind = "vit" if "PIXELS" in feeds[0] else "bert"
+    optimize_model(str(src), model_type=kind, num_heads=cfg.heads, hidden_size=cfg.dim, opt_level=0).save_model_to_file(
+        str(fused))
+    _dynamic()(fused, dst, feeds, cfg)
+    fused.unlink()
+
+
+# Label → how one engine's int8 graph is made from its fp32 graph (None: the shipped files themselves).
+KINDS: dict[str, Builder | None] = {
+    "dynamic, int8 weights per tensor (shipped)": None,
+    "dynamic, per channel": _dynamic(per_channel=True),
+    "dynamic, uint8 weights": _dynamic(weight_type="QUInt8"),
+    "static QDQ, per channel": _static("QDQ"),
+    "static QOperator, per channel": _static("QOperator"),
+    "transformer fusions, then dynamic": _fused_then_dynamic,
+}
+
+
+def build_kinds(preset: str, feeds: dict[str, list[Feeds]], cfg: FusionConfig,
+                work_dir: Path = WORK_DIR) -> dict[str, dict[str, Path] | str]:
+    """Each kind's three engine files under `work_dir/<preset>/`, or why it could not be made."""
+    from export.quantize import quiet_quantizer_logs
+
+    fp32 = precision.engine_files(preset, "fp32")
+    out: dict[str, dict[str, Path] | str] = {}
+    for i, (label, build) in enumerate(KINDS.items()):
+        if build is None:
+            out[label] = precision.engine_files(preset, "int8")
+            continue
+        folder = work_dir / preset / f"kind{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {e: folder / f"{e}.onnx" for e in ENGINES}
+        try:
+            with quiet_quantizer_logs():
+                for e in ENGINES:
+                    build(fp32[e], paths[e], feeds[e], cfg)
+        except Exception as err:  # a quantiser that cannot take a graph is a finding, not a crash
+            log.warning("   %s: %s", label, err)
+            out[label] = f"{type(err).__name__}: {err}"
+            continue
+        out[label] = paths
+    return out
+
+
+def _torch_item(preset: str, int8: bool) -> Callable[..., dict[str, np.ndarray]]:
+    """The naive server's forward pass (image once, each question, fusion) over a batch."""
+    import torch
+
+    from serving.model.checkpoint import resolve_checkpoint
+
+    model = resolve_checkpoint(preset).model.eval()
+    if int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    @torch.inference_mode()
+    def run(pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        m = torch.from_numpy(mask)
+        feats, img_emb = model.encode_image(torch.from_numpy(pixels))
+        tfeats, txt_emb = model.encode_text(torch.from_numpy(ids), m)
+        logits, _, _ = model.fuse(feats, tfeats, m)
+        return {"VQA_LOGITS": logits.numpy(), "IMAGE_EMBEDDING": img_emb.numpy(), "TEXT_EMBEDDING": txt_emb.numpy()}
+
+    return run
+
+
+def _time(run: Callable[..., Any], x: tuple[np.ndarray, ...], batches: tuple[int, ...], min_time_s: float,
+          passes: int) -> dict[int, float]:
+    """Median items/s per batch size over `passes` interleaved passes of `min_time_s / passes` each."""
+    got: dict[int, list[float]] = {b: [] for b in batches}
+    for b in batches:
+        run(*(a[:b] for a in x))  # warm-up: arenas, first-run allocations
+    for _ in range(passes):
+        for b in batches:
+            xb = tuple(a[:b] for a in x)
+            times, t_end = [], time.perf_counter() + min_time_s / passes
+            while not times or time.perf_counter() < t_end:
+                t = time.perf_counter()
+                run(*xb)
+                times.append(time.perf_counter() - t)
+            got[b].append(b / statistics.median(times))
+    return {b: statistics.median(v) for b, v in got.items()}
+
+
+def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).reshape(len(a), -1), b.astype(np.float64).reshape(len(b), -1)
+    a64 -= a64.mean(-1, keepdims=True) if a64.shape[1] > 1 else 0  # centred: logits shift together
+    b64 -= b64.mean(-1, keepdims=True) if b64.shape[1] > 1 else 0
+    return float(((a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1))).min())
+
+
+def _parity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
+    return {f"{k.lower()}_cosine_min": round(_cosine_min(ref[k], got[k]), 5)
+            for k in ("VQA_LOGITS", "IMAGE_EMBEDDING", "TEXT_EMBEDDING")}
+
+
+def op_profile(paths: dict[str, Path], cfg: FusionConfig, x: tuple[np.ndarray, ...], work_dir: Path = WORK_DIR,
+               reps: int = 5) -> dict[str, Any]:
+    """Share of an item's kernel time per engine and per op type at batch 1, one thread (ONNX Runtime's profiler)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    eng = engine_bench.Engines(paths, cfg, replace(ONE_THREAD, profile_prefix=str(work_dir / "profile")))
+    one = tuple(a[:1] for a in x)
+    for _ in range(reps):
+        eng.run(*one)
+    per_op: Counter[str] = Counter()
+    per_engine: Counter[str] = Counter()
+    for e, s in eng.sessions.items():
+        trace = Path(s.end_profiling())
+        for ev in json.loads(trace.read_text()):
+            if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                per_op[ev["args"]["op_name"]] += ev["dur"]
+                per_engine[e] += ev["dur"]
+        trace.unlink()
+    total = sum(per_op.values())
+    return {
+        "ms_per_item": round(total / reps / 1e3, 2),
+        "share_by_engine": {e: round(v / total, 3) for e, v in per_engine.most_common()},
+        "share_by_op_type": {k: round(v / total, 3) for k, v in per_op.most_common(12)},
+    }
+
+
+def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, ...] = (1, 8), min_time_s: float = 6.0,
+            passes: int = 3, work_dir: Path = WORK_DIR) -> dict[str, Any]:
+    """Every kind's items/s and parity, PyTorch's beside them, and the shipped int8 item's profile."""
+    import torch
+
+    cfg = engine_bench.repository_config(repo)
+    renders = corpus_inputs(corpus, cfg, repo)
+    half = len(corpus) // 2
+    calib, x = tuple(a[:half] for a in renders), tuple(a[half:] for a in renders)  # parity on renders not calibrated on
+    fp32 = engine_bench.Engines(precision.engine_files(preset, "fp32"), cfg, ONE_THREAD)
+    ref = fp32.run(*x)
+    kinds = build_kinds(preset, calibration_feeds(fp32, calib), cfg, work_dir)
+    rows: dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one naive worker's torch
+    try:
+        for int8 in (False, True):
+            label = "torch dynamic int8 (naive server)" if int8 else "torch fp32"
+            run = _torch_item(preset, int8)
+            rows[label] = {"items_per_s": _time(run, x, batches, min_time_s, passes), "parity": _parity(ref, run(*x))}
+    finally:
+        torch.set_num_threads(threads)
+    candidates: dict[str, dict[str, Path] | str] = {"onnxruntime fp32": precision.engine_files(preset, "fp32"), **kinds}
+    for label, paths in candidates.items():
+        if isinstance(paths, str):
+            rows[label] = {"error": paths}
+            continue
+        eng = engine_bench.Engines(paths, cfg, ONE_THREAD)
+        rows[label] = {"items_per_s": _time(eng.run, x, batches, min_time_s, passes),
+                       "parity": _parity(ref, eng.run(*x))}
+    naive = rows["torch dynamic int8 (naive server)"]["items_per_s"]
+    for label, row in rows.items():
+        if "items_per_s" in row:
+            row["over_torch_int8"] = {b: round(v / naive[b], 3) for b, v in row["items_per_s"].items()}
+            row["items_per_s"] = {b: round(v, 2) for b, v in row["items_per_s"].items()}
+        log.info("   %s %-45s %s", preset, label, row.get("over_torch_int8", row.get("error")))
+    shipped = candidates["dynamic, int8 weights per tensor (shipped)"]
+    assert not isinstance(shipped, str)
+    return {"preset": preset, "threads": 1, "batches": list(batches),
+            "renders": {"calibration": half, "timed_and_compared": len(corpus) - half}, "rows": rows,
+            "profile_shipped_int8_batch1": op_profile(shipped, cfg, x, work_dir)}

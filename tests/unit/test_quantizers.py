@@ -1,0 +1,35 @@
+"""The int8 kinds lever (loadtests.quantizers) on the installed `tiny`: every kind built, timed and compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loadtests import quantizers
+from loadtests.common import make_corpus
+from loadtests.flops import ENGINES
+
+
+def test_every_kind_is_timed_against_pytorch_and_judged_against_fp32(tmp_path):
+    threads = torch.get_num_threads()
+    res = quantizers.compare("tiny", Path("model_repository"), make_corpus(16, seed=3), batches=(1, 2),
+                             min_time_s=0.05, passes=1, work_dir=tmp_path)
+    assert torch.get_num_threads() == threads  # the naive worker's one thread does not leak out
+    rows = res["rows"]
+    assert set(rows) == {"torch fp32", "torch dynamic int8 (naive server)", "onnxruntime fp32", *quantizers.KINDS}
+    for label, row in rows.items():
+        assert "error" not in row, (label, row)
+        assert set(row["items_per_s"]) == {1, 2} and min(row["items_per_s"].values()) > 0, label
+    assert rows["torch dynamic int8 (naive server)"]["over_torch_int8"] == {1: 1.0, 2: 1.0}
+    # The PyTorch side is the same model as the engines: fp32 agrees with ONNX Runtime's fp32 exactly.
+    assert min(rows["torch fp32"]["parity"].values()) > 0.9999
+    for label in quantizers.KINDS:  # int8 of a trained model keeps its logits' direction
+        assert rows[label]["parity"]["vqa_logits_cosine_min"] > 0.98, label
+    built = sorted(tmp_path.glob("tiny/kind*/*.onnx"))  # every kind but the shipped files, three engines each
+    assert len(built) == 3 * (len(quantizers.KINDS) - 1) and {p.stem for p in built} == set(ENGINES)
+    profile = res["profile_shipped_int8_batch1"]
+    assert set(profile["share_by_engine"]) == set(ENGINES)
+    assert abs(sum(profile["share_by_engine"].values()) - 1) < 0.01
+    assert "DynamicQuantizeMatMul" in profile["share_by_op_type"]  # the shipped engines are the int8 ones
+    assert list(tmp_path.glob("profile*")) == []  # traces read, then removed
