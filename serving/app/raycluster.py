@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 STARTED = b"Ray runtime started."
 
 
+def ensure_auth_token() -> None:
+    """This user's Ray token (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or ~/.ray/auth_token), made when missing.
+
+    With `RAY_AUTH_MODE=token`, `ray start --head` refuses to start without one: `ray.init` of a new
+    local cluster makes it, `ray start` does not. So on a fresh machine the first `vtfuse serve`
+    makes it, as `ray get-auth-token --generate` would, readable by this user only (Ray's own file mode
+    follows the umask). Nothing happens with token authentication off.
+    """
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+
+    umask = os.umask(0o077)  # at start-up, before Triton's and Ray's threads and processes exist
+    try:
+        ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+    finally:
+        os.umask(umask)
+
 
 class RayHead:
     """One `ray start --head --block` process on free ports; `start()`, `wait_started()`, `address`, `stop()`."""
@@ -81,6 +97,7 @@ class RayHead:
 
     def start(self) -> RayHead:
         """Start `ray start` (not waiting: see `wait_started`)."""
+        ensure_auth_token()
         env = {**os.environ, **self.env}
         # After the API drained, nothing is left for Ray's own SIGTERM drain to wait for.
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", f"{self.drain_s:g}")

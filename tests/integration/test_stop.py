@@ -8,13 +8,15 @@ recorded process alive, no process left in those sessions, every port bindable, 
 by 8 clients while it arrives are answered (200, or a JSON 503 `shutting_down` for one
 that had not reached the front door when the drain began; none dropped). Then: a port held by another process (one
 that answers HTTP 200 to every GET) is refused by `vtfuse triton` and by `make serve` within
-seconds, naming the port and the holder's pid. The case timings go to
+seconds, naming the port and the holder's pid. And on a machine where Ray has no token yet (a fresh
+HOME), `make serve` makes one, readable by its owner only, and answers. The case timings go to
 build/chaos/stop-results.json.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import glob
 import json
@@ -28,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 
+import httpx
 import psutil
 import pytest
 
@@ -35,6 +38,7 @@ from loadtests import chaos
 from serving.paths import REPO_ROOT
 from serving.procs import free_port, session_pids
 from serving.triton.launcher import TritonSettings
+from tests.helpers import fresh_samples
 
 pytestmark = [pytest.mark.integration]
 
@@ -245,3 +249,28 @@ def test_make_serve_refuses_a_taken_port() -> None:
     assert f"port {st.triton_grpc_port} (Triton gRPC, TRITON_GRPC_PORT) is in use by pid {holder.pid}" in text
     assert took < 120, took
     assert not [p for p in st.seen_pids if psutil.pid_exists(p)]
+
+
+@pytest.mark.timeout(400)
+def test_make_serve_starts_where_ray_has_no_token_yet(tmp_path) -> None:
+    """A fresh machine: no Ray token in HOME. `make serve` makes one (owner-only) and answers questions right."""
+    home = tmp_path / "home"
+    home.mkdir()
+    st = chaos.ServeStack(tag="stop-fresh-home", via_make=True, env={"HOME": str(home)}, start_timeout_s=300)
+    try:
+        st.start()
+        samples = fresh_samples(8, seed=77)
+        with httpx.Client(base_url=st.url, timeout=60) as client:
+            answers = [
+                client.post("/v1/vqa", json={"image": base64.b64encode(img).decode(), "questions": [qa.question]})
+                for img, qa, _ in samples
+            ]
+    finally:
+        st.stop(grace_s=30)
+        st.cleanup()
+    assert [r.status_code for r in answers] == [200] * len(samples), [r.text for r in answers]
+    right = sum(r.json()["answers"][0]["answer"] == qa.answer for r, (_, qa, _) in zip(answers, samples))
+    assert right >= 7, [(r.json()["answers"][0]["answer"], qa.answer) for r, (_, qa, _) in zip(answers, samples)]
+    token = home / ".ray" / "auth_token"
+    assert token.exists() and token.read_text().strip()
+    assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)  # a secret: the owner's alone
