@@ -2,7 +2,7 @@
 
 `vs_naive_http_small` sets the served int8 engines against the naive server running PyTorch's
 dynamic int8 (`quantize_dynamic` on every Linear). On a CPU without AVX512-VNNI both sides multiply
-uint8 × int8 with the same AVX2 instructions, so the served side can win only by what its
+uint8 × int8 with the same kind of AVX2 kernels, so the served side can win only by what its
 quantiser and kernels do better per item, and by batching. This measures that margin on one core
 (one intra-op thread, one torch thread: one engine instance, one naive worker):
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from export.quantize import OP_TYPES, quiet_quantizer_logs
 from loadtests import engine_bench, precision
 from loadtests.common import REPO_ROOT, Sample
 from loadtests.flops import ENGINES
@@ -40,7 +41,6 @@ from serving.model.config import FusionConfig
 log = logging.getLogger(__name__)
 
 WORK_DIR = REPO_ROOT / "build" / "quantizers"
-OP_TYPES = ["MatMul", "Gemm"]
 ONE_THREAD = engine_bench.SessionSettings(intra_threads=1, spinning=False)
 Feeds = dict[str, np.ndarray]
 Builder = Callable[[Path, Path, list[Feeds], FusionConfig], None]  # (fp32 graph, int8 graph to write, calibration, cfg)
@@ -84,7 +84,8 @@ def _static(fmt: str) -> Builder:
         pre = dst.with_suffix(".pre.onnx")
         quant_pre_process(str(src), str(pre))  # shapes inferred, as the static quantiser asks
         quantize_static(str(pre), str(dst), Reader(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=OP_TYPES)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(OP_TYPES))
         pre.unlink()
 
     return build
@@ -95,7 +96,7 @@ def _dynamic(weight_type: str = "QInt8", per_channel: bool = False) -> Builder:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(src, dst, weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
-                         op_types_to_quantize=OP_TYPES)
+                         op_types_to_quantize=list(OP_TYPES))
 
     return build
 
@@ -125,8 +126,6 @@ KINDS: dict[str, Builder | None] = {
 def build_kinds(preset: str, feeds: dict[str, list[Feeds]], cfg: FusionConfig,
                 work_dir: Path = WORK_DIR) -> dict[str, dict[str, Path] | str]:
     """Each kind's three engine files under `work_dir/<preset>/`, or why it could not be made."""
-    from export.quantize import quiet_quantizer_logs
-
     fp32 = precision.engine_files(preset, "fp32")
     out: dict[str, dict[str, Path] | str] = {}
     for i, (label, build) in enumerate(KINDS.items()):
