@@ -116,7 +116,8 @@ def _scenes(n: int, seed: int) -> tuple[list[bytes], list[world.QA], list[str], 
     return images, qas, captions, distractors
 
 
-def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine similarity between matching rows of `a` and `b` (last axis)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     num = (a64 * b64).sum(-1)
     den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
@@ -176,17 +177,17 @@ def judge_int8(
             itm = o["ITM_LOGIT"][:, 0]
             order[p].append(itm[k : 2 * k] > itm[2 * k :])
         for name in cos:
-            cos[name] = min(cos[name], _cosine_min(outs["fp32"][name], outs["int8"][name]))
+            cos[name] = min(cos[name], cosine_min(outs["fp32"][name], outs["int8"][name]))
         # Centred per row: a shift of every logit changes no answer.
         l32, l8 = (outs[p]["VQA_LOGITS"][:k] for p in ("fp32", "int8"))
-        logit_cos = min(logit_cos, _cosine_min(l32 - l32.mean(-1, keepdims=True), l8 - l8.mean(-1, keepdims=True)))
+        logit_cos = min(logit_cos, cosine_min(l32 - l32.mean(-1, keepdims=True), l8 - l8.mean(-1, keepdims=True)))
         max_logit_diff = max(
             max_logit_diff, float(np.abs(outs["fp32"]["VQA_LOGITS"] - outs["int8"]["VQA_LOGITS"]).max())
         )
     # Activations get one scale per batch: a row's outputs move a little with its batch-mates.
     alone = [int8(*(a[j : j + 1] for a in first)) for j in range(min(8, len(first[0])))]
     figures_batch = min(
-        _cosine_min(np.concatenate([o[name] for o in alone]), first_out[name][: len(alone)])
+        cosine_min(np.concatenate([o[name] for o in alone]), first_out[name][: len(alone)])
         for name in ("IMAGE_EMBEDDING", "TEXT_EMBEDDING")
     )
     truth = np.array([answers.index(q.answer) if q.answer in answers else -1 for q in qas])

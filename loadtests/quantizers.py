@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from export.quantize import OP_TYPES, quiet_quantizer_logs
+from export.quantize import OP_TYPES, cosine_min, quiet_quantizer_logs
 from loadtests import engine_bench, precision
 from loadtests.common import REPO_ROOT, Sample
 from loadtests.flops import ENGINES
@@ -186,15 +186,14 @@ def _time(run: Callable[..., Any], x: tuple[np.ndarray, ...], batches: tuple[int
     return {b: statistics.median(v) for b, v in got.items()}
 
 
-def _cosine_min(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).reshape(len(a), -1), b.astype(np.float64).reshape(len(b), -1)
-    a64 -= a64.mean(-1, keepdims=True) if a64.shape[1] > 1 else 0  # centred: logits shift together
-    b64 -= b64.mean(-1, keepdims=True) if b64.shape[1] > 1 else 0
-    return float(((a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1))).min())
+def _centred(a: np.ndarray) -> np.ndarray:
+    """Rows flattened and, when longer than 1, centred: logits that shift together are the same answer."""
+    rows = a.astype(np.float64).reshape(len(a), -1)
+    return rows - rows.mean(-1, keepdims=True) if rows.shape[1] > 1 else rows
 
 
 def _parity(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
-    return {f"{k.lower()}_cosine_min": round(_cosine_min(ref[k], got[k]), 5)
+    return {f"{k.lower()}_cosine_min": round(cosine_min(_centred(ref[k]), _centred(got[k])), 5)
             for k in ("VQA_LOGITS", "IMAGE_EMBEDDING", "TEXT_EMBEDDING")}
 
 
@@ -245,8 +244,9 @@ def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, .
             rows[label] = {"items_per_s": _time(run, x, batches, min_time_s, passes), "parity": _parity(ref, run(*x))}
     finally:
         torch.set_num_threads(threads)
-    candidates: dict[str, dict[str, Path] | str] = {"onnxruntime fp32": precision.engine_files(preset, "fp32"), **kinds}
-    for label, paths in candidates.items():
+    rows["onnxruntime fp32"] = {"items_per_s": _time(fp32.run, x, batches, min_time_s, passes),
+                                "parity": _parity(ref, ref)}  # the reference itself
+    for label, paths in kinds.items():
         if isinstance(paths, str):
             rows[label] = {"error": paths}
             continue
@@ -259,7 +259,7 @@ def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, .
             row["over_torch_int8"] = {b: round(v / naive[b], 3) for b, v in row["items_per_s"].items()}
             row["items_per_s"] = {b: round(v, 2) for b, v in row["items_per_s"].items()}
         log.info("   %s %-45s %s", preset, label, row.get("over_torch_int8", row.get("error")))
-    shipped = candidates["dynamic, int8 weights per tensor (shipped)"]
+    shipped = kinds["dynamic, int8 weights per tensor (shipped)"]
     assert not isinstance(shipped, str)
     return {"preset": preset, "threads": 1, "batches": list(batches),
             "renders": {"calibration": half, "timed_and_compared": len(corpus) - half}, "rows": rows,
