@@ -72,6 +72,11 @@ def repository_config(repository: str | Path) -> FusionConfig:
     return FusionConfig.from_json(Path(repository) / "fusion" / "1" / "checkpoint" / "config.json")
 
 
+# Every output of one item, in the engines' order: image_encoder's, text_encoder's, fusion's.
+OUTPUTS = ("IMAGE_FEATURES", "IMAGE_EMBEDDING", "TEXT_FEATURES", "TEXT_EMBEDDING", "VQA_LOGITS", "ITM_LOGIT",
+           "CROSS_ATTENTION")
+
+
 class Engines:
     """The three engine sessions of one preset, run in sequence as one item batch."""
 
@@ -102,9 +107,7 @@ class Engines:
         fused = self.sessions["fusion"].run(
             None, {"IMAGE_FEATURES": img[0], "TEXT_FEATURES": txt[0], "ATTENTION_MASK": mask}
         )
-        names = ("IMAGE_FEATURES", "IMAGE_EMBEDDING", "TEXT_FEATURES", "TEXT_EMBEDDING",
-                 "VQA_LOGITS", "ITM_LOGIT", "CROSS_ATTENTION")
-        return dict(zip(names, [*img, *txt, *fused]))
+        return dict(zip(OUTPUTS, [*img, *txt, *fused]))
 
     def time_batch(
         self, batch: int, min_time_s: float = 2.0, min_reps: int = 3, warm_up: bool = True

@@ -11,7 +11,11 @@ quantiser and kernels do better per item, and by batching. This measures that ma
   per channel, dynamic with uint8 weights, static QDQ and static QOperator (calibrated on renders of
   the shapes world, per-channel int8 weights, uint8 activations), and ONNX Runtime's transformer
   fusions (LayerNorm, GELU, attention where its patterns match) before the shipped dynamic int8;
-- items/s per batch size, each row the median of interleaved passes;
+- OpenVINO's CPU runtime, one inference thread, on the fp32 graphs, the shipped int8 graphs and the
+  static QDQ ones (OpenVINO runs a QDQ pair as its own int8 FakeQuantize): another runtime's kernels
+  for the same graphs;
+- items/s per batch size, the median of passes that each time every row in turn; the ratio to
+  PyTorch int8 is the median of each pass's ratio;
 - parity with ONNX Runtime fp32 on the renders: smallest cosine of the VQA logits and of the embeddings;
 - where the shipped int8 item spends its time at batch 1, per op type (ONNX Runtime's profiler).
 
@@ -44,6 +48,7 @@ WORK_DIR = REPO_ROOT / "build" / "quantizers"
 ONE_THREAD = engine_bench.SessionSettings(intra_threads=1, spinning=False)
 Feeds = dict[str, np.ndarray]
 Builder = Callable[[Path, Path, list[Feeds], FusionConfig], None]  # (fp32 graph, int8 graph to write, calibration, cfg)
+NAIVE = "torch dynamic int8 (naive server)"
 
 
 def corpus_inputs(corpus: list[Sample], cfg: FusionConfig, repo: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,6 +152,38 @@ def build_kinds(preset: str, feeds: dict[str, list[Feeds]], cfg: FusionConfig,
     return out
 
 
+# Row label → which graphs OpenVINO compiles: "fp32", or a KINDS label.
+OPENVINO_ROWS = {
+    "openvino fp32": "fp32",
+    "openvino, the shipped int8 graphs": "dynamic, int8 weights per tensor (shipped)",
+    "openvino, the static QDQ graphs": "static QDQ, per channel",
+}
+
+
+def _openvino_item(paths: dict[str, Path]) -> Callable[..., dict[str, np.ndarray]]:
+    """The three graphs compiled by OpenVINO's CPU plugin, one inference thread, run in turn as one item."""
+    import openvino as ov
+
+    core = ov.Core()
+    # fp32 wherever the graph is not int8: on a CPU with bf16 units OpenVINO would otherwise pick bf16.
+    props = {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+             "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = {e: core.compile_model(str(paths[e]), "CPU", props) for e in ENGINES}
+    requests = {e: compiled[e].create_infer_request() for e in ENGINES}
+
+    def infer(engine: str, feeds: Feeds) -> list[np.ndarray]:
+        out = requests[engine].infer(feeds)  # copies the outputs: the next call does not overwrite them
+        return [out[o] for o in compiled[engine].outputs]
+
+    def run(pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        img = infer("image_encoder", {"PIXELS": pixels})
+        txt = infer("text_encoder", {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+        fused = infer("fusion", {"IMAGE_FEATURES": img[0], "TEXT_FEATURES": txt[0], "ATTENTION_MASK": mask})
+        return dict(zip(engine_bench.OUTPUTS, [*img, *txt, *fused]))
+
+    return run
+
+
 def _torch_item(preset: str, int8: bool) -> Callable[..., dict[str, np.ndarray]]:
     """The naive server's forward pass (image once, each question, fusion) over a batch."""
     import torch
@@ -168,22 +205,28 @@ def _torch_item(preset: str, int8: bool) -> Callable[..., dict[str, np.ndarray]]
     return run
 
 
-def _time(run: Callable[..., Any], x: tuple[np.ndarray, ...], batches: tuple[int, ...], min_time_s: float,
-          passes: int) -> dict[int, float]:
-    """Median items/s per batch size over `passes` interleaved passes of `min_time_s / passes` each."""
-    got: dict[int, list[float]] = {b: [] for b in batches}
-    for b in batches:
-        run(*(a[:b] for a in x))  # warm-up: arenas, first-run allocations
-    for _ in range(passes):
+def _time(runs: dict[str, Callable[..., Any]], x: tuple[np.ndarray, ...], batches: tuple[int, ...],
+          min_time_s: float, passes: int) -> dict[str, dict[int, list[float]]]:
+    """Items/s of every run per batch size in each of `passes` passes of `min_time_s / passes` each.
+
+    Each pass times every run in turn, so a busy or quiet spell of this shared machine lands on all of
+    them alike rather than on the one timed at that moment.
+    """
+    got: dict[str, dict[int, list[float]]] = {label: {b: [] for b in batches} for label in runs}
+    for run in runs.values():
         for b in batches:
-            xb = tuple(a[:b] for a in x)
-            times, t_end = [], time.perf_counter() + min_time_s / passes
-            while not times or time.perf_counter() < t_end:
-                t = time.perf_counter()
-                run(*xb)
-                times.append(time.perf_counter() - t)
-            got[b].append(b / statistics.median(times))
-    return {b: statistics.median(v) for b, v in got.items()}
+            run(*(a[:b] for a in x))  # warm-up: arenas, first-run allocations
+    for _ in range(passes):
+        for label, run in runs.items():
+            for b in batches:
+                xb = tuple(a[:b] for a in x)
+                times, t_end = [], time.perf_counter() + min_time_s / passes
+                while not times or time.perf_counter() < t_end:
+                    t = time.perf_counter()
+                    run(*xb)
+                    times.append(time.perf_counter() - t)
+                got[label][b].append(b / statistics.median(times))
+    return got
 
 
 def _centred(a: np.ndarray) -> np.ndarray:
@@ -234,31 +277,46 @@ def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, .
     fp32 = engine_bench.Engines(precision.engine_files(preset, "fp32"), cfg, ONE_THREAD)
     ref = fp32.run(*x)
     kinds = build_kinds(preset, calibration_feeds(fp32, calib), cfg, work_dir)
-    rows: dict[str, Any] = {}
+    runs: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+        "torch fp32": _torch_item(preset, False),
+        NAIVE: _torch_item(preset, True),
+        "onnxruntime fp32": fp32.run,
+    }
+    errors: dict[str, str] = {}
+    for label, paths in kinds.items():
+        if isinstance(paths, str):
+            errors[label] = paths
+        else:
+            runs[label] = engine_bench.Engines(paths, cfg, ONE_THREAD).run
+    for label, graphs in OPENVINO_ROWS.items():
+        paths = precision.engine_files(preset, "fp32") if graphs == "fp32" else kinds[graphs]
+        if isinstance(paths, str):
+            errors[label] = paths
+        else:
+            runs[label] = _openvino_item(paths)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one naive worker's torch
     try:
-        for int8 in (False, True):
-            label = "torch dynamic int8 (naive server)" if int8 else "torch fp32"
-            run = _torch_item(preset, int8)
-            rows[label] = {"items_per_s": _time(run, x, batches, min_time_s, passes), "parity": _parity(ref, run(*x))}
+        parity = {label: _parity(ref, run(*x)) for label, run in runs.items()}
+        passes_got = _time(runs, x, batches, min_time_s, passes)
     finally:
         torch.set_num_threads(threads)
-    rows["onnxruntime fp32"] = {"items_per_s": _time(fp32.run, x, batches, min_time_s, passes),
-                                "parity": _parity(ref, ref)}  # the reference itself
-    for label, paths in kinds.items():
-        if isinstance(paths, str):
-            rows[label] = {"error": paths}
-            continue
-        eng = engine_bench.Engines(paths, cfg, ONE_THREAD)
-        rows[label] = {"items_per_s": _time(eng.run, x, batches, min_time_s, passes),
-                       "parity": _parity(ref, eng.run(*x))}
-    naive = rows["torch dynamic int8 (naive server)"]["items_per_s"]
-    for label, row in rows.items():
-        if "items_per_s" in row:
-            row["over_torch_int8"] = {b: round(v / naive[b], 3) for b, v in row["items_per_s"].items()}
-            row["items_per_s"] = {b: round(v, 2) for b, v in row["items_per_s"].items()}
-        log.info("   %s %-45s %s", preset, label, row.get("over_torch_int8", row.get("error")))
+    naive = passes_got[NAIVE]
+    rows: dict[str, Any] = {}
+    for label in [*runs, *errors]:
+        if label in errors:
+            rows[label] = {"error": errors[label]}
+        else:
+            got = passes_got[label]
+            rows[label] = {
+                "items_per_s": {b: round(statistics.median(v), 2) for b, v in got.items()},
+                # each pass's ratio to PyTorch int8 timed in that pass, then the median of those
+                "over_torch_int8": {b: round(statistics.median(r / n for r, n in zip(v, naive[b])), 3)
+                                    for b, v in got.items()},
+                "passes_items_per_s": {b: [round(r, 2) for r in v] for b, v in got.items()},
+                "parity": parity[label],
+            }
+        log.info("   %s %-45s %s", preset, label, rows[label].get("over_torch_int8", rows[label].get("error")))
     shipped = kinds["dynamic, int8 weights per tensor (shipped)"]
     assert not isinstance(shipped, str)
     return {"preset": preset, "threads": 1, "batches": list(batches),

@@ -1,4 +1,5 @@
-"""The int8 kinds lever (loadtests.quantizers) on the installed `tiny`: every kind built, timed and compared."""
+"""The int8 kinds lever (loadtests.quantizers) on the installed `tiny`: every kind built, timed and compared,
+and OpenVINO's CPU runtime on the same graphs."""
 
 from __future__ import annotations
 
@@ -17,14 +18,17 @@ def test_every_kind_is_timed_against_pytorch_and_judged_against_fp32(tmp_path):
                              min_time_s=0.05, passes=1, work_dir=tmp_path)
     assert torch.get_num_threads() == threads  # the naive worker's one thread does not leak out
     rows = res["rows"]
-    assert set(rows) == {"torch fp32", "torch dynamic int8 (naive server)", "onnxruntime fp32", *quantizers.KINDS}
+    assert set(rows) == {"torch fp32", "torch dynamic int8 (naive server)", "onnxruntime fp32", *quantizers.KINDS,
+                         *quantizers.OPENVINO_ROWS}
     for label, row in rows.items():
         assert "error" not in row, (label, row)
         assert set(row["items_per_s"]) == {1, 2} and min(row["items_per_s"].values()) > 0, label
+        assert [len(v) for v in row["passes_items_per_s"].values()] == [1, 1], label  # one pass asked for
     assert rows["torch dynamic int8 (naive server)"]["over_torch_int8"] == {1: 1.0, 2: 1.0}
     # The PyTorch side is the same model as the engines: fp32 agrees with ONNX Runtime's fp32 exactly.
     assert min(rows["torch fp32"]["parity"].values()) > 0.9999
-    for label in quantizers.KINDS:  # int8 of a trained model keeps its logits' direction
+    assert min(rows["openvino fp32"]["parity"].values()) > 0.9999  # another runtime, the same fp32 graphs
+    for label in [*quantizers.KINDS, *list(quantizers.OPENVINO_ROWS)[1:]]:  # int8 keeps its logits' direction
         assert rows[label]["parity"]["vqa_logits_cosine_min"] > 0.98, label
     built = sorted(tmp_path.glob("tiny/kind*/*.onnx"))  # every kind but the shipped files, three engines each
     assert len(built) == 3 * (len(quantizers.KINDS) - 1) and {p.stem for p in built} == set(ENGINES)
