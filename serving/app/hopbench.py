@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     http_port, grpc_port = free_port(), free_port()
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if x)
     ray.init(
+        address="local",  # a cluster of its own, as loadtests/serve_app.py starts
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

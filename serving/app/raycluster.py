@@ -7,6 +7,10 @@ itself. `stop()` sends SIGTERM to `ray start` (which stops everything it started
 SIGKILL to whatever of the session is left. `ray start` gets SIGTERM from the kernel when
 the thread that started it dies (`PR_SET_PDEATHSIG`), so a SIGKILLed `vtfuse serve` takes
 its cluster down too. `ray stop` is never used: it would stop every Ray cluster of the machine.
+
+While it runs, `ray start` points Ray's "current cluster" file at it, so `ray status` or a
+`ray.init()` on this machine joins it. `stop()` removes that pointer as `ray stop` does: left
+behind, it sends a later `ray.init()` to the stopped cluster whenever any other Ray cluster runs here.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from serving.procs import free_port, kill_session, parent_death_signal, session_
 log = logging.getLogger(__name__)
 
 STARTED = b"Ray runtime started."
+
+
+def address_file(env: dict[str, str]) -> Path:
+    """Where `ray start`, run in `env`, records its address for `ray.init()` (Ray's rule on Linux)."""
+    return Path(env.get("RAY_TMPDIR") or env.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
 
 
 def ensure_auth_token() -> None:
@@ -65,6 +74,7 @@ class RayHead:
         self.drain_s = drain_s
         self.gcs_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.address_file = address_file({**os.environ, **self.env})
         self._log: IO[bytes] | None = None
         self._offset = 0
 
@@ -143,6 +153,14 @@ class RayHead:
             f.seek(self._offset)
             return f"; {self.log_path}:\n" + f.read()[-3000:].decode(errors="replace")
 
+    def forget_address(self) -> None:
+        """Remove Ray's current-cluster file if it still names this cluster (another may have started since)."""
+        try:
+            if self.address_file.read_text().strip().rpartition(":")[2] == str(self.gcs_port):
+                self.address_file.unlink()
+        except OSError:  # no file, or not ours to remove
+            pass
+
     def alive(self) -> bool:
         """True while `ray start` runs."""
         return self.process is not None and self.process.poll() is None
@@ -168,6 +186,7 @@ class RayHead:
         left = session_pids(sid)
         if left:
             log.error("Ray processes still alive after SIGKILL: %s", left)
+        self.forget_address()
         if self._log is not None:
             self._log.close()
             self._log = None

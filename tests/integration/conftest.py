@@ -81,6 +81,7 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
         OTEL_TRACES_SAMPLER_ARG="0", OTEL_BSP_SCHEDULE_DELAY="200",
     )
     ray.init(
+        address="local",  # a cluster of its own, never one that Ray's current-cluster file names
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -4,7 +4,8 @@ Each case starts its own `make serve` (real tritonserver, real Ray Serve, free p
 every process of the stack (the descendants of make and the sessions they run in: Ray's and
 Triton's are sessions of their own), sends one signal, and then checks within 60 s: no
 recorded process alive, no process left in those sessions, every port bindable, no
-`/dev/shm/vtfuse<grpc port>_*` region. Where the signal allows a drain, VQA requests sent
+`/dev/shm/vtfuse<grpc port>_*` region. Where the signal allows a drain, Ray's current-cluster file
+no longer names the stopped cluster (a later `ray.init()` would try to join it), and VQA requests sent
 by 8 clients while it arrives are answered (200, or a JSON 503 `shutting_down` for one
 that had not reached the front door when the drain began; none dropped). Then: a port held by another process (one
 that answers HTTP 200 to every GET) is refused by `vtfuse triton` and by `make serve` within
@@ -35,6 +36,7 @@ import psutil
 import pytest
 
 from loadtests import chaos
+from serving.app import raycluster
 from serving.paths import REPO_ROOT
 from serving.procs import free_port, session_pids
 from serving.triton.launcher import TritonSettings
@@ -157,6 +159,9 @@ def test_signal_stops_everything(case: str) -> None:
         assert triton is not None
         shm = f"/dev/shm/{TritonSettings(grpc_port=st.triton_grpc_port).shm_prefix}*"
         assert glob.glob(shm), "the Python-backend stubs' shared memory should be there"
+        # Ray's current-cluster file names this stack's GCS while it runs (`ray status` finds it here).
+        address_file = raycluster.address_file({"RAY_TMPDIR": str(st.ray_tmp)})
+        assert address_file.exists(), "ray start should point Ray's current-cluster file at its GCS"
         st.remember_pids()
         sids = sessions_of(st.seen_pids | {st.pid})
         assert len(sids) >= 2, f"Ray and Triton run in sessions of their own: {sids}"
@@ -201,6 +206,8 @@ def test_signal_stops_everything(case: str) -> None:
         assert not taken, f"{case}: ports still taken: {taken}"
         assert not glob.glob(shm), f"{case}: Triton shared memory left: {glob.glob(shm)}"
         if drains:  # admitted requests finish; one still queued before admission may get a clean 503
+            # ...and, as `ray stop` does, the pointer goes with the cluster: a later ray.init() would try to join it.
+            assert not address_file.exists(), f"{case}: Ray's current-cluster file still names the stopped cluster"
             assert in_flight and RESULTS[case]["in_flight_ok"], RESULTS[case]
             refused = [o for o in in_flight if o.status != 200]
             assert all(o.status == 503 and o.code == "shutting_down" for o in refused), f"{case}: {RESULTS[case]}"
