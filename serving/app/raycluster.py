@@ -9,8 +9,9 @@ the thread that started it dies (`PR_SET_PDEATHSIG`), so a SIGKILLed `vtfuse ser
 its cluster down too. `ray stop` is never used: it would stop every Ray cluster of the machine.
 
 While it runs, `ray start` points Ray's "current cluster" file at it, so `ray status` or a
-`ray.init()` on this machine joins it. `stop()` removes that pointer as `ray stop` does: left
-behind, it sends a later `ray.init()` to the stopped cluster whenever any other Ray cluster runs here.
+`ray.init()` on this machine joins it. `stop()` puts back what the file said before (a cluster of
+the user's), else removes it as `ray stop` does: left naming the stopped cluster, it would send a
+later `ray.init()` there whenever any other Ray cluster runs on the machine.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class RayHead:
 
     def __init__(
         self,
-        num_cpus: float,
+        num_cpus: int,
         metrics_export_port: int,
         system_config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
@@ -75,6 +76,7 @@ class RayHead:
         self.gcs_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.address_file = address_file({**os.environ, **self.env})
+        self._address_before: str | None = None  # the file's content before `ray start` overwrote it
         self._log: IO[bytes] | None = None
         self._offset = 0
 
@@ -93,7 +95,7 @@ class RayHead:
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             f"--port={self.gcs_port}",
-            f"--num-cpus={self.num_cpus:g}",
+            f"--num-cpus={self.num_cpus}",
             "--include-dashboard=false",
             f"--dashboard-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
@@ -108,6 +110,10 @@ class RayHead:
     def start(self) -> RayHead:
         """Start `ray start` (not waiting: see `wait_started`)."""
         ensure_auth_token()
+        try:
+            self._address_before = self.address_file.read_text()
+        except OSError:
+            self._address_before = None
         env = {**os.environ, **self.env}
         # After the API drained, nothing is left for Ray's own SIGTERM drain to wait for.
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", f"{self.drain_s:g}")
@@ -154,11 +160,15 @@ class RayHead:
             return f"; {self.log_path}:\n" + f.read()[-3000:].decode(errors="replace")
 
     def forget_address(self) -> None:
-        """Remove Ray's current-cluster file if it still names this cluster (another may have started since)."""
+        """If Ray's current-cluster file still names this cluster: what it said before, else no file."""
         try:
-            if self.address_file.read_text().strip().rpartition(":")[2] == str(self.gcs_port):
+            if self.address_file.read_text().strip().rpartition(":")[2] != str(self.gcs_port):
+                return  # another cluster started since: the file is its now
+            if self._address_before:
+                self.address_file.write_text(self._address_before)
+            else:
                 self.address_file.unlink()
-        except OSError:  # no file, or not ours to remove
+        except OSError:  # no file, or not ours to change
             pass
 
     def alive(self) -> bool:

@@ -10,7 +10,8 @@ by 8 clients while it arrives are answered (200, or a JSON 503 `shutting_down` f
 that had not reached the front door when the drain began; none dropped). Then: a port held by another process (one
 that answers HTTP 200 to every GET) is refused by `vtfuse triton` and by `make serve` within
 seconds, naming the port and the holder's pid. And on a machine where Ray has no token yet (a fresh
-HOME), `make serve` makes one, readable by its owner only, and answers. The case timings go to
+HOME), `make serve` makes one, readable by its owner only, and answers. A cluster of the user's that
+Ray's current-cluster file named before is named there again once ours stops. The case timings go to
 build/chaos/stop-results.json.
 """
 
@@ -22,14 +23,17 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -218,6 +222,26 @@ def test_signal_stops_everything(case: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         previous = json.loads(out.read_text()) if out.exists() else {}
         out.write_text(json.dumps({**previous, **RESULTS}, indent=2) + "\n")
+
+
+@pytest.mark.timeout(120)
+def test_ray_head_gives_back_the_current_cluster_file_it_found() -> None:
+    """A cluster of the user's named in Ray's current-cluster file is named there again once ours stops."""
+    tmp = Path(tempfile.mkdtemp(prefix="vtf", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        users = "10.1.2.3:6379"
+        file = raycluster.address_file({"RAY_TMPDIR": str(tmp)})
+        file.parent.mkdir(parents=True)
+        file.write_text(users)
+        head = raycluster.RayHead(1, free_port(), env={"RAY_TMPDIR": str(tmp)}, log_path=tmp / "ray.log")
+        try:
+            head.start().wait_started(timeout=90)
+            assert file.read_text().strip().endswith(f":{head.gcs_port}")  # ray start points it at ours
+        finally:
+            head.stop()
+        assert file.read_text() == users
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.timeout(120)
