@@ -462,9 +462,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--num-cpus",
-        type=float,
-        default=float(os.environ.get("RAY_NUM_CPUS", os.cpu_count() or 2)),
-        help="CPUs the local Ray cluster schedules replicas on (env RAY_NUM_CPUS)",
+        type=int,  # `ray start` takes whole CPUs (replicas ask for fractions of them)
+        default=os.environ.get("RAY_NUM_CPUS", str(os.cpu_count() or 2)),  # a string: argparse checks it as typed
+        help="whole CPUs the local Ray cluster schedules replicas on (env RAY_NUM_CPUS)",
     )
     p.add_argument(
         "--log-encoding",

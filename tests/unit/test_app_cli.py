@@ -34,6 +34,17 @@ def test_environment_overrides_ports(monkeypatch):
     assert parse(["--api-port", "7000"]).api_port == 7000  # a flag wins over the environment
 
 
+def test_ray_cpus_are_whole_numbers_checked_before_anything_starts(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_NUM_CPUS", "3")
+    assert parse([]).num_cpus == 3  # an int: `ray start --num-cpus` takes nothing else
+    assert parse(["--num-cpus", "1"]).num_cpus == 1
+    for argv, env in ((["--num-cpus", "1.5"], "2"), ([], "1.5")):  # a usage error, not Ray's exit code 2 later
+        monkeypatch.setenv("RAY_NUM_CPUS", env)
+        with pytest.raises(SystemExit) as exc:
+            parse(argv)
+        assert exc.value.code == 2 and "argument --num-cpus: invalid int value: '1.5'" in capsys.readouterr().err
+
+
 def test_rendered_config_is_a_valid_serve_config(monkeypatch, tmp_path):
     monkeypatch.delenv("PRESET", raising=False)
     ns = parse(["--api-port", "18080", "--grpc-port", "19000", "--repository", str(tmp_path)])
