@@ -11,7 +11,8 @@ its cluster down too. `ray stop` is never used: it would stop every Ray cluster 
 While it runs, `ray start` points Ray's "current cluster" file at it, so `ray status` or a
 `ray.init()` on this machine joins it. `stop()` puts back what the file said before (a cluster of
 the user's), else removes it as `ray stop` does: left naming the stopped cluster, it would send a
-later `ray.init()` there whenever any other Ray cluster runs on the machine.
+later `ray.init()` there whenever any other Ray cluster runs on the machine. (A SIGKILLed
+`vtfuse serve` cannot; the next `ray start` overwrites the file.)
 """
 
 from __future__ import annotations
