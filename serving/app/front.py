@@ -126,6 +126,43 @@ def selected(env: dict[str, str] | None = None) -> str:
     return front
 
 
+RUN_DIR_BASE, RUN_DIR_PREFIX = "/tmp", "vh-"
+OWNER_FILE = "owner"  # the process whose stack the folder is: "<pid> <start time in clock ticks>"
+
+
+def process_identity(pid: int) -> str:
+    """`pid` and its start time from /proc (a pid reused by a later process has another); "" if none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return f"{pid} {stat.rpartition(')')[2].split()[19]}"  # field 22, counted after the command name
+
+
+def sweep_orphaned_run_dirs(base: Path | str = RUN_DIR_BASE) -> list[Path]:
+    """Remove this user's HAProxy folders whose owner process is gone; the removed folders.
+
+    A stack that stops removes its folder (at exit); one whose owner was SIGKILLed cannot, so the next
+    stack started here does. A folder without an owner file (still being set up) is left alone.
+    """
+    removed = []
+    for folder in Path(base).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            owner = (folder / OWNER_FILE).read_text().strip()
+        except OSError:
+            continue
+        pid = owner.split()[0] if owner else ""
+        if not pid.isdigit() or process_identity(int(pid)) == owner or haproxy_pids(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed HAProxy folders of stacks that were killed: %s", ", ".join(map(str, removed)))
+    return removed
+
+
 def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
     """Environment for a Ray cluster whose Serve HTTP ingress is HAProxy in front of the replicas.
 
@@ -137,8 +174,11 @@ def haproxy_environment(run_dir: Path | None = None) -> dict[str, str]:
     """
     # Ray puts the files in a 56-character folder under this one, and HAProxy takes socket paths of 97
     # characters at most: a short base.
-    run_dir = Path(run_dir or tempfile.mkdtemp(prefix="vh-", dir="/tmp"))
+    if run_dir is None:
+        sweep_orphaned_run_dirs()
+    run_dir = Path(run_dir or tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=RUN_DIR_BASE))
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / OWNER_FILE).write_text(process_identity(os.getpid()))
     # Ray stops HAProxy with Serve; one left behind by a Serve that did not stop cleanly goes at our exit.
     atexit.register(stop_haproxy, run_dir)
     return {

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -359,3 +360,43 @@ def test_two_stacks_on_one_machine_share_no_port(tmp_path):
               for env in (a, b) for p in ("HTTP", "GRPC")]
     assert all(len(r) == 64 and 20000 <= r.start and r.stop <= 32768 for r in ranges)
     assert len(set().union(*ranges)) == 4 * 64
+
+
+def test_a_killed_stacks_haproxy_folder_goes_when_the_next_stack_starts(tmp_path):
+    """A stack whose owner was SIGKILLed never ran its exit handler: the next stack's sweep removes its folder,
+    and only such folders (not a live owner's, not one still being set up, not one an HAProxy still runs on)."""
+    env = front.haproxy_environment(tmp_path / "vh-mine")
+    assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent == tmp_path / "vh-mine"
+    assert (tmp_path / "vh-mine" / front.OWNER_FILE).read_text() == front.process_identity(os.getpid())
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed_identity = front.process_identity(killed.pid)
+    killed.kill()
+    killed.wait()
+    assert killed_identity and front.process_identity(killed.pid) == ""
+
+    def folder(name: str, owner: str | None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if owner is not None:
+            (d / front.OWNER_FILE).write_text(owner)
+        return d
+
+    orphan = folder("vh-killed", killed_identity)
+    reused = folder("vh-reused", f"{os.getpid()} 1")  # our pid, another start time: the pid was reused
+    setting_up = folder("vh-new", None)
+    not_ours = folder("other-killed", killed_identity)  # not a vh- folder
+    still_serving = folder("vh-haproxy-left", killed_identity)
+    link = tmp_path / "bin" / "haproxy"  # a process whose command line looks like HAProxy's on that folder
+    link.parent.mkdir()
+    link.symlink_to(sys.executable)
+    haproxy = subprocess.Popen([str(link), "-c", "import time; time.sleep(60)", "-f", str(still_serving / "x.cfg")])
+    try:
+        deadline = time.monotonic() + 10
+        while not front.haproxy_pids(still_serving) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(front.sweep_orphaned_run_dirs(tmp_path)) == sorted([orphan, reused])
+    finally:
+        haproxy.kill()
+        haproxy.wait()
+    assert not orphan.exists() and not reused.exists()
+    assert all(d.exists() for d in (tmp_path / "vh-mine", setting_up, not_ours, still_serving))
