@@ -9,10 +9,10 @@ the thread that started it dies (`PR_SET_PDEATHSIG`), so a SIGKILLed `vtfuse ser
 its cluster down too. `ray stop` is never used: it would stop every Ray cluster of the machine.
 
 While it runs, `ray start` points Ray's "current cluster" file at it, so `ray status` or a
-`ray.init()` on this machine joins it. `stop()` puts back what the file said before (a cluster of
-the user's), else removes it as `ray stop` does: left naming the stopped cluster, it would send a
-later `ray.init()` there whenever any other Ray cluster runs on the machine. (A SIGKILLed
-`vtfuse serve` cannot; the next `ray start` overwrites the file.)
+`ray.init()` on this machine joins it. `stop()` puts back what the file said before when that
+cluster still answers (a cluster of the user's), else removes it as `ray stop` does: left naming
+a stopped cluster, it would send a later `ray.init()` there whenever any other Ray cluster runs on
+the machine. (A SIGKILLed `vtfuse serve` cannot; the next one's stop removes what it left.)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,16 @@ STARTED = b"Ray runtime started."
 def address_file(env: dict[str, str]) -> Path:
     """Where `ray start`, run in `env`, records its address for `ray.init()` (Ray's rule on Linux)."""
     return Path(env.get("RAY_TMPDIR") or env.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+
+
+def answers(address: str, timeout_s: float = 1.0) -> bool:
+    """True if something accepts TCP connections at `host:port` (a running GCS does)."""
+    host, _, port = address.strip().rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_auth_token() -> None:
@@ -161,11 +172,11 @@ class RayHead:
             return f"; {self.log_path}:\n" + f.read()[-3000:].decode(errors="replace")
 
     def forget_address(self) -> None:
-        """If Ray's current-cluster file still names this cluster: what it said before, else no file."""
+        """If Ray's current-cluster file names this cluster still: the one it named before if that answers, or none."""
         try:
             if self.address_file.read_text().strip().rpartition(":")[2] != str(self.gcs_port):
                 return  # another cluster started since: the file is its now
-            if self._address_before:
+            if self._address_before and answers(self._address_before):
                 self.address_file.write_text(self._address_before)
             else:
                 self.address_file.unlink()

@@ -10,7 +10,7 @@ by 8 clients while it arrives are answered (200, or a JSON 503 `shutting_down` f
 that had not reached the front door when the drain began; none dropped). Then: a port held by another process (one
 that answers HTTP 200 to every GET) is refused by `vtfuse triton` and by `make serve` within
 seconds, naming the port and the holder's pid. And on a machine where Ray has no token yet (a fresh
-HOME), `make serve` makes one, readable by its owner only, and answers. A cluster of the user's that
+HOME), `make serve` makes one, readable by its owner only, and answers. A running cluster of the user's that
 Ray's current-cluster file named before is named there again once ours stops. The case timings go to
 build/chaos/stop-results.json.
 """
@@ -225,22 +225,29 @@ def test_signal_stops_everything(case: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_ray_head_gives_back_the_current_cluster_file_it_found() -> None:
-    """A cluster of the user's named in Ray's current-cluster file is named there again once ours stops."""
+@pytest.mark.parametrize("before", ["running", "stopped"])
+def test_ray_head_gives_back_the_current_cluster_file_it_found(before: str) -> None:
+    """A cluster of the user's named in Ray's current-cluster file is named there again once ours stops;
+    an address from before that nothing answers any more (a killed cluster's) is not put back."""
     tmp = Path(tempfile.mkdtemp(prefix="vtf", dir="/tmp"))  # short: Ray's socket paths
+    users = socket.create_server(("127.0.0.1", 0))  # stands in for the user's GCS: it accepts connections
     try:
-        users = "10.1.2.3:6379"
+        address = f"127.0.0.1:{users.getsockname()[1]}" if before == "running" else f"127.0.0.1:{free_port()}"
         file = raycluster.address_file({"RAY_TMPDIR": str(tmp)})
         file.parent.mkdir(parents=True)
-        file.write_text(users)
+        file.write_text(address)
         head = raycluster.RayHead(1, free_port(), env={"RAY_TMPDIR": str(tmp)}, log_path=tmp / "ray.log")
         try:
             head.start().wait_started(timeout=90)
             assert file.read_text().strip().endswith(f":{head.gcs_port}")  # ray start points it at ours
         finally:
             head.stop()
-        assert file.read_text() == users
+        if before == "running":
+            assert file.read_text() == address
+        else:
+            assert not file.exists()
     finally:
+        users.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
