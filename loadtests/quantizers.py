@@ -274,7 +274,8 @@ def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, .
     renders = corpus_inputs(corpus, cfg, repo)
     half = len(corpus) // 2
     calib, x = tuple(a[:half] for a in renders), tuple(a[half:] for a in renders)  # parity on renders not calibrated on
-    fp32 = engine_bench.Engines(precision.engine_files(preset, "fp32"), cfg, ONE_THREAD)
+    fp32_paths = precision.engine_files(preset, "fp32")
+    fp32 = engine_bench.Engines(fp32_paths, cfg, ONE_THREAD)
     ref = fp32.run(*x)
     kinds = build_kinds(preset, calibration_feeds(fp32, calib), cfg, work_dir)
     runs: dict[str, Callable[..., dict[str, np.ndarray]]] = {
@@ -289,7 +290,7 @@ def compare(preset: str, repo: Path, corpus: list[Sample], batches: tuple[int, .
         else:
             runs[label] = engine_bench.Engines(paths, cfg, ONE_THREAD).run
     for label, graphs in OPENVINO_ROWS.items():
-        paths = precision.engine_files(preset, "fp32") if graphs == "fp32" else kinds[graphs]
+        paths = fp32_paths if graphs == "fp32" else kinds[graphs]
         if isinstance(paths, str):
             errors[label] = paths
         else:

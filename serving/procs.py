@@ -200,6 +200,15 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
+def process_identity(pid: int) -> str:
+    """`pid` and its start time from /proc (a pid reused by a later process has another); "" if none runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return f"{pid} {stat.rsplit(')', 1)[-1].split()[19]}"  # field 22, counted after "pid (comm)"
+
+
 def session_pids(sid: int) -> list[int]:
     """Live (non-zombie) processes of session `sid` (their session id is field 6 of /proc/PID/stat)."""
     pids = []

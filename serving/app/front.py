@@ -57,7 +57,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from serving.app import haproxy_wrapper
-from serving.procs import free_port
+from serving.procs import free_port, process_identity
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,6 @@ def selected(env: dict[str, str] | None = None) -> str:
 
 RUN_DIR_BASE, RUN_DIR_PREFIX = "/tmp", "vh-"
 OWNER_FILE = "owner"  # the process whose stack the folder is: "<pid> <start time in clock ticks>"
-
-
-def process_identity(pid: int) -> str:
-    """`pid` and its start time from /proc (a pid reused by a later process has another); "" if none runs."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return f"{pid} {stat.rpartition(')')[2].split()[19]}"  # field 22, counted after the command name
 
 
 def sweep_orphaned_run_dirs(base: Path | str = RUN_DIR_BASE) -> list[Path]:

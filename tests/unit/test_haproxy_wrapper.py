@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from serving.app import front, haproxy_wrapper
-from serving.procs import free_port
+from serving.procs import free_port, process_identity
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ray-2.60-haproxy.cfg"
 
@@ -367,12 +367,12 @@ def test_a_killed_stacks_haproxy_folder_goes_when_the_next_stack_starts(tmp_path
     and only such folders (not a live owner's, not one still being set up, not one an HAProxy still runs on)."""
     env = front.haproxy_environment(tmp_path / "vh-mine")
     assert Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent == tmp_path / "vh-mine"
-    assert (tmp_path / "vh-mine" / front.OWNER_FILE).read_text() == front.process_identity(os.getpid())
+    assert (tmp_path / "vh-mine" / front.OWNER_FILE).read_text() == process_identity(os.getpid())
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    killed_identity = front.process_identity(killed.pid)
+    killed_identity = process_identity(killed.pid)
     killed.kill()
     killed.wait()
-    assert killed_identity and front.process_identity(killed.pid) == ""
+    assert killed_identity and process_identity(killed.pid) == ""
 
     def folder(name: str, owner: str | None) -> Path:
         d = tmp_path / name
