@@ -10,7 +10,9 @@ quantiser and kernels do better per item, and by batching. This measures that ma
 - ONNX Runtime fp32 and five int8 kinds of the three engines: dynamic per tensor (shipped), dynamic
   per channel, dynamic with uint8 weights, static QDQ and static QOperator (calibrated on renders of
   the shapes world, per-channel int8 weights, uint8 activations), and ONNX Runtime's transformer
-  fusions (LayerNorm, GELU, attention where its patterns match) before the shipped dynamic int8;
+  fusions (LayerNorm, GELU, attention where its patterns match) before the shipped dynamic int8,
+  the shipped kind with attention's activation × activation MatMuls quantised too, and MatMulNBits
+  (8-bit weights in blocks of 128, int8 activations: ONNX Runtime's weight-only kernels);
 - OpenVINO's CPU runtime, one inference thread, on the fp32 graphs, the shipped int8 graphs and the
   static QDQ ones (OpenVINO runs a QDQ pair as its own int8 FakeQuantize): another runtime's kernels
   for the same graphs;
@@ -96,14 +98,27 @@ def _static(fmt: str) -> Builder:
     return build
 
 
-def _dynamic(weight_type: str = "QInt8", per_channel: bool = False) -> Builder:
+def _dynamic(weight_type: str = "QInt8", per_channel: bool = False, const_b_only: bool = True) -> Builder:
     def build(src: Path, dst: Path, _feeds: list[Feeds], _cfg: FusionConfig) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        # const_b_only=False also quantises the MatMuls of two activations (attention's QK^T and AV)
         quantize_dynamic(src, dst, weight_type=getattr(QuantType, weight_type), per_channel=per_channel,
-                         op_types_to_quantize=list(OP_TYPES))
+                         op_types_to_quantize=list(OP_TYPES), extra_options={"MatMulConstBOnly": const_b_only})
 
     return build
+
+
+def _block_int8(src: Path, dst: Path, _feeds: list[Feeds], _cfg: FusionConfig) -> None:
+    """MatMulNBits with 8-bit weights in blocks of 128 along K, accuracy level 4 (int8 activations):
+    ONNX Runtime's newer weight-only kernels, the ones its LLM path tunes."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(onnx.load(src), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
 def _fused_then_dynamic(src: Path, dst: Path, feeds: list[Feeds], cfg: FusionConfig) -> None:
@@ -125,6 +140,8 @@ KINDS: dict[str, Builder | None] = {
     "static QDQ, per channel": _static("QDQ"),
     "static QOperator, per channel": _static("QOperator"),
     "transformer fusions, then dynamic": _fused_then_dynamic,
+    "dynamic, attention MatMuls too": _dynamic(const_b_only=False),
+    "MatMulNBits 8-bit, blocks of 128": _block_int8,
 }
 
 

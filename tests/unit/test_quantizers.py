@@ -1,10 +1,12 @@
-"""The int8 kinds lever (loadtests.quantizers) on the installed `tiny`: every kind built, timed and compared,
+"""The int8 kinds levers (loadtests.quantizers) on the installed `tiny`: every kind built, timed and compared,
 and OpenVINO's CPU runtime on the same graphs."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
+import onnx
 import torch
 
 from loadtests import quantizers
@@ -32,6 +34,13 @@ def test_every_kind_is_timed_against_pytorch_and_judged_against_fp32(tmp_path):
         assert rows[label]["parity"]["vqa_logits_cosine_min"] > 0.98, label
     built = sorted(tmp_path.glob("tiny/kind*/*.onnx"))  # every kind but the shipped files, three engines each
     assert len(built) == 3 * (len(quantizers.KINDS) - 1) and {p.stem for p in built} == set(ENGINES)
+    graphs = {label: onnx.load(tmp_path / "tiny" / f"kind{i}" / "image_encoder.onnx").graph
+              for i, label in enumerate(quantizers.KINDS) if i}  # kind0 is the shipped files, not built here
+    ops = {label: Counter(n.op_type for n in g.node) for label, g in graphs.items()}
+    # Each kind is the graph it says: attention's MatMuls quantised on top of the weights' ones, block-wise weights.
+    assert ops["dynamic, attention MatMuls too"]["MatMulInteger"] > ops["dynamic, per channel"]["MatMulInteger"] > 0
+    assert ops["MatMulNBits 8-bit, blocks of 128"]["MatMulNBits"] > 0
+    assert ops["MatMulNBits 8-bit, blocks of 128"]["MatMulInteger"] == 0
     profile = res["profile_shipped_int8_batch1"]
     assert set(profile["share_by_engine"]) == set(ENGINES)
     assert abs(sum(profile["share_by_engine"].values()) - 1) < 0.01
