@@ -7,7 +7,7 @@ quantiser and kernels do better per item, and by batching. This measures that ma
 (one intra-op thread, one torch thread: one engine instance, one naive worker):
 
 - PyTorch fp32 and dynamic int8: the preset's model, as the naive server runs it;
-- ONNX Runtime fp32 and five int8 kinds of the three engines: dynamic per tensor (shipped), dynamic
+- ONNX Runtime fp32 and seven int8 kinds of the three engines: dynamic per tensor (shipped), dynamic
   per channel, dynamic with uint8 weights, static QDQ and static QOperator (calibrated on renders of
   the shapes world, per-channel int8 weights, uint8 activations), and ONNX Runtime's transformer
   fusions (LayerNorm, GELU, attention where its patterns match) before the shipped dynamic int8,
@@ -111,7 +111,7 @@ def _dynamic(weight_type: str = "QInt8", per_channel: bool = False, const_b_only
 
 def _block_int8(src: Path, dst: Path, _feeds: list[Feeds], _cfg: FusionConfig) -> None:
     """MatMulNBits with 8-bit weights in blocks of 128 along K, accuracy level 4 (int8 activations):
-    ONNX Runtime's newer weight-only kernels, the ones its LLM path tunes."""
+    ONNX Runtime's weight-only kernels, the ones its LLM models run."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
