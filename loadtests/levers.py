@@ -27,9 +27,8 @@ Sections (`--only` picks some; results merge into `--out`, default loadtests/res
   HTTP API (one-question /v1/vqa at c=32, interleaved windows, a fresh Triton and Serve app each);
 - `quantizers`: kinds of int8 for `small`'s engines (ONNX Runtime dynamic per tensor, per channel,
   uint8 weights, static, transformer fusions, attention's MatMuls too, MatMulNBits 8-bit) and
-  OpenVINO's CPU runtime on the same graphs, against
-  PyTorch's dynamic int8 as the naive server runs it, in-process on one core, and where the shipped
-  int8 item spends its time (`quantizers.py`).
+  OpenVINO's CPU runtime on the same graphs, against PyTorch's dynamic int8 as the naive server runs
+  it, in-process on one core, and where the shipped int8 item spends its time (`quantizers.py`).
 
 Queue delay, preferred batch sizes, instances and engine threads are swept by `vtfuse tune`.
 
