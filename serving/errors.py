@@ -150,3 +150,18 @@ def error_headers(err: VtfuseError) -> dict[str, str]:
     if err.retry_after is None:
         return {}
     return {"Retry-After": str(max(1, int(round(err.retry_after))))}
+
+
+def _subclasses(cls: type[VtfuseError]) -> list[type[VtfuseError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out += _subclasses(sub)
+    return out
+
+
+def error_from_code(code: str, message: str, retry_after: float | None = None) -> VtfuseError:
+    """The error class whose `code` this is (a Triton model's `vtfuse:<code>: message` → the same API error)."""
+    for cls in _subclasses(VtfuseError):
+        if cls.code == code:
+            return cls(message, retry_after=retry_after)
+    return VtfuseError(message, retry_after=retry_after)

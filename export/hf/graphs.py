@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,15 @@ class EngineGraph:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     max_batch_size: int = 64
+    # The Triton model the graph is installed in (default: its own role) and its file there. A decoupled
+    # generation model holds two graphs (cross_kv.onnx, decoder_step.onnx) that it runs itself.
+    model_role: str = ""
+    filename: str = "model.onnx"
+
+    @property
+    def triton_role(self) -> str:
+        """The role of the Triton model (`NAME_<role>`) this graph belongs to."""
+        return self.model_role or self.role
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """Batch axis and every -1 dim of each tensor, named for the exporter."""
@@ -92,5 +100,3 @@ def to_numpy(t: Any) -> np.ndarray:
     """A torch tensor → float64 numpy (for comparisons)."""
     return t.detach().cpu().numpy().astype(np.float64)
 
-
-RunEngines = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]

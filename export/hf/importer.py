@@ -43,7 +43,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from export.errors import InstallError, ParityError
 from export.hf import parity
 from export.hf.graphs import EngineGraph, family_module
-from export.hf.source import HfSource, image_processing, resolve_source, tokenizer_json
+from export.generate_model import generate_config, write_version_folder
+from export.hf.source import HfSource, decode_clean_up, image_processing, resolve_source, tokenizer_json
 from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
 from export.hf.torch_engine import check_parity as check_torch_parity
 from export.hf.torch_engine import copy_weights
@@ -71,6 +72,8 @@ from serving.families.imported import (
 log = logging.getLogger(__name__)
 
 IMPORT_TARGETS = ("embedded", "onnxruntime", "tensorrt", "torch", "libtorch")
+GENERATION_TARGETS = ("embedded", "onnxruntime", "torch")
+GENERATE_ROLE = "generate"  # the decoupled Triton model of a generative family (export/generate_model.py)
 DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp32", "torch": "fp32", "libtorch": "fp32"}
 # The engine file each target installs in NAME_<role>/1/ (torch: none, the weights go into checkpoint/;
 # libtorch: none, NAME_<role> is an ensemble and model.pt goes into NAME_<role>_libtorch/1/).
@@ -128,6 +131,10 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
     policy.default_timeout_microseconds = 30_000_000
     policy.allow_timeout_override = True
     policy.max_queue_size = 256
+    if graph.role == "image_encoder":
+        # A repeated image (several calls about one picture) is answered from Triton's response cache
+        # (on when tritonserver runs with --cache-config: VTFUSE_RESPONSE_CACHE_MB, as for tiny).
+        c.response_cache.enable = True
     if target == "embedded":
         c.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
@@ -246,6 +253,12 @@ def _import(
     log.info("import %s: %s (%s), max %d tokens, image %s", name, src.config.get("architectures"), src.family.name,
              max_tokens, image)
 
+    spec_of = getattr(fam, "generation_spec", None)  # generative families (blip_caption, blip_vqa)
+    if spec_of is not None and target not in GENERATION_TARGETS:
+        raise InstallError(
+            f"target {target!r}: {src.family.architecture} imports for {', '.join(GENERATION_TARGETS)} "
+            "(its decode loop is a Python-backend model on every target)"
+        )
     model = fam.load_model(str(src.folder))
     processor = _processor(src)
     cases = fam.parity_cases(
@@ -265,13 +278,39 @@ def _import(
         )
     log.info("import %s: fp32 parity ok %s", name, json.dumps(report["engines"]))
 
+    engines = {r: f"{name}_{r}" for r in dict.fromkeys(g.triton_role for g in graphs)}
+    spec = None
+    generation: dict[str, Any] | None = None
+    if spec_of is not None:
+        spec = spec_of(model, src.config, engines, image, max_tokens, decode_clean_up(src))
+        generation = fam.check_generation(model, processor, tokenizer, image, fp32_paths, spec,
+                                          parity.parity_images(), threads)
+        (work / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if not generation["ok"]:
+            raise ParityError(
+                f"{name}: the served decoding differs from transformers' generate(): {'; '.join(generation['failures'])}",
+                engine="generate",
+                output="token_ids",
+                figures=generation,
+            )
+        log.info("import %s: %d of %d generated sequences equal generate()", name, generation["identical"],
+                 generation["sequences"])
+
     chosen = precision or DEFAULT_PRECISION[target]
     int8: dict[str, Any] | None = None
     paths = fp32_paths
     if chosen == "int8":
-        int8_paths = dynamic_int8(fp32_paths, work / "int8")
+        # A family may keep graphs in fp32 (generation: dynamic int8 quantises activations per tensor, which
+        # would make a row's tokens depend on its batch-mates in the decoder).
+        roles = getattr(fam, "INT8_ROLES", tuple(fp32_paths))
+        int8_paths = {**fp32_paths, **dynamic_int8({r: fp32_paths[r] for r in roles}, work / "int8")}
         int8_out = parity.run_cases(int8_paths, cases, threads)
         view = fam.judge(parity.by_role(cases, fp32_out), parity.by_role(cases, int8_out))
+        if spec is not None:  # what users see: the same greedy tokens as fp32 (which equal generate())
+            gen8 = fam.check_generation(model, processor, tokenizer, image, int8_paths, spec, parity.parity_images(),
+                                        threads)
+            view.figures["generate_agreement"] = gen8["agreement"]
+            view.failures += [f"int8 tokens differ: {f}" for f in gen8["failures"]]
         int8 = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
                 "figures": view.figures, "failures": view.failures, "ok": not view.failures}
         if view.failures and precision == "int8":
@@ -333,7 +372,6 @@ def _import(
             )
         log.info("import %s: TorchScript parity ok %s", name, json.dumps(libtorch["engines"]))
 
-    engines = {g.role: f"{name}_{g.role}" for g in graphs}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     parity_summary = {
         "tolerance": report["tolerance"],
@@ -344,6 +382,7 @@ def _import(
         **({"tensorrt": tensorrt} if tensorrt is not None else {}),
         **({"torch": torch_parity} if torch_parity is not None else {}),
         **({"libtorch": libtorch} if libtorch is not None else {}),
+        **({"generate": generation} if generation is not None else {}),
     }
     record = ImportRecord(
         name=name,
@@ -359,7 +398,8 @@ def _import(
         labels=_labels(src.config) if "vqa" in src.family.tasks else (),
         parity=parity_summary,
         created=created,
-        max_batch={g.role: g.max_batch_size for g in graphs},
+        max_batch={g.role: g.max_batch_size for g in graphs if g.role == g.triton_role},
+        generation=spec.to_json() if spec is not None else {},
     )
     note = getattr(fam, "check_sampling", None)
     if note is not None and (msg := note(src.config, image)):
@@ -385,6 +425,17 @@ def _labels(config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(str(id2label[k]) for k in sorted(id2label, key=lambda k: int(k)))
 
 
+def _install_generate(vdir: Path, record: ImportRecord, paths: dict[str, Path], src: HfSource, work: Path,
+                      target: str) -> None:
+    """The generate model's version folder: its two decoder graphs (ONNX targets), decoder.json, generation.json."""
+    spec = record.generation_spec
+    assert spec is not None
+    shape = family_module(record.family).decoder_shape(src.config)
+    onnx = target != "torch"
+    write_version_folder(vdir, paths["cross_kv"] if onnx else None, paths["decoder_step"] if onnx else None, shape,
+                         spec, work / TOKENIZER_FILE)
+
+
 def _install(
     repo: Path, record: ImportRecord, graphs: list[EngineGraph], paths: dict[str, Path], src: HfSource, work: Path,
     target: str,
@@ -400,24 +451,31 @@ def _install(
     lower_precision: dict[str, Any] = {
         k: record.parity[k] for k in ("int8", "tensorrt", "torch", "libtorch") if k in record.parity
     }
+    models_of: dict[str, list[EngineGraph]] = {}  # Triton model role → its graphs (generate: two)
     for g in graphs:
-        triton_name = record.engines[g.role]
+        models_of.setdefault(g.triton_role, []).append(g)
+    for role, members in models_of.items():
+        g = members[0]
+        triton_name = record.engines[role]
         mdir = repo / triton_name
         if mdir.exists():
             shutil.rmtree(mdir)
         vdir = mdir / "1"
         (vdir / "checkpoint").mkdir(parents=True)
-        config = engine_config(triton_name, g, target)
-        (mdir / "config.pbtxt").write_text(
-            _header(record.name, g.role, record.source, target) + text_format.MessageToString(config)
-        )
+        header = _header(record.name, role, record.source, target)
+        if role == GENERATE_ROLE:
+            _install_generate(vdir, record, {m.role: paths[m.role] for m in members}, src, work, target)
+            config = generate_config(triton_name, target, ENGINE_THREADS)
+            (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+        else:
+            config = engine_config(triton_name, g, target)
+            (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
         if target == "libtorch":
-            _install_libtorch_model(repo, triton_name, g, paths[g.role], _header(record.name, g.role, record.source,
-                                                                               target))
+            _install_libtorch_model(repo, triton_name, g, paths[g.role], header)
         artefact = ARTEFACT[target]
-        if artefact is not None:
+        if artefact is not None and role != GENERATE_ROLE:
             shutil.copyfile(paths[g.role], vdir / artefact)
-        if target in PYTHON_MODEL:
+        if target in PYTHON_MODEL and role != GENERATE_ROLE:
             (vdir / "model.py").write_text(PYTHON_MODEL[target])
         ckpt = vdir / "checkpoint"
         if target == "torch":
@@ -431,7 +489,7 @@ def _install(
         manifest = {
             "model": triton_name,
             "served_as": record.name,
-            "role": g.role,
+            "role": role,
             "version": 1,
             "target": target,
             "family": record.family,
@@ -449,7 +507,8 @@ def _install(
             },
             "parity": {
                 "tolerance": record.parity["tolerance"],
-                "fp32": record.parity["fp32"].get(g.role),
+                "fp32": {m.role: record.parity["fp32"].get(m.role) for m in members} if len(members) > 1
+                else record.parity["fp32"].get(g.role),
                 **lower_precision,
             },
         }

@@ -83,3 +83,19 @@ def by_role(cases: list[ParityCase], outputs: list[dict[str, Any]]) -> dict[str,
     for c, o in zip(cases, outputs):
         grouped.setdefault(c.role, []).append(o)
     return grouped
+
+
+def generation_agreement(expected: list[list[int]], got: list[list[int]], notes: list[str]) -> dict[str, Any]:
+    """Served token sequences against transformers' `generate()`, sequence by sequence (all must be equal)."""
+    same = [a == b for a, b in zip(expected, got)]
+    failures = [
+        f"{note}: transformers {a}, served {b}" for note, a, b, ok in zip(notes, expected, got, same) if not ok
+    ][:5]
+    return {
+        "reference": "transformers generate(), each sequence alone",
+        "sequences": len(same),
+        "identical": int(sum(same)),
+        "agreement": float(sum(same)) / max(1, len(same)),
+        "ok": all(same),
+        "failures": failures,
+    }

@@ -128,3 +128,16 @@ def tokenizer_json(src: HfSource) -> tuple[str, int]:
     positions = int(text_cfg.get("max_position_embeddings") or 512)
     limit = int(getattr(tok, "model_max_length", positions) or positions)
     return backend.to_str(), min(positions, limit if limit < 1_000_000 else positions)
+
+
+def decode_clean_up(src: HfSource) -> bool:
+    """Whether `processor.decode` cleans up tokenization spaces for this tokenizer (transformers 5's rule).
+
+    transformers applies `clean_up_tokenization` when the tokenizer says so, except for BPE models.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src.folder))
+    backend = getattr(tok, "backend_tokenizer", None)
+    bpe = backend is not None and type(backend.model).__name__ == "BPE"
+    return bool(getattr(tok, "clean_up_tokenization_spaces", False)) and not bpe

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -22,6 +23,7 @@ from serving.app.models import describe
 from serving.app.pipeline import Admission, Pipeline, RequestContext
 from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.schemas import (
+    CaptionResponse,
     EmbedResponse,
     MatchResponse,
     RetrieveResponse,
@@ -29,8 +31,18 @@ from serving.app.schemas import (
     retrieve_form,
 )
 from serving.app.settings import AppArgs
-from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask, check_limits, resolve_model
+from serving.app.tasks import (
+    CaptionTask,
+    EmbedTask,
+    MatchTask,
+    RetrieveTask,
+    Task,
+    VqaTask,
+    check_limits,
+    resolve_model,
+)
 from serving.errors import PayloadTooLarge, SchemaViolation, VtfuseError
+from serving.generation.params import GenerationParams
 from serving.proto import vtfuse_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -41,6 +53,8 @@ ROUTES = {
     "Retrieve": "/v1/retrieve",
     "Embed": "/v1/embed",
     "ListModels": "/v1/models",
+    "Caption": "/v1/caption",
+    "CaptionStream": "/v1/caption",
 }
 EMPTY = {
     "Vqa": pb.VqaResponse,
@@ -48,7 +62,9 @@ EMPTY = {
     "Retrieve": pb.RetrieveResponse,
     "Embed": pb.EmbedResponse,
     "ListModels": pb.ListModelsResponse,
+    "Caption": pb.CaptionResponse,
 }
+_EARLY_STOPPING = {"true": True, "false": False, "never": "never"}
 
 
 def list_models(pipeline: Pipeline, default: str) -> pb.ListModelsResponse:
@@ -92,7 +108,31 @@ def to_task(method: str, req: Any, model: str) -> Task:
         return RetrieveTask(model, req.top_k or 1, text=req.text, images=[bytes(b) for b in req.images])
     if method == "Embed":
         return EmbedTask(model, [bytes(b) for b in req.images], list(req.texts))
+    if method in ("Caption", "CaptionStream"):
+        prompt = req.prompt if req.HasField("prompt") else None
+        return CaptionTask(model, bytes(req.image), prompt, generation_params(req.parameters),
+                           stream=method == "CaptionStream")
     raise ValueError(f"unknown method {method}")
+
+
+def generation_params(p: pb.GenerationParameters) -> GenerationParams:
+    """The parameters a CaptionRequest sets (proto3 `optional`: unset means the checkpoint's default)."""
+    values = {name: getattr(p, name) for name in GenerationParams.names() if p.HasField(name)}
+    if "early_stopping" in values:
+        value = values["early_stopping"]
+        if value.lower() not in _EARLY_STOPPING:
+            raise SchemaViolation(f"early_stopping is {value!r}: use \"true\", \"false\" or \"never\"")
+        values["early_stopping"] = _EARLY_STOPPING[value.lower()]
+    return GenerationParams(**values)
+
+
+def caption_proto(r: CaptionResponse) -> pb.CaptionResponse:
+    """The API's caption as its proto."""
+    return pb.CaptionResponse(
+        model=r.model, caption=r.caption, token_ids=r.token_ids, finish_reason=r.finish_reason,
+        usage=pb.CaptionUsage(prompt_tokens=r.usage.prompt_tokens, generated_tokens=r.usage.generated_tokens),
+        request_id=r.request_id,
+    )
 
 
 def to_proto(result: Any) -> Any:
@@ -124,6 +164,8 @@ def to_proto(result: Any) -> Any:
             model=result.model,
             results=[pb.RetrieveResult(index=r.index, score=r.score, text=r.text or "") for r in result.results],
         )
+    if isinstance(result, CaptionResponse):
+        return caption_proto(result)
     if isinstance(result, EmbedResponse):
         return pb.EmbedResponse(
             model=result.model,
@@ -172,22 +214,80 @@ async def handle(
         task = to_task(method, req, model)
         check_limits(task, args.limits)
         log.info("grpc %s model=%s", method, model)
-        result = await pipeline.run(task, RequestContext(rid, t0 + args.limits.request_timeout_s))
+        result = await pipeline.run(task, RequestContext(rid, pipeline.deadline(task, t0, args.limits)))
         return to_proto(result)
     except VtfuseError as e:
-        code = grpc_code(e)
-        status = code.name
-        log.info("grpc %s refused: %s %s", method, e.code, e.message)
-        if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(f"{e.code}: {e.message}")
-            meta = [("request_id", rid), ("error-code", e.code)]
-            if e.retry_after is not None:
-                meta.append(("retry-after", str(max(1, int(round(e.retry_after))))))
-            grpc_context.set_trailing_metadata(meta)
+        status = refuse(method, e, grpc_context, rid)
         return EMPTY[method]()
     finally:
         if admitted:
             admission.leave()  # type: ignore[union-attr]
         request_id_var.reset(token)
         metrics.request(ROUTES.get(method, method), "grpc", status, time.monotonic() - t0)
+
+
+def refuse(method: str, e: VtfuseError, grpc_context: Any, rid: str) -> str:
+    """Set an error's status code, details and trailing metadata on the call; returns the code's name."""
+    code = grpc_code(e)
+    log.info("grpc %s refused: %s %s", method, e.code, e.message)
+    if grpc_context is not None:
+        grpc_context.set_code(code)
+        grpc_context.set_details(f"{e.code}: {e.message}")
+        meta = [("request_id", rid), ("error-code", e.code)]
+        if e.retry_after is not None:
+            meta.append(("retry-after", str(max(1, int(round(e.retry_after))))))
+        grpc_context.set_trailing_metadata(meta)
+    return code.name
+
+
+async def handle_stream(
+    req: Any,
+    grpc_context: Any,
+    pipeline: Pipeline,
+    args: AppArgs,
+    metrics: ApiMetrics,
+    request_id: str | None,
+    admission: Admission | None = None,
+    api_key: str | None = None,
+    rate_limiter: RateLimiter | None = None,
+) -> AsyncIterator[pb.CaptionEvent]:
+    """Serve one CaptionStream call: CaptionEvent per token, the last holding the result; errors end it with a status."""
+    method = "CaptionStream"
+    t0 = time.monotonic()
+    rid = clean_request_id(request_id)
+    token = request_id_var.set(rid)
+    status = "OK"
+    admitted = False
+    try:
+        keys = args.api_key_values()
+        check_api_key(keys, api_key)
+        if rate_limiter is not None and rate_limiter.enabled and keys:
+            rate_limiter.check(caller_id(api_key, None))
+        if admission is not None:
+            admission.enter()
+            admitted = True
+        if req.ByteSize() > args.limits.max_body_bytes:
+            raise PayloadTooLarge(
+                f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "
+                "(limits.max_body_bytes)"
+            )
+        await pipeline.learn(req.model or None)
+        model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
+        task = to_task(method, req, model)
+        check_limits(task, args.limits)
+        assert isinstance(task, CaptionTask)
+        log.info("grpc %s model=%s", method, model)
+        events = await pipeline.stream(task, RequestContext(rid, pipeline.deadline(task, t0, args.limits)))
+        async for event in events:
+            if "caption" in event:
+                result = CaptionResponse(**{k: v for k, v in event.items() if k != "delta"})
+                yield pb.CaptionEvent(index=event.get("index", 0), delta=event["delta"], result=caption_proto(result))
+            else:
+                yield pb.CaptionEvent(index=event["index"], token_id=event["token_id"], delta=event["delta"])
+    except VtfuseError as e:
+        status = refuse(method, e, grpc_context, rid)
+    finally:
+        if admitted:
+            admission.leave()  # type: ignore[union-attr]
+        request_id_var.reset(token)
+        metrics.request(ROUTES[method], "grpc", status, time.monotonic() - t0)

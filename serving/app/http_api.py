@@ -11,14 +11,14 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,7 +35,7 @@ from serving.app.models import describe
 from serving.app.pipeline import Admission, Pipeline, RequestContext
 from serving.app.ratelimit import RateLimiter, caller_id
 from serving.app.settings import AppArgs, Limits
-from serving.app.tasks import check_limits, from_http, resolve_model
+from serving.app.tasks import CaptionTask, check_limits, from_http, resolve_model
 from serving.errors import (
     InvalidInput,
     InvalidJson,
@@ -82,7 +82,13 @@ _LIST_FIELDS = {
     "/v1/match": {"texts": "texts", "text": "texts"},
     "/v1/retrieve": {"texts": "texts", "images": "images"},
     "/v1/embed": {"texts": "texts", "text": "texts", "images": "images", "image": "images"},
+    "/v1/caption": {},
 }
+# Multipart values arrive as text: these fields are turned into the JSON types their schema takes.
+_INT_FIELDS = {"top_k", "max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "seed"}
+_FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "length_penalty"}
+_BOOL_FIELDS = {"return_attention", "stream", "do_sample", "early_stopping"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def models_response(pipeline: Pipeline, default: str) -> schemas.ModelsResponse:
@@ -163,16 +169,47 @@ async def parse_multipart(headers: Headers, raw: bytes, route: str, limits: Limi
                 out.setdefault(lists[key], []).append(value)
             elif key in out:
                 raise SchemaViolation(f"multipart field {key!r} appears more than once: send it once")
-            elif key == "top_k":
-                out[key] = int(value) if isinstance(value, str) and value.strip().lstrip("-").isdigit() else value
-            elif key == "return_attention" and isinstance(value, str):
-                v = value.strip().lower()
-                out[key] = True if v in ("1", "true", "yes", "on") else False if v in ("0", "false", "no", "off") else v
             else:
-                out[key] = value
+                out[key] = _form_value(key, value)
     finally:
         await form.close()
     return out
+
+
+def _form_value(key: str, value: Any) -> Any:
+    """A multipart text value as the JSON type its field takes (left as text when it is not one: then a 422)."""
+    if not isinstance(value, str):
+        return value
+    v = value.strip()
+    if key in _INT_FIELDS and v.lstrip("-").isdigit():
+        return int(v)
+    if key in _FLOAT_FIELDS:
+        try:
+            return float(v)
+        except ValueError:
+            return value
+    if key in _BOOL_FIELDS:
+        low = v.lower()
+        return True if low in ("1", "true", "yes", "on") else False if low in ("0", "false", "no", "off") else value
+    return value
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def event_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """text/event-stream of a generation's events; an error after the first event becomes an `error` event."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield sse(event)
+        except VtfuseError as err:
+            yield sse(error_body(err))
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def validate_body(route: str, obj: Any) -> schemas._Request:
@@ -419,7 +456,10 @@ def create_api(
         task = from_http(body, model)
         check_limits(task, limits)
         log.info("%s model=%s", route, model)
-        result = await pipeline.run(task, RequestContext(rid, t0 + limits.request_timeout_s))
+        ctx = RequestContext(rid, pipeline.deadline(task, t0, limits))
+        if isinstance(task, CaptionTask) and task.stream:
+            return event_stream(await pipeline.stream(task, ctx))
+        result = await pipeline.run(task, ctx)
         return JSONResponse(result.model_dump(exclude_none=True))
 
     @app.post(
@@ -457,6 +497,16 @@ def create_api(
     )
     async def embed(request: Request) -> Response:
         return await run_task(request, "/v1/embed")
+
+    @app.post(
+        "/v1/caption",
+        response_model=schemas.CaptionResponse,
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}, "description": "The caption, or "
+                   "with `stream` one `data:` event per token and a last one with the whole result"}},
+        summary="Caption one image (generated token by token; streamed with `stream`)",
+    )
+    async def caption(request: Request) -> Response:
+        return await run_task(request, "/v1/caption")
 
     @app.get("/v1/models", response_model=schemas.ModelsResponse, summary="Served models, their tasks and engines")
     async def list_models() -> schemas.ModelsResponse:

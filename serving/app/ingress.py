@@ -142,6 +142,20 @@ class Ingress:
         """gRPC Vtfuse/Embed."""
         return await self._grpc("Embed", request, grpc_context)
 
+    async def Caption(self, request: pb.CaptionRequest, grpc_context: Any = None) -> pb.CaptionResponse:  # noqa: N802
+        """gRPC Vtfuse/Caption."""
+        return await self._grpc("Caption", request, grpc_context)
+
+    async def CaptionStream(self, request: pb.CaptionRequest, grpc_context: Any = None) -> Any:  # noqa: N802
+        """gRPC Vtfuse/CaptionStream: one CaptionEvent per token, the last one holding the whole result."""
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        with grpc_server_span("CaptionStream", metadata):
+            async for event in grpc_api.handle_stream(
+                request, grpc_context, self.pipeline, self.args, self.metrics, _serve_request_id(), self.admission,
+                presented_key(metadata), self.limiter,
+            ):
+                yield event
+
     async def ListModels(  # noqa: N802 - gRPC name
         self, request: pb.ListModelsRequest, grpc_context: Any = None
     ) -> pb.ListModelsResponse:

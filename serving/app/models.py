@@ -25,6 +25,7 @@ from serving.families.imported import (
     read_repository_models,
     tokenize_padded,
 )
+from serving.generation.spec import SPEC_FILE, GenerationSpec, read_spec
 from serving.model.config import FusionConfig
 from serving.model.preprocess import decode_image, load_tokenizer, tokenize
 
@@ -47,6 +48,7 @@ class ModelRuntime:
     family: Family = NATIVE
     record: ImportRecord | None = None  # what import-hf recorded (imported models only)
     manifest: dict | None = None  # the native fusion engine's install manifest (precision, parity), if any
+    native_generation: GenerationSpec | None = None  # the native model's caption decoder, when installed
 
     @property
     def image_size(self) -> int:
@@ -68,8 +70,15 @@ class ModelRuntime:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """API tasks this model answers."""
-        return self.record.tasks if self.record is not None else self.family.tasks
+        """API tasks this model answers (the native model captions only with its caption decoder installed)."""
+        if self.record is not None:
+            return self.record.tasks
+        return tuple(t for t in self.family.tasks if t != "caption" or self.native_generation is not None)
+
+    @property
+    def generation(self) -> GenerationSpec | None:
+        """How this model generates (decoder defaults, limits, Triton models), when it does."""
+        return self.record.generation_spec if self.record is not None else self.native_generation
 
     @property
     def version(self) -> str:
@@ -84,6 +93,7 @@ class ModelRuntime:
             "image_encoder": self.spec.image_encoder,
             "text_encoder": self.spec.text_encoder,
             "fusion": self.spec.fusion,
+            "generate": self.spec.generate or "",
         }[role]
 
     def max_batch(self, role: str) -> int | None:
@@ -93,8 +103,9 @@ class ModelRuntime:
         return None
 
     def engines(self) -> tuple[str, ...]:
-        """Triton model names of every engine."""
-        return tuple(self.engine(r) for r in self.family.roles)
+        """Triton model names of every engine (the native caption decoder's too, when installed)."""
+        extra = ("generate",) if self.record is None and self.native_generation is not None else ()
+        return tuple(self.engine(r) for r in (*self.family.roles, *extra))
 
     def decode(self, data: bytes, max_pixels: int) -> np.ndarray:
         """Encoded image → the uint8 (H, W, 3) pixels this model's image engine takes."""
@@ -111,7 +122,7 @@ class ModelRuntime:
         return tokenize(self.tokenizer, texts, self.max_tokens)
 
 
-def load_runtime(name: str, spec: ModelSpec, folder: Path) -> ModelRuntime:
+def load_runtime(name: str, spec: ModelSpec, folder: Path, repository: Path | None = None) -> ModelRuntime:
     """Read a model's config.json, tokenizer.json and answers.json.
 
     Raises:
@@ -133,7 +144,21 @@ def load_runtime(name: str, spec: ModelSpec, folder: Path) -> ModelRuntime:
         load_tokenizer(folder / "tokenizer.json"),
         answers,
         manifest=manifest,
+        native_generation=native_generation(spec, repository),
     )
+
+
+def native_generation(spec: ModelSpec, repository: Path | None) -> GenerationSpec | None:
+    """The native model's caption decoder spec from its generate model's checkpoint folder (None when absent)."""
+    if not spec.generate or repository is None:
+        return None
+    folder = repository / spec.generate
+    versions = sorted((int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()), reverse=True)
+    path = folder / str(spec.version or (versions[0] if versions else 1)) / "checkpoint"
+    if not (path / SPEC_FILE).exists():
+        log.warning("model uses %s for captions, but %s is missing: no caption task", spec.generate, path / SPEC_FILE)
+        return None
+    return read_spec(path)
 
 
 def runtime_from_record(record: ImportRecord, tokenizer: Tokenizer) -> ModelRuntime:
@@ -159,7 +184,7 @@ def load_runtimes(args: AppArgs) -> dict[str, ModelRuntime]:
     out = {}
     for name, spec in args.models.items():
         folder = args.checkpoint_dir(name)
-        out[name] = load_runtime(name, spec, folder)
+        out[name] = load_runtime(name, spec, folder, Path(args.repository))
         log.info(
             "model %s: engines %s version %r, checkpoint %s", name, spec.engines(), spec.version or "latest", folder
         )

@@ -8,10 +8,12 @@ left before the request's deadline.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ray.exceptions import RayActorError, RayTaskError
@@ -32,6 +34,7 @@ from serving.app.router import (
 )
 from serving.app.schemas import (
     AnswerScore,
+    CaptionResponse,
     EmbedResponse,
     MatchResponse,
     RetrieveResponse,
@@ -39,7 +42,8 @@ from serving.app.schemas import (
     VqaAnswer,
     VqaResponse,
 )
-from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
+from serving.app.settings import Limits
+from serving.app.tasks import CaptionTask, EmbedTask, MatchTask, RetrieveTask, Task, VqaTask
 from serving.errors import (
     InvalidInput,
     Overloaded,
@@ -55,7 +59,7 @@ from serving.triton.client import TritonClient
 
 log = logging.getLogger(__name__)
 
-Response = VqaResponse | MatchResponse | RetrieveResponse | EmbedResponse
+Response = VqaResponse | MatchResponse | RetrieveResponse | EmbedResponse | CaptionResponse
 NATIVE_IMAGE_OUTPUTS = (IMAGE_FEATURES, IMAGE_EMBEDDING)  # every output of the native image_encoder
 
 
@@ -135,7 +139,16 @@ class Admission:
         return self.inflight == 0
 
 
-TASK_OF = {VqaTask: "vqa", MatchTask: "match", RetrieveTask: "retrieve", EmbedTask: "embed"}
+TASK_OF = {VqaTask: "vqa", MatchTask: "match", RetrieveTask: "retrieve", EmbedTask: "embed", CaptionTask: "caption"}
+_TASK_CODE: dict[str, Callable[..., Any]] = {}
+
+
+def task_code(path: str) -> Callable[..., Any]:
+    """A family's own task function from its `module:function` path (imported once, on first use)."""
+    if path not in _TASK_CODE:
+        module, _, name = path.partition(":")
+        _TASK_CODE[path] = getattr(importlib.import_module(module), name)
+    return _TASK_CODE[path]
 
 
 def check_task(task: Task, rt: ModelRuntime) -> None:
@@ -283,6 +296,12 @@ class Pipeline:
         """The served model a task names (already resolved by the ingress)."""
         return self.runtimes[task.model]
 
+    def deadline(self, task: Task, started: float, limits: Limits) -> float:
+        """When a task's response is due: generation (decoded token by token) gets `generation_timeout_s`."""
+        rt = self.runtimes.get(task.model)
+        own = rt is not None and rt.family.runs_own(TASK_OF[type(task)]) is not None
+        return started + (limits.generation_timeout_s if own else limits.request_timeout_s)
+
     # -- tasks -------------------------------------------------------------------------
 
     async def run(self, task: Task, ctx: RequestContext) -> Response:
@@ -291,7 +310,11 @@ class Pipeline:
         Raises:
             TaskNotSupported: the model lacks the task (422, the message lists its tasks).
         """
-        check_task(task, self.runtime(task))
+        rt = self.runtime(task)
+        check_task(task, rt)
+        code = rt.family.runs_own(TASK_OF[type(task)])
+        if code is not None:  # the family's own task code (generation)
+            return await task_code(code)(self, task, rt, ctx)
         if isinstance(task, VqaTask):
             return await self.vqa(task, ctx)
         if isinstance(task, MatchTask):
@@ -299,6 +322,18 @@ class Pipeline:
         if isinstance(task, RetrieveTask):
             return await self.retrieve(task, ctx)
         return await self.embed(task, ctx)
+
+    async def stream(self, task: CaptionTask, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
+        """A streamed caption's events (`serving.app.generation.open_caption_stream`).
+
+        Raises:
+            TaskNotSupported: the model does not caption (422, its tasks listed).
+        """
+        from serving.app.generation import open_caption_stream
+
+        rt = self.runtime(task)
+        check_task(task, rt)
+        return await open_caption_stream(self, task, rt, ctx)
 
     def server_side(self, task: VqaTask, rt: ModelRuntime) -> bool:
         """Whether a VQA task goes to Triton's `vqa` model whole (see `vqa_in_triton`)."""

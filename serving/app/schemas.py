@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from serving.generation.params import MAX_BEAMS, GenerationParams
 
 B64Image = Annotated[
     str, Field(description="Base64 of the PNG, JPEG or WebP file bytes (a data: URL prefix is allowed).")
@@ -93,6 +95,36 @@ class EmbedRequest(_Request):
         return self
 
 
+class CaptionRequest(_Request):
+    """A caption for one image, generated token by token; every generation parameter defaults to the checkpoint's."""
+
+    image: B64Image
+    prompt: Text | None = Field(
+        default=None,
+        description="Text the caption starts with (BLIP's \"a picture of\" convention); the caption includes it.",
+    )
+    stream: bool = Field(
+        default=False,
+        description="Answer text/event-stream: one `data:` JSON event per token (`delta`), then the whole result.",
+    )
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Most tokens generated after the prompt.")
+    min_new_tokens: int | None = Field(default=None, ge=0, description="The end token is held back until this many.")
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_BEAMS, description="Beam search width (1: greedy).")
+    do_sample: bool | None = Field(default=None, description="Sample from the distribution instead of its best.")
+    temperature: float | None = Field(default=None, gt=0, description="Sampling temperature.")
+    top_k: int | None = Field(default=None, ge=0, description="Sample among the k best tokens (0: all).")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Sample among the best tokens of this mass.")
+    repetition_penalty: float | None = Field(default=None, gt=0, description="> 1 discourages repeating tokens.")
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0, description="No n-gram of this size twice.")
+    length_penalty: float | None = Field(default=None, description="Beam search: score ÷ length ** this.")
+    early_stopping: bool | Literal["never"] | None = Field(default=None, description="Beam search stopping rule.")
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="Makes a sampled caption reproducible.")
+
+    def generation_params(self) -> GenerationParams:
+        """The generation parameters this request sets."""
+        return GenerationParams(**{k: getattr(self, k) for k in GenerationParams.names()})
+
+
 class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -147,6 +179,20 @@ class EmbedResponse(_Response):
     text_embeddings: list[list[float]]
 
 
+class CaptionUsage(_Response):
+    prompt_tokens: int = Field(description="Tokens the decoder started from: its start token and the prompt's.")
+    generated_tokens: int = Field(description="Tokens generated after them, the end token included.")
+
+
+class CaptionResponse(_Response):
+    model: str
+    caption: str = Field(description="processor.decode(token_ids, skip_special_tokens=True): the prompt included.")
+    token_ids: list[int] = Field(description="The sequence as transformers' generate() returns it.")
+    finish_reason: Literal["stop", "length"] = Field(description="`stop`: the end token; `length`: max tokens.")
+    usage: CaptionUsage
+    request_id: str
+
+
 class ErrorDetail(_Response):
     code: str = Field(description="Stable machine-readable code, e.g. invalid_json, payload_too_large.")
     message: str = Field(description="What was wrong and how to fix it.")
@@ -182,4 +228,5 @@ REQUEST_MODELS: dict[str, type[_Request]] = {
     "/v1/match": MatchRequest,
     "/v1/retrieve": RetrieveRequest,
     "/v1/embed": EmbedRequest,
+    "/v1/caption": CaptionRequest,
 }

@@ -46,6 +46,12 @@ class Limits(BaseModel):
     request_timeout_s: float = Field(
         default=10.0, gt=0, description="Deadline of one admitted request, preprocessing and Triton included; then 504."
     )
+    generation_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Deadline of a generation request (/v1/caption, /v1/vqa on a generative model): then 504 and its "
+        "decoder slot is freed.",
+    )
     max_inflight: int = Field(
         default=64, ge=1, description="Requests one ingress replica works on at once; beyond: 429 with Retry-After."
     )
@@ -77,6 +83,11 @@ class ModelSpec(BaseModel):
         default=None,
         description="Folder with config.json, tokenizer.json, answers.json; default: the one installed "
         "next to the fusion engine in the model repository.",
+    )
+    generate: str | None = Field(
+        default=None,
+        description="Triton's generation model of this model's caption decoder (e.g. `caption`): /v1/caption "
+        "streams from it; None, or a repository without it: the model has no caption task.",
     )
 
     def engines(self) -> tuple[str, str, str]:

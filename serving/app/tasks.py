@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from serving.app import schemas
 from serving.app.settings import Limits
 from serving.errors import InvalidBase64, PayloadTooLarge, SchemaViolation, UnknownModel
+from serving.generation.params import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,18 @@ class EmbedTask:
     texts: list[str] = field(default_factory=list)
 
 
-Task = VqaTask | MatchTask | RetrieveTask | EmbedTask
+@dataclass(frozen=True)
+class CaptionTask:
+    """Generate a caption for `image` (after `prompt`, if any) with these generation parameters."""
+
+    model: str
+    image: bytes
+    prompt: str | None = None
+    params: GenerationParams = field(default_factory=GenerationParams)
+    stream: bool = False
+
+
+Task = VqaTask | MatchTask | RetrieveTask | EmbedTask | CaptionTask
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
@@ -104,6 +116,8 @@ def from_http(body: schemas._Request, model: str) -> Task:
     if isinstance(body, schemas.EmbedRequest):
         images = [decode_b64(b, f"images[{i}]") for i, b in enumerate(body.images or [])]
         return EmbedTask(model, images, list(body.texts or []))
+    if isinstance(body, schemas.CaptionRequest):
+        return CaptionTask(model, decode_b64(body.image, "image"), body.prompt, body.generation_params(), body.stream)
     raise TypeError(f"no task for {type(body).__name__}")
 
 
@@ -169,6 +183,10 @@ def check_limits(task: Task, limits: Limits) -> None:
             _count(task.images, "images", limits.max_images, "max_images")
             for i, img in enumerate(task.images or []):
                 _image(img, f"images[{i}]")
+    elif isinstance(task, CaptionTask):
+        _image(task.image, "image")
+        if task.prompt is not None:
+            _texts([task.prompt], "prompt", limits)
     elif isinstance(task, EmbedTask):
         if not task.images and not task.texts:
             raise SchemaViolation("send `images` and/or `texts` to embed")

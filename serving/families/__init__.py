@@ -3,17 +3,21 @@
 A family says which tasks a model has, which engines (Triton models) it is split into, and how
 the router feeds and reads them. Adding a family is one module declaring a `Family` and one line
 in `FAMILIES`; the router and pipeline read these fields and never test a family's name.
+A family whose tasks need code of their own (generation: a decode loop, streaming) names it in
+`task_code`, task → `module:function`, imported when first used, as vLLM's model registry maps an
+architecture to its class; the pipeline calls it instead of its built-in task.
 The export side (PyTorch wrappers, parity references) lives in `export/hf/`, one module per family.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-TASKS = ("vqa", "match", "retrieve", "embed")
+TASKS = ("vqa", "match", "retrieve", "embed", "caption")
+GENERATION_TASKS = "serving.app.generation"  # the generative families' task code
 
 
 class UnsupportedArchitecture(ValueError):
@@ -36,6 +40,8 @@ class Family:
             answer (ViLT, trained with binary cross-entropy, as transformers' VQA pipeline scores it).
         single_stream: VQA runs one engine on image and text together (no reuse of image features).
         summary: one line for `GET /v1/models` and the docs.
+        task_code: task → `module:function` that runs it for this family (`serving.app.generation:caption`),
+            in place of the pipeline's built-in task.
     """
 
     name: str
@@ -47,6 +53,11 @@ class Family:
     vqa_score: str = "softmax"
     single_stream: bool = False
     summary: str = ""
+    task_code: dict[str, str] = field(default_factory=dict)
+
+    def runs_own(self, task: str) -> str | None:
+        """The import path of the family's own code for `task`, or None (the pipeline's built-in task)."""
+        return self.task_code.get(task)
 
     def itm_probability(self, fused: dict[str, np.ndarray]) -> np.ndarray:
         """ITM probability per row from the fusion engine's outputs."""
@@ -71,7 +82,9 @@ NATIVE = Family(
     architecture=None,
     tasks=TASKS,
     roles=("image_encoder", "text_encoder", "fusion"),
-    summary="vtfuse's own fusion model (image tower, text tower, cross-attention fusion; VQA, ITM, embeddings)",
+    summary="vtfuse's own fusion model (image tower, text tower, cross-attention fusion; VQA, ITM, embeddings; "
+    "captions from its caption decoder)",
+    task_code={"caption": f"{GENERATION_TASKS}:caption"},
 )
 BLIP_RETRIEVAL = Family(
     name="blip_retrieval",
@@ -91,7 +104,25 @@ VILT_VQA = Family(
     single_stream=True,
     summary="ViLT VQA: one single-stream transformer over image patches and question tokens; labels from id2label",
 )
-FAMILIES = {f.name: f for f in (NATIVE, BLIP_RETRIEVAL, VILT_VQA)}
+BLIP_CAPTION = Family(
+    name="blip_caption",
+    architecture="BlipForConditionalGeneration",
+    tasks=("caption",),
+    roles=("image_encoder", "generate"),
+    summary="BLIP captioning: the vision tower once, then its text decoder token by token (KV cache, "
+    "iteration-level batching), as generate() decodes",
+    task_code={"caption": f"{GENERATION_TASKS}:caption"},
+)
+BLIP_VQA = Family(
+    name="blip_vqa",
+    architecture="BlipForQuestionAnswering",
+    tasks=("vqa",),
+    roles=("image_encoder", "question_encoder", "generate"),
+    summary="BLIP open-ended VQA: vision tower, question encoder cross-attending to it, then the answer generated "
+    "token by token, as generate() decodes it for the question alone",
+    task_code={"vqa": f"{GENERATION_TASKS}:vqa"},
+)
+FAMILIES = {f.name: f for f in (NATIVE, BLIP_RETRIEVAL, VILT_VQA, BLIP_CAPTION, BLIP_VQA)}
 ARCHITECTURES = {f.architecture: f for f in FAMILIES.values() if f.architecture}
 
 
@@ -114,6 +145,5 @@ def family_for_architectures(architectures: Iterable[str] | None) -> Family:
         f"{f.architecture} ({', '.join(f.tasks)})" for f in sorted(ARCHITECTURES.values(), key=lambda f: f.name)
     )
     raise UnsupportedArchitecture(
-        f"architecture {', '.join(names) or '(none in config.json)'} is not supported: vtfuse imports {supported}. "
-        "Generative BLIP (captioning, BlipForQuestionAnswering) is not supported yet."
+        f"architecture {', '.join(names) or '(none in config.json)'} is not supported: vtfuse imports {supported}"
     )

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 
 from serving.errors import SchemaViolation
 from serving.families import FAMILIES, Family
+from serving.generation.spec import GenerationSpec
 from serving.model.preprocess import _checked, _open
 
 REPOSITORY_MODELS = "vtfuse_models.json"
@@ -81,6 +82,11 @@ class ImageProcessing:
     do_normalize: bool = True
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ImageProcessing:
@@ -211,10 +217,16 @@ class ImportRecord:
     parity: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     max_batch: dict[str, int] = field(default_factory=dict)  # role → its config.pbtxt max_batch_size
+    generation: dict[str, Any] = field(default_factory=dict)  # generative families: GenerationSpec.to_json()
 
     @property
     def family_spec(self) -> Family:
         return FAMILIES[self.family]
+
+    @property
+    def generation_spec(self) -> GenerationSpec | None:
+        """A generative model's decoding settings and limits (None for the others)."""
+        return GenerationSpec.from_json(self.generation) if self.generation else None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

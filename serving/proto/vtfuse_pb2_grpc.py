@@ -59,6 +59,16 @@ class VtfuseStub:
                 request_serializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Caption = channel.unary_unary(
+                '/vtfuse.v1.Vtfuse/Caption',
+                request_serializer=serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_vtfuse__pb2.CaptionResponse.FromString,
+                _registered_method=True)
+        self.CaptionStream = channel.unary_stream(
+                '/vtfuse.v1.Vtfuse/CaptionStream',
+                request_serializer=serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=serving_dot_proto_dot_vtfuse__pb2.CaptionEvent.FromString,
+                _registered_method=True)
 
 
 class VtfuseServicer:
@@ -99,6 +109,21 @@ class VtfuseServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Caption(self, request, context):
+        """Caption one image, generated token by token: the whole caption.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CaptionStream(self, request, context):
+        """The same, streamed: one event per token (its text `delta`), then one holding the whole `result`.
+        Cancelling the call frees its decoder slot within one step. Beam search cannot stream (INVALID_ARGUMENT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VtfuseServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +151,16 @@ def add_VtfuseServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.FromString,
                     response_serializer=serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Caption': grpc.unary_unary_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_vtfuse__pb2.CaptionResponse.SerializeToString,
+            ),
+            'CaptionStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.CaptionStream,
+                    request_deserializer=serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.FromString,
+                    response_serializer=serving_dot_proto_dot_vtfuse__pb2.CaptionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +298,60 @@ class Vtfuse:
             '/vtfuse.v1.Vtfuse/ListModels',
             serving_dot_proto_dot_vtfuse__pb2.ListModelsRequest.SerializeToString,
             serving_dot_proto_dot_vtfuse__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vtfuse.v1.Vtfuse/Caption',
+            serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.SerializeToString,
+            serving_dot_proto_dot_vtfuse__pb2.CaptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptionStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vtfuse.v1.Vtfuse/CaptionStream',
+            serving_dot_proto_dot_vtfuse__pb2.CaptionRequest.SerializeToString,
+            serving_dot_proto_dot_vtfuse__pb2.CaptionEvent.FromString,
             options,
             channel_credentials,
             insecure,

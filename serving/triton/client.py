@@ -12,16 +12,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcaio
-from tritonclient.grpc import InferInput, InferRequestedOutput
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2, service_pb2_grpc
+from tritonclient.utils import (
+    InferenceServerException,
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
 
 from serving import tracing
 from serving.errors import (
@@ -31,6 +38,7 @@ from serving.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
     VtfuseError,
+    error_from_code,
 )
 
 log = logging.getLogger(__name__)
@@ -181,6 +189,54 @@ def map_triton_error(exc: BaseException, model: str) -> VtfuseError:
     return UpstreamError(f"Triton model {model} failed: {message or exc}")
 
 
+# A Triton model that knows the API's error classes says which one in its message (generate.py).
+_CODED = re.compile(r"vtfuse:([a-z_]+): (.*)", re.DOTALL)
+
+
+def map_stream_error(message: str, model: str) -> VtfuseError:
+    """An error a decoupled model sent on a stream (no gRPC status there: only the message)."""
+    m = _CODED.search(message)
+    if m:
+        code = m.group(1)
+        return error_from_code(code, m.group(2), retry_after=1.0 if code in ("overloaded", "upstream_unavailable")
+                               else None)
+    if is_queue_full(message):
+        return Overloaded(f"Triton's queue for {model} is full: retry later", retry_after=1.0)
+    if is_server_gone(message):
+        return UpstreamUnavailable(f"Triton stopped while running {model} ({message}): retry shortly", retry_after=1.0)
+    return UpstreamError(f"Triton model {model} failed: {message}")
+
+
+def stream_request(model: str, inputs: Mapping[str, np.ndarray], request_id: str) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest with raw tensor contents (BYTES serialised as Triton expects)."""
+    req = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, value in inputs.items():
+        arr = np.asarray(value)
+        t = req.inputs.add()
+        t.name = name
+        t.shape.extend(arr.shape)
+        if arr.dtype == np.object_:
+            t.datatype = "BYTES"
+            raw = serialize_byte_tensor(arr)
+            req.raw_input_contents.append(raw.item() if raw.size else b"")
+        else:
+            t.datatype = np_to_triton_dtype(arr.dtype)
+            req.raw_input_contents.append(np.ascontiguousarray(arr).tobytes())
+    return req
+
+
+def stream_outputs(resp: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    """A streamed response's outputs as numpy arrays."""
+    out = {}
+    for o, raw in zip(resp.outputs, resp.raw_output_contents):
+        shape = list(o.shape)
+        if o.datatype == "BYTES":
+            out[o.name] = deserialize_bytes_tensor(raw).reshape(shape)
+        else:
+            out[o.name] = np.frombuffer(raw, dtype=triton_to_np_dtype(o.datatype)).reshape(shape)
+    return out
+
+
 def _is_retryable(err: VtfuseError) -> bool:
     return isinstance(err, UpstreamUnavailable) and "does not serve" not in err.message
 
@@ -211,6 +267,8 @@ class TritonClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next = itertools.count()
         self.stats = WireStats()
+        self._channels: list[grpc.aio.Channel] = []  # for streams to decoupled models (raw gRPC: cancellable)
+        self._channels_loop: asyncio.AbstractEventLoop | None = None
 
     def _pool(self) -> list[grpcaio.InferenceServerClient]:
         loop = asyncio.get_running_loop()
@@ -285,6 +343,66 @@ class TritonClient:
         self.stats.received += sum(int(a.nbytes) for a in out.values())
         return out
 
+    def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        loop = asyncio.get_running_loop()
+        if self._channels_loop is not loop:
+            creds = channel_credentials(self.settings)
+            opts = channel_args(self.settings)
+            self._channels = [
+                grpc.aio.secure_channel(self.settings.url, creds, options=opts) if creds is not None
+                else grpc.aio.insecure_channel(self.settings.url, options=opts)
+                for _ in range(max(1, self.settings.pool_size))
+            ]
+            self._channels_loop = loop
+        return service_pb2_grpc.GRPCInferenceServiceStub(self._channels[next(self._next) % len(self._channels)])
+
+    async def stream(
+        self, model: str, inputs: Mapping[str, np.ndarray], *, deadline: float, request_id: str = ""
+    ) -> AsyncIterator[dict[str, np.ndarray]]:
+        """One request to a decoupled model over a gRPC stream: yields each response's outputs, the final one last.
+
+        Leaving the loop early (the client went away), an exception, or the deadline cancels the
+        stream: Triton then marks the request cancelled and the model drops it (generate.py checks
+        before every step). Errors are the service's error classes, as for `infer`.
+
+        Raises:
+            VtfuseError: UpstreamTimeout, UpstreamUnavailable, Overloaded, the model's own coded errors.
+        """
+        left = deadline - time.monotonic()
+        if left <= 0.001:
+            raise UpstreamTimeout(f"request deadline expired before calling {model}")
+        request = stream_request(model, inputs, request_id)
+        sent = sum(int(np.asarray(a).nbytes) for a in inputs.values())
+
+        async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
+            yield request
+            await asyncio.Event().wait()  # keep our side open until the call ends or is cancelled
+
+        with tracing.triton_call(model, request_id) as headers:
+            call = self._stream_stub().ModelStreamInfer(
+                requests(), timeout=left, metadata=tuple((headers or {}).items()) or None
+            )
+            try:
+                async for resp in call:
+                    if resp.error_message:
+                        err = map_stream_error(resp.error_message, model)
+                        log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
+                        raise err
+                    out = stream_outputs(resp.infer_response)
+                    self.stats.received += sum(int(a.nbytes) for a in out.values())
+                    final = resp.infer_response.parameters["triton_final_response"].bool_param
+                    yield out
+                    if final:
+                        break
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise UpstreamTimeout(f"Triton did not finish {model} before the request deadline") from None
+                raise map_triton_error(e, model) from None
+            finally:
+                call.cancel()
+                self.stats.calls += 1
+                self.stats.sent += sent
+
     async def models_ready(self, models: Sequence[tuple[str, str]], timeout_s: float = 2.0) -> dict[str, bool]:
         """Readiness of each (model, version); a model is not ready when Triton cannot be reached."""
 
@@ -304,5 +422,10 @@ class TritonClient:
                 await c.close()
             except Exception:  # closing a channel of a finished loop: nothing left to release
                 log.debug("closing a Triton channel failed", exc_info=True)
-        self._clients = []
-        self._loop = None
+        for ch in self._channels:
+            try:
+                await ch.close()
+            except Exception:
+                log.debug("closing a Triton stream channel failed", exc_info=True)
+        self._clients, self._channels = [], []
+        self._loop = self._channels_loop = None

@@ -86,3 +86,70 @@ def build_vilt(folder: str | Path, seed: int = 0, shortest_edge: int = 64, patch
     ip = ViltImageProcessor(size={"shortest_edge": shortest_edge}, size_divisor=patch)
     ViltProcessor(image_processor=ip, tokenizer=tokenizer()).save_pretrained(folder)
     return folder
+
+
+def generation_tokenizer():
+    """The WordPiece tokenizer with BLIP's `[DEC]` start token added as a special token (as BLIP's own has)."""
+    tok = tokenizer()
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    return tok
+
+
+def _blip_generation_config(tok, image_size: int, patch: int, text_width: int = 32):  # noqa: ANN202 - BlipConfig
+    """Two layers each; VQA's decoder cross-attends to the question encoder, so its text width is the vision's (48)."""
+    from transformers import BlipConfig
+
+    return BlipConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=text_width, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=2 * text_width, max_position_embeddings=40, encoder_hidden_size=48, pad_token_id=0,
+            bos_token_id=tok.bos_token_id, sep_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=image_size,
+            patch_size=patch,
+        ),
+    )
+
+
+def _spread_decoder(model: torch.nn.Module, seed: int, std: float, position_gain: float) -> None:
+    """`_spread`, then the decoder's position table scaled up: at spread weights alone the cross-attention to the
+    image dominates every step and a greedy sequence repeats one token; with positions weighing more, tokens
+    change from step to step (and still with the image and the question)."""
+    _spread(model, seed, std)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("text_decoder.") and "position_embeddings" in name:
+                p.mul_(position_gain)
+
+
+def build_blip_caption(folder: str | Path, seed: int = 3, image_size: int = 64, patch: int = 16,
+                       std: float = 0.8, position_gain: float = 20.0) -> Path:
+    """A BlipForConditionalGeneration checkpoint (2-layer vision tower and decoder) with its BlipProcessor."""
+    from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    torch.manual_seed(seed)
+    tok = generation_tokenizer()
+    model = BlipForConditionalGeneration(_blip_generation_config(tok, image_size, patch)).eval()
+    _spread_decoder(model, seed, std, position_gain)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    ip = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    BlipProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def build_blip_vqa(folder: str | Path, seed: int = 3, image_size: int = 64, patch: int = 16, std: float = 0.5,
+                   position_gain: float = 5.0) -> Path:
+    """A BlipForQuestionAnswering checkpoint (vision tower, question encoder, decoder) with its BlipProcessor."""
+    from transformers import BlipForQuestionAnswering, BlipImageProcessor, BlipProcessor
+
+    torch.manual_seed(seed)
+    tok = generation_tokenizer()
+    model = BlipForQuestionAnswering(_blip_generation_config(tok, image_size, patch, text_width=48)).eval()
+    _spread_decoder(model, seed, std, position_gain)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    ip = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    BlipProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
+    return folder

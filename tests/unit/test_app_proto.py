@@ -18,11 +18,17 @@ def test_generated_code_is_up_to_date(tmp_path):
         assert fresh == committed, f"serving/proto/{name} is stale: run `python -m serving.proto`"
 
 
-def test_service_has_the_four_task_calls_and_list_models():
+def test_service_has_the_task_calls_list_models_and_captions():
     from serving.proto import vtfuse_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["Vtfuse"]
-    assert [m.name for m in service.methods] == ["Vqa", "Match", "Retrieve", "Embed", "ListModels"]
+    assert [m.name for m in service.methods] == [
+        "Vqa", "Match", "Retrieve", "Embed", "ListModels", "Caption", "CaptionStream"
+    ]
+    stream = service.methods_by_name["CaptionStream"]
+    assert stream.server_streaming and not stream.client_streaming
+    assert stream.output_type.name == "CaptionEvent"
+    assert not service.methods_by_name["Caption"].server_streaming
     listing = service.methods_by_name["ListModels"]
     assert listing.output_type.name == "ListModelsResponse"
     info = pb.ModelInfo(name="blip-base", family="blip_retrieval", tasks=["match", "retrieve", "embed"])

@@ -18,7 +18,9 @@ from serving.app.pipeline import check_task
 from serving.app.tasks import EmbedTask, MatchTask, RetrieveTask, VqaTask
 from serving.errors import TaskNotSupported
 from serving.families import (
+    BLIP_CAPTION,
     BLIP_RETRIEVAL,
+    BLIP_VQA,
     NATIVE,
     VILT_VQA,
     UnsupportedArchitecture,
@@ -40,20 +42,26 @@ from tests.unit.app_fakes import make_args, make_checkpoint
 # -- which checkpoints import --------------------------------------------------------------
 
 
-def test_supported_architectures_are_blip_retrieval_and_vilt_vqa():
-    assert supported_architectures() == ["BlipForImageTextRetrieval", "ViltForQuestionAnswering"]
+def test_supported_architectures_are_blip_vilt_and_generative_blip():
+    assert supported_architectures() == [
+        "BlipForConditionalGeneration", "BlipForImageTextRetrieval", "BlipForQuestionAnswering",
+        "ViltForQuestionAnswering",
+    ]
+    assert family_for_architectures(["BlipForConditionalGeneration"]) is BLIP_CAPTION
+    assert family_for_architectures(["BlipForQuestionAnswering"]) is BLIP_VQA
     assert family_for_architectures(["BlipForImageTextRetrieval"]) is BLIP_RETRIEVAL
     assert family_for_architectures(["ViltForQuestionAnswering"]) is VILT_VQA
     assert family_for_architectures(["SomethingElse", "ViltForQuestionAnswering"]) is VILT_VQA
 
 
-@pytest.mark.parametrize("architectures", [["BertModel"], ["BlipForConditionalGeneration"], [], None])
+@pytest.mark.parametrize("architectures", [["BertModel"], ["Blip2ForConditionalGeneration"], [], None])
 def test_an_unsupported_architecture_is_refused_listing_what_is_supported(architectures):
     with pytest.raises(UnsupportedArchitecture) as e:
         family_for_architectures(architectures)
     msg = str(e.value)
     assert "BlipForImageTextRetrieval" in msg and "ViltForQuestionAnswering" in msg
     assert "(match, retrieve, embed)" in msg and "(vqa)" in msg  # with what each one does
+    assert "BlipForConditionalGeneration (caption)" in msg and "BlipForQuestionAnswering (vqa)" in msg
     if architectures:
         assert architectures[0] in msg
     else:
@@ -65,7 +73,21 @@ def test_family_tasks_and_engines():
     assert BLIP_RETRIEVAL.tasks == ("match", "retrieve", "embed")
     assert BLIP_RETRIEVAL.roles == ("image_encoder", "text_encoder", "fusion")
     assert VILT_VQA.tasks == ("vqa",) and VILT_VQA.roles == ("single_stream",)
-    assert set(NATIVE.tasks) == {"vqa", "match", "retrieve", "embed"}
+    assert set(NATIVE.tasks) == {"vqa", "match", "retrieve", "embed", "caption"}
+    assert BLIP_CAPTION.tasks == ("caption",) and BLIP_CAPTION.roles == ("image_encoder", "generate")
+    assert BLIP_VQA.tasks == ("vqa",)
+    assert BLIP_VQA.roles == ("image_encoder", "question_encoder", "generate")
+
+
+def test_generative_families_bring_their_own_task_code():
+    """A family's task code is found through the registry, not by testing its name in the pipeline."""
+    from serving.app.generation import caption, vqa
+    from serving.app.pipeline import task_code
+
+    assert task_code(BLIP_CAPTION.runs_own("caption")) is caption
+    assert task_code(BLIP_VQA.runs_own("vqa")) is vqa
+    assert task_code(NATIVE.runs_own("caption")) is caption
+    assert NATIVE.runs_own("vqa") is None and BLIP_RETRIEVAL.runs_own("match") is None  # the built-in tasks
 
 
 # -- ITM and VQA outputs -------------------------------------------------------------------
