@@ -9,6 +9,7 @@ stack serves the native model and imported ones, as `make serve REPOSITORY=...` 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,19 +22,31 @@ from tests.helpers import running_triton
 from tests.otlp import OtlpReceiver
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-HF_MODELS = {"blip-test": "blip", "vilt-test": "vilt"}  # served name → checkpoint folder in `hf_checkpoints`
+# Served name → checkpoint folder in `hf_checkpoints`.
+HF_MODELS = {"blip-test": "blip", "vilt-test": "vilt", "blip-cap-test": "blip_caption", "blip-vqa-test": "blip_vqa"}
+# The captioning checkpoint once more, its generate model held to one decoder row and one waiting sequence: a
+# second request at once waits, a third is refused (429).
+TIGHT_CAPTION = "blip-cap-tight"
+TIGHT_SCHEDULER = {"max_rows": "1", "max_waiting": "1"}
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Random-weight `save_pretrained` folders: "blip" (BlipForImageTextRetrieval), "vilt" (ViltForQuestionAnswering).
+    """Random-weight `save_pretrained` folders of every imported family.
 
-    Seed 4 for BLIP: its ITM probabilities spread over 0.15-0.5 across captions on the test images.
+    "blip" (BlipForImageTextRetrieval; seed 4: its ITM probabilities spread over 0.15-0.5 across captions on
+    the test images), "vilt" (ViltForQuestionAnswering), "blip_caption" (BlipForConditionalGeneration, a
+    512-position decoder so a test can ask for a long caption) and "blip_vqa" (BlipForQuestionAnswering).
     """
-    from tests.hf.checkpoints import build_blip, build_vilt
+    from tests.hf.checkpoints import build_blip, build_blip_caption, build_blip_vqa, build_vilt
 
     root = tmp_path_factory.mktemp("hf")
-    return {"blip": build_blip(root / "blip", seed=4), "vilt": build_vilt(root / "vilt", seed=2)}
+    return {
+        "blip": build_blip(root / "blip", seed=4),
+        "vilt": build_vilt(root / "vilt", seed=2),
+        "blip_caption": build_blip_caption(root / "blip_caption", positions=512),
+        "blip_vqa": build_blip_vqa(root / "blip_vqa"),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +61,12 @@ def test_repository(tmp_path_factory: pytest.TempPathFactory, hf_checkpoints: di
     shutil.copytree(base, repo, ignore=shutil.ignore_patterns("__pycache__", "vtfuse_models.json"))
     for name, key in HF_MODELS.items():
         import_hf(str(hf_checkpoints[key]), name, repo=repo, precision="fp32")
+    import_hf(str(hf_checkpoints["blip_caption"]), TIGHT_CAPTION, repo=repo, precision="fp32")
+    config = repo / f"{TIGHT_CAPTION}_generate" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in TIGHT_SCHEDULER.items():
+        text = re.sub(rf'(key: "{key}"\s*value \{{\s*string_value: )"\d+"', rf'\1"{value}"', text)
+    config.write_text(text)
     return repo
 
 

@@ -95,14 +95,15 @@ def generation_tokenizer():
     return tok
 
 
-def _blip_generation_config(tok, image_size: int, patch: int, text_width: int = 32):  # noqa: ANN202 - BlipConfig
+def _blip_generation_config(tok, image_size: int, patch: int, text_width: int = 32,  # noqa: ANN202 - BlipConfig
+                            positions: int = 40):
     """Two layers each; VQA's decoder cross-attends to the question encoder, so its text width is the vision's (48)."""
     from transformers import BlipConfig
 
     return BlipConfig(
         text_config=dict(
             vocab_size=len(tok), hidden_size=text_width, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=2 * text_width, max_position_embeddings=40, encoder_hidden_size=48, pad_token_id=0,
+            intermediate_size=2 * text_width, max_position_embeddings=positions, encoder_hidden_size=48, pad_token_id=0,
             bos_token_id=tok.bos_token_id, sep_token_id=3,
         ),
         vision_config=dict(
@@ -124,13 +125,16 @@ def _spread_decoder(model: torch.nn.Module, seed: int, std: float, position_gain
 
 
 def build_blip_caption(folder: str | Path, seed: int = 3, image_size: int = 64, patch: int = 16,
-                       std: float = 0.8, position_gain: float = 20.0) -> Path:
-    """A BlipForConditionalGeneration checkpoint (2-layer vision tower and decoder) with its BlipProcessor."""
+                       std: float = 0.8, position_gain: float = 20.0, positions: int = 40) -> Path:
+    """A BlipForConditionalGeneration checkpoint (2-layer vision tower and decoder) with its BlipProcessor.
+
+    `positions`: the decoder's position table (tests that need a request to run long ask for hundreds).
+    """
     from transformers import BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     torch.manual_seed(seed)
     tok = generation_tokenizer()
-    model = BlipForConditionalGeneration(_blip_generation_config(tok, image_size, patch)).eval()
+    model = BlipForConditionalGeneration(_blip_generation_config(tok, image_size, patch, positions=positions)).eval()
     _spread_decoder(model, seed, std, position_gain)
     folder = Path(folder)
     model.save_pretrained(folder)

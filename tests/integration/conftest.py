@@ -61,7 +61,7 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
         repository=str(triton.settings.repository),  # tiny plus the imported blip-test and vilt-test
         preprocess="deployment",  # the composition with the extra hop: @serve.batch and request ids across it
         # As shipped, `tiny` sends one-question VQA to Triton's `vqa`; `tiny@1` runs the engines from the ingress.
-        models={"tiny": ModelSpec(vqa="vqa"), "tiny@1": ModelSpec(version="1")},
+        models={"tiny": ModelSpec(vqa="vqa", generate="caption"), "tiny@1": ModelSpec(version="1")},
         limits=TEST_LIMITS,
         deployments=DeploymentDefaults(ingress_replicas=2, preprocess_replicas=1),
     )
