@@ -3,6 +3,7 @@
 Needs only httpx, grpcio and protobuf: `pip install 'vtfuse[client]'` (no Ray, Triton, torch).
 """
 
+from serving.client.captions import AsyncCaptionStream, CaptionStream, GenerationParameters
 from serving.client.errors import (
     ApiConnectionError,
     ApiError,
@@ -18,6 +19,9 @@ from serving.client.grpc_client import AsyncVtfuseGrpcClient, VtfuseGrpcClient
 from serving.client.http_client import AsyncVtfuseClient, VtfuseClient
 from serving.client.results import (
     Answer,
+    CaptionEvent,
+    CaptionResult,
+    CaptionUsage,
     EmbedResult,
     MatchResult,
     ModelInfo,
@@ -33,12 +37,18 @@ __all__ = [
     "Answer",
     "ApiConnectionError",
     "ApiError",
+    "AsyncCaptionStream",
     "AsyncVtfuseClient",
     "AsyncVtfuseGrpcClient",
     "AuthenticationError",
     "BadRequest",
+    "CaptionEvent",
+    "CaptionResult",
+    "CaptionStream",
+    "CaptionUsage",
     "DeadlineExceeded",
     "EmbedResult",
+    "GenerationParameters",
     "MatchResult",
     "ModelInfo",
     "ModelList",

@@ -3,6 +3,7 @@
 The same typed results, API key (`x-api-key` metadata), TLS, retries and exceptions as the
 HTTP clients: RESOURCE_EXHAUSTED (not `payload_too_large`) and UNAVAILABLE are retried with
 capped, jittered exponential backoff that honours the `retry-after` trailing metadata.
+`caption_stream` reads the CaptionStream call's events as they come and cancels the call when closed.
 """
 
 from __future__ import annotations
@@ -11,19 +12,31 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
-from serving.client.errors import ApiError, api_error, parse_retry_after, read_image
+from serving.client.captions import AsyncCaptionStream, CaptionStream, GenerationParameters, generation_parameters
+from serving.client.errors import ApiConnectionError, ApiError, api_error, parse_retry_after, read_image
 from serving.client.http_client import Image
-from serving.client.results import EmbedResult, MatchResult, ModelList, RetrieveResult, VqaResult
+from serving.client.results import (
+    CaptionEvent,
+    CaptionResult,
+    EmbedResult,
+    MatchResult,
+    ModelList,
+    RetrieveResult,
+    VqaResult,
+)
 from serving.client.retry import Retry, retryable_grpc
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +66,23 @@ def _api_error(e: grpc.RpcError, request_id: str | None = None) -> ApiError:
     )
 
 
+def _drain(call: Any) -> None:
+    """Read a stream to its end after its last event, so the call ends OK rather than cancelled."""
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError:
+        pass  # the result is already in hand
+
+
+async def _adrain(call: Any) -> None:
+    try:
+        async for _ in call:
+            pass
+    except grpc.RpcError:
+        pass
+
+
 def channel_credentials(tls: bool, ca_cert: str | Path | bytes | None) -> grpc.ChannelCredentials | None:
     """TLS credentials (the system's roots, or the PEM `ca_cert`), or None for plaintext."""
     if not tls and ca_cert is None:
@@ -69,6 +99,10 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 5000),
     ]
+
+
+def _incomplete(events: int, request_id: str) -> ApiError:
+    return ApiConnectionError(f"the stream ended after {events} events, before its last", request_id)
 
 
 class _Requests:
@@ -100,6 +134,13 @@ class _Requests:
         if self.api_key:
             md.append(("x-api-key", self.api_key))
         return md
+
+    def _next_wait(self, retry: int, err: ApiError, method: str) -> float | None:
+        """The wait before retrying a call that failed before any answer (None: raise now)."""
+        wait = self.retry.delay(retry, err.retry_after)
+        if wait is not None:
+            log.info("%s: %s; retry %d/%d in %.2f s", method, err, retry, self.retry.max_retries, wait)
+        return wait
 
     def _failed(self, e: grpc.RpcError, rid: str, retry: int, method: str) -> tuple[ApiError, float | None]:
         """The error of a failed try and the wait before the next (None: raise now)."""
@@ -133,6 +174,19 @@ class _Requests:
     @staticmethod
     def _embed(images: Sequence[Image] | None, texts: Sequence[str] | None, model: str) -> pb.EmbedRequest:
         return pb.EmbedRequest(images=[read_image(i) for i in images or ()], texts=list(texts or ()), model=model)
+
+    @staticmethod
+    def _caption(image: Image, prompt: str | None, model: str, params: GenerationParameters) -> pb.CaptionRequest:
+        values = generation_parameters(params)
+        early = values.get("early_stopping")
+        if isinstance(early, bool):  # the proto's field is a string: "true", "false" or "never"
+            values["early_stopping"] = "true" if early else "false"
+        req = pb.CaptionRequest(image=read_image(image), model=model)
+        if prompt is not None:
+            req.prompt = prompt
+        if values:
+            req.parameters.CopyFrom(pb.GenerationParameters(**values))
+        return req
 
 
 class VtfuseGrpcClient(_Requests):
@@ -188,6 +242,37 @@ class VtfuseGrpcClient(_Requests):
                     raise err from None
                 time.sleep(wait)
 
+    def _stream(self, method: str, request: Any, request_id: str | None) -> Generator[CaptionEvent, None, None]:
+        """A server-streaming call's events; retried as `_call` is, but only until an event reached the caller."""
+        rid = request_id or uuid.uuid4().hex
+        retry = 0
+        while True:
+            yielded = 0
+            call = getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata(rid))
+            try:
+                for message in call:
+                    event = CaptionEvent.from_proto(message, rid)
+                    if event.last:
+                        _drain(call)
+                    yielded += 1
+                    yield event
+                    if event.last:
+                        return
+                err, wait = _incomplete(yielded, rid), None
+                if not yielded:
+                    retry += 1
+                    wait = self._next_wait(retry, err, method)
+            except grpc.RpcError as e:
+                if yielded:
+                    raise _api_error(e, rid) from None  # the caller has seen tokens: a retry would repeat them
+                retry += 1
+                err, wait = self._failed(e, rid, retry, method)
+            finally:
+                call.cancel()  # closing the stream early ends the call: the server frees the slot
+            if wait is None:
+                raise err
+            time.sleep(wait)
+
     def vqa(
         self,
         image: Image,
@@ -234,6 +319,34 @@ class VtfuseGrpcClient(_Requests):
         return ModelList.from_proto(*self._call("ListModels", pb.ListModelsRequest(), request_id))
 
     models = list_models  # the HTTP client's name
+
+    def caption(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionResult:
+        """Caption one image (Caption); `params` are generation parameters, e.g. `max_new_tokens=20`."""
+        req = self._caption(image, prompt, model or "", params)
+        return CaptionResult.from_proto(*self._call("Caption", req, request_id))
+
+    def caption_stream(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionStream:
+        """Caption one image token by token (CaptionStream): an iterator of `CaptionEvent`s.
+
+        The call starts when the first event is asked for. `timeout` bounds the whole stream.
+        Close the stream (or use it in a `with` block) to stop early: the call is cancelled.
+        """
+        req = self._caption(image, prompt, model or "", params)
+        return CaptionStream(self._stream("CaptionStream", req, request_id))
 
     def close(self) -> None:
         """Close the channel."""
@@ -293,6 +406,37 @@ class AsyncVtfuseGrpcClient(_Requests):
                     raise err from None
                 await asyncio.sleep(wait)
 
+    async def _stream(self, method: str, request: Any, request_id: str | None) -> AsyncGenerator[CaptionEvent, None]:
+        """A server-streaming call's events; retried as `_call` is, but only until an event reached the caller."""
+        rid = request_id or uuid.uuid4().hex
+        retry = 0
+        while True:
+            yielded = 0
+            call = getattr(self._get_stub(), method)(request, timeout=self.timeout, metadata=self._metadata(rid))
+            try:
+                async for message in call:
+                    event = CaptionEvent.from_proto(message, rid)
+                    if event.last:
+                        await _adrain(call)
+                    yielded += 1
+                    yield event
+                    if event.last:
+                        return
+                err, wait = _incomplete(yielded, rid), None
+                if not yielded:
+                    retry += 1
+                    wait = self._next_wait(retry, err, method)
+            except grpc.RpcError as e:
+                if yielded:
+                    raise _api_error(e, rid) from None  # the caller has seen tokens: a retry would repeat them
+                retry += 1
+                err, wait = self._failed(e, rid, retry, method)
+            finally:
+                call.cancel()  # closing the stream early ends the call: the server frees the slot
+            if wait is None:
+                raise err
+            await asyncio.sleep(wait)
+
     async def vqa(
         self,
         image: Image,
@@ -341,6 +485,33 @@ class AsyncVtfuseGrpcClient(_Requests):
         return ModelList.from_proto(*await self._call("ListModels", pb.ListModelsRequest(), request_id))
 
     models = list_models
+
+    async def caption(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionResult:
+        """Caption one image (Caption); `params` are generation parameters, e.g. `max_new_tokens=20`."""
+        req = self._caption(image, prompt, model or "", params)
+        return CaptionResult.from_proto(*await self._call("Caption", req, request_id))
+
+    def caption_stream(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str = "",
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> AsyncCaptionStream:
+        """Caption one image token by token: `async for event in client.caption_stream(...)` (not awaited).
+
+        As `VtfuseGrpcClient.caption_stream`; `await stream.aclose()` (or `async with`) cancels the call.
+        """
+        req = self._caption(image, prompt, model or "", params)
+        return AsyncCaptionStream(self._stream("CaptionStream", req, request_id))
 
     async def aclose(self) -> None:
         """Close the channel."""

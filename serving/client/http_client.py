@@ -3,6 +3,7 @@
 Both send the API key (`X-API-Key`), verify TLS against the system's or a given CA, retry
 429/503 and failed connections with capped, jittered exponential backoff that honours
 `Retry-After`, and raise the narrow `ApiError` subclasses of `serving.client.errors`.
+`caption_stream` reads the `text/event-stream` answer line by line as it arrives.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from serving.client.captions import (
+    AsyncCaptionStream,
+    CaptionStream,
+    EventReader,
+    GenerationParameters,
+    generation_parameters,
+    retryable_stream_error,
+)
 from serving.client.errors import (
     ApiConnectionError,
     ApiError,
@@ -27,8 +36,19 @@ from serving.client.errors import (
     parse_retry_after,
     read_image,
 )
-from serving.client.results import EmbedResult, MatchResult, ModelList, RetrieveResult, VqaResult
+from serving.client.results import (
+    CaptionEvent,
+    CaptionResult,
+    EmbedResult,
+    MatchResult,
+    ModelList,
+    RetrieveResult,
+    VqaResult,
+)
 from serving.client.retry import Retry, retryable_http
+
+if TYPE_CHECKING:
+    from typing import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +109,39 @@ def _bodies(
     if return_attention:
         body["return_attention"] = True
     return body
+
+
+def _caption_body(
+    image: Image, prompt: str | None, model: str | None, params: GenerationParameters, stream: bool = False
+) -> dict[str, Any]:
+    """A /v1/caption body: the image, and the prompt, model and generation parameters that were given."""
+    body = _bodies(image=image, model=model)
+    if prompt is not None:
+        body["prompt"] = prompt
+    body.update(generation_parameters(params))
+    if stream:
+        body["stream"] = True
+    return body
+
+
+STREAM_HEADERS = {"Accept": "text/event-stream"}
+
+
+def _drain(lines: Iterator[str]) -> None:
+    """Read a stream to its end after its last event, so the connection goes back to the pool."""
+    try:
+        for _ in lines:
+            pass
+    except httpx.TransportError:
+        pass  # the result is already in hand
+
+
+async def _adrain(lines: AsyncIterator[str]) -> None:
+    try:
+        async for _ in lines:
+            pass
+    except httpx.TransportError:
+        pass
 
 
 def _client_kwargs(
@@ -181,6 +234,42 @@ class VtfuseClient(_Calls):
     def _post(self, path: str, body: dict[str, Any], request_id: str | None) -> tuple[Any, str]:
         return self._request("POST", path, request_id, json=body)
 
+    def _stream(self, path: str, body: dict[str, Any], request_id: str | None) -> Generator[CaptionEvent, None, None]:
+        """A streamed call's events; retried as `_request` is, but only until an event reached the caller."""
+        rid, headers = self._plan(request_id)
+        retry = 0
+        while True:
+            yielded = False
+            try:
+                with self._http.stream("POST", path, json=body, headers=headers | STREAM_HEADERS) as r:
+                    if r.is_success:
+                        reader = EventReader(r.headers.get("x-request-id") or rid)
+                        lines = r.iter_lines()
+                        for line in lines:
+                            event = reader.feed(line)
+                            if event is None:
+                                continue
+                            if event.last:
+                                _drain(lines)
+                            yielded = True
+                            yield event
+                            if event.last:
+                                return
+                        raise reader.incomplete()
+                    r.read()
+                    err, retryable = _error(r, rid), retryable_http(r.status_code)
+            except httpx.TransportError as e:
+                err, retryable = _transport_error(e, rid, str(self._http.base_url))
+            except ApiError as e:  # an error event, or a stream cut before its last event
+                err, retryable = e, retryable_stream_error(e)
+            if yielded:
+                raise err  # the caller has seen tokens: a retry would repeat them
+            retry += 1
+            wait = self._next_wait(retry, err, retryable, path)
+            if wait is None:
+                raise err
+            time.sleep(wait)
+
     def vqa(
         self,
         image: Image,
@@ -250,6 +339,35 @@ class VtfuseClient(_Calls):
 
     list_models = models  # the gRPC client's name
 
+    def caption(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionResult:
+        """Caption one image (POST /v1/caption); `params` are generation parameters, e.g. `max_new_tokens=20`."""
+        body = _caption_body(image, prompt, model, params)
+        return CaptionResult.from_json(*self._post("/v1/caption", body, request_id))
+
+    def caption_stream(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionStream:
+        """Caption one image token by token (POST /v1/caption, `stream`): an iterator of `CaptionEvent`s.
+
+        The request goes out when the first event is asked for; an error before the stream is
+        raised there, one during it from the event where it happened. Close the stream (or use
+        it in a `with` block) to stop early: the response is closed and the server frees the slot.
+        """
+        body = _caption_body(image, prompt, model, params, stream=True)
+        return CaptionStream(self._stream("/v1/caption", body, request_id))
+
     def ready(self) -> bool:
         """True when GET /readyz answers 200 (one try, no retries)."""
         try:
@@ -313,6 +431,44 @@ class AsyncVtfuseClient(_Calls):
     async def _post(self, path: str, body: dict[str, Any], request_id: str | None) -> tuple[Any, str]:
         return await self._request("POST", path, request_id, json=body)
 
+    async def _stream(
+        self, path: str, body: dict[str, Any], request_id: str | None
+    ) -> AsyncGenerator[CaptionEvent, None]:
+        """A streamed call's events; retried as `_request` is, but only until an event reached the caller."""
+        rid, headers = self._plan(request_id)
+        retry = 0
+        while True:
+            yielded = False
+            try:
+                async with self._http.stream("POST", path, json=body, headers=headers | STREAM_HEADERS) as r:
+                    if r.is_success:
+                        reader = EventReader(r.headers.get("x-request-id") or rid)
+                        lines = r.aiter_lines()
+                        async for line in lines:
+                            event = reader.feed(line)
+                            if event is None:
+                                continue
+                            if event.last:
+                                await _adrain(lines)
+                            yielded = True
+                            yield event
+                            if event.last:
+                                return
+                        raise reader.incomplete()
+                    await r.aread()
+                    err, retryable = _error(r, rid), retryable_http(r.status_code)
+            except httpx.TransportError as e:
+                err, retryable = _transport_error(e, rid, str(self._http.base_url))
+            except ApiError as e:  # an error event, or a stream cut before its last event
+                err, retryable = e, retryable_stream_error(e)
+            if yielded:
+                raise err  # the caller has seen tokens: a retry would repeat them
+            retry += 1
+            wait = self._next_wait(retry, err, retryable, path)
+            if wait is None:
+                raise err
+            await asyncio.sleep(wait)
+
     async def vqa(
         self,
         image: Image,
@@ -373,6 +529,33 @@ class AsyncVtfuseClient(_Calls):
         return ModelList.from_json(*await self._request("GET", "/v1/models", request_id))
 
     list_models = models
+
+    async def caption(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> CaptionResult:
+        """Caption one image (POST /v1/caption); `params` are generation parameters, e.g. `max_new_tokens=20`."""
+        body = _caption_body(image, prompt, model, params)
+        return CaptionResult.from_json(*await self._post("/v1/caption", body, request_id))
+
+    def caption_stream(
+        self,
+        image: Image,
+        prompt: str | None = None,
+        model: str | None = None,
+        request_id: str | None = None,
+        **params: Unpack[GenerationParameters],
+    ) -> AsyncCaptionStream:
+        """Caption one image token by token: `async for event in client.caption_stream(...)` (not awaited).
+
+        As `VtfuseClient.caption_stream`; `await stream.aclose()` (or `async with`) stops it early.
+        """
+        body = _caption_body(image, prompt, model, params, stream=True)
+        return AsyncCaptionStream(self._stream("/v1/caption", body, request_id))
 
     async def ready(self) -> bool:
         """True when GET /readyz answers 200 (one try, no retries)."""

@@ -234,3 +234,80 @@ class ModelList(_Result):
     @classmethod
     def from_proto(cls, m: Any, request_id: str | None = None) -> ModelList:
         return cls(m.default_model, [ModelInfo.from_proto(i) for i in m.models], request_id)
+
+
+@dataclass(frozen=True)
+class CaptionUsage(_Result):
+    """Token counts of one caption: the decoder's start and prompt tokens, and those generated after them."""
+
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class CaptionResult(_Result):
+    """One `caption` call: the text (the prompt included), the token ids, why generation stopped, the counts.
+
+    `finish_reason` is `stop` (the end token) or `length` (max tokens reached).
+    """
+
+    model: str
+    caption: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: CaptionUsage
+    request_id: str | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], request_id: str | None = None) -> CaptionResult:
+        usage = d.get("usage") or {}
+        return cls(
+            d["model"],
+            d["caption"],
+            [int(t) for t in d["token_ids"]],
+            d["finish_reason"],
+            CaptionUsage(int(usage.get("prompt_tokens", 0)), int(usage.get("generated_tokens", 0))),
+            d.get("request_id") or request_id,
+        )
+
+    @classmethod
+    def from_proto(cls, m: Any, request_id: str | None = None) -> CaptionResult:
+        usage = CaptionUsage(m.usage.prompt_tokens, m.usage.generated_tokens)
+        return cls(m.model, m.caption, list(m.token_ids), m.finish_reason, usage, m.request_id or request_id)
+
+
+@dataclass(frozen=True)
+class CaptionEvent(_Result):
+    """One event of `caption_stream`: a token (`index`, `token_id`, `delta`), or the last one (`delta`, `result`).
+
+    The `delta`s of all events add up to `result.caption`; only the last event has a `result`
+    (and no index or token id: its `delta` is text the token events held back, often "").
+    """
+
+    index: int | None
+    token_id: int | None
+    delta: str
+    result: CaptionResult | None = None
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the stream's last event, the one with the whole result."""
+        return self.result is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as the HTTP stream's `data:` JSON: the last one is the result's fields plus `delta`."""
+        if self.result is not None:
+            return {"delta": self.delta, **self.result.to_dict()}
+        return super().to_dict()
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], request_id: str | None = None) -> CaptionEvent:
+        if "caption" in d:
+            return cls(None, None, d.get("delta") or "", CaptionResult.from_json(d, request_id))
+        return cls(int(d["index"]), int(d["token_id"]), d.get("delta") or "")
+
+    @classmethod
+    def from_proto(cls, m: Any, request_id: str | None = None) -> CaptionEvent:
+        if m.HasField("result"):
+            return cls(None, None, m.delta, CaptionResult.from_proto(m.result, request_id))
+        return cls(m.index, m.token_id, m.delta)
