@@ -74,6 +74,16 @@ def models_api() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self) -> None:  # noqa: N802 - a streamed /v1/caption
+            self.rfile.read(int(self.headers["content-length"]))
+            result = {"model": "tiny", "caption": "a red circle", "token_ids": [1, 2, 3], "finish_reason": "stop"}
+            result |= {"usage": {"prompt_tokens": 1, "generated_tokens": 2}, "request_id": "r"}
+            events = [{"index": 0, "token_id": 2, "delta": "a red"}, {"delta": " circle", **result}]
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events))
+
         def log_message(self, *args: object) -> None:
             pass
 
@@ -85,7 +95,7 @@ def models_api() -> Iterator[str]:
 
 
 SCRIPT = """
-import importlib.abc, json, sys
+import importlib.abc, json, sys, tempfile
 
 BLOCKED = set(json.loads(sys.argv[1]))
 
@@ -104,12 +114,14 @@ from serving.cli import main
 
 serving.client.VtfuseClient("http://x").close()
 serving.client.VtfuseGrpcClient("127.0.0.1:1").close()
-for argv in (["--version"], ["--help"], ["ask", "--help"]):
+for argv in (["--version"], ["--help"], ["ask", "--help"], ["caption", "--help"]):
     try:
         main(argv)
     except SystemExit as e:
         assert e.code == 0, (argv, e.code)
 assert main(["models", "--url", sys.argv[2], "--api-key", "k1"]) == 0
+with tempfile.NamedTemporaryFile(suffix=".png") as img:
+    assert main(["caption", img.name, "--stream", "--url", sys.argv[2]]) == 0
 assert main(["serve"]) == 3
 loaded = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
 assert not loaded, loaded
@@ -128,6 +140,7 @@ def test_client_and_cli_run_without_the_server_packages(models_api):
     assert out.stdout.startswith("vtfuse 0.1.0\n")
     assert "ask" in out.stdout and "serve" in out.stdout, "every command is listed"
     assert '"default": "tiny"' in out.stdout, "`vtfuse models` called the API"
+    assert "\na red circle\n" in out.stdout, "`vtfuse caption --stream` read the event stream"
     assert "vtfuse serve: needs the `server` extra" in out.stderr and "pip install 'vtfuse[server]'" in out.stderr
 
 
