@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,80 @@ def test_page_files_ship_as_package_data():
     patterns = re.findall(r'"([^"]+)"', line.group(1))
     for name in PAGE_FILES:
         assert any(Path("static", name).match(p) for p in patterns), name
+
+
+class _Ids(HTMLParser):
+    """Every element's id and attributes, in page order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+
+def test_caption_panel_streams_from_v1_caption(client):
+    parser = _Ids()
+    parser.feed(client.get("/").text)
+    by_id = {a["id"]: (tag, a) for tag, a in parser.elements if a.get("id")}
+    ids = [a["id"] for _, a in parser.elements if a.get("id")]
+    assert len(ids) == len(set(ids)), "ids are unique"
+    assert by_id["caption-panel"][0] == "section" and by_id["caption-prompt"][1]["type"] == "text"
+    assert by_id["caption"][0] == by_id["caption-stop"][0] == "button"
+    assert "disabled" in by_id["caption-stop"][1], "Stop is enabled only while a caption streams"
+    assert by_id["caption-status"][1]["role"] == "status" and by_id["caption-error"][1]["role"] == "alert"
+    assert "hidden" in by_id["caption-error"][1] and by_id["caption-text"][1]["aria-live"] == "polite"
+    assert "caption-meta" in by_id
+
+    js = (STATIC_DIR / "app.js").read_text()
+    assert set(re.findall(r'\$\("([\w-]+)"\)', js)) <= set(ids), "app.js uses only elements the page has"
+    assert 'post("/v1/caption"' in js and "stream: true" in js and ".getReader()" in js
+    assert 'headers["X-API-Key"] = key' in js, "the API key setting applies to every call, the stream's too"
+    # The image sits beside every other card, over as many grid rows.
+    cards = sum("card" in (a.get("class") or "").split() for _, a in parser.elements)
+    span = re.search(r"#image-panel \{ grid-row: span (\d+);", (STATIC_DIR / "style.css").read_text())
+    assert span and int(span.group(1)) == cards - 1
+
+
+SSE_CHECK = """
+const src = require("fs").readFileSync(process.argv[1], "utf8");
+const fn = /async function\\* sseEvents[\\s\\S]*?\\n}\\n/.exec(src)[0];
+const sseEvents = eval("(" + fn.replace("async function* sseEvents", "async function* ") + ")");
+const text = ': ping\\r\\n\\r\\ndata: {"index":0,"token_id":5,"delta":"a é"}\\r\\n\\r\\n'
+  + 'data: {"delta":" x",\\ndata: "caption":"a é x"}\\n\\n';
+const bytes = new TextEncoder().encode(text);
+(async () => {
+  const out = {};
+  for (const size of [1, 2, 5, 1000]) {  // the body cut anywhere, even inside a character
+    const body = new ReadableStream({ start(c) {
+      for (let i = 0; i < bytes.length; i += size) c.enqueue(bytes.slice(i, i + size));
+      c.close();
+    } });
+    const events = [];
+    for await (const ev of sseEvents(new Response(body))) events.push(ev);
+    out[size] = events;
+  }
+  let cancelled = false;  // leaving early cancels the body: the connection closes
+  const open = new ReadableStream({
+    start(c) { c.enqueue(new TextEncoder().encode('data: {"index":0}\\n\\n')); },
+    cancel() { cancelled = true; },
+  });
+  for await (const ev of sseEvents(new Response(open))) break;
+  await new Promise(r => setTimeout(r, 10));
+  out.cancelled = cancelled;
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no Node.js to run the page's script")
+def test_the_page_script_parses_and_reads_event_streams():
+    js = str(STATIC_DIR / "app.js")
+    assert subprocess.run(["node", "--check", js], capture_output=True, timeout=30).returncode == 0
+    run = subprocess.run(["node", "-e", SSE_CHECK, js], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    events = [{"index": 0, "token_id": 5, "delta": "a é"}, {"delta": " x", "caption": "a é x"}]
+    assert all(out[size] == events for size in ("1", "2", "5", "1000")), out
+    assert out["cancelled"] is True

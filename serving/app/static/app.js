@@ -1,5 +1,5 @@
-// vtfuse playground: calls the public API (/v1/vqa with return_attention, /v1/match) and draws the heat map.
-// Plain JS, no build step and nothing loaded from elsewhere: the page works offline.
+// vtfuse playground: calls the public API (/v1/vqa with return_attention, /v1/match, /v1/caption streamed)
+// and draws the heat map. Plain JS, no build step and nothing loaded from elsewhere: the page works offline.
 "use strict";
 
 const $ = id => document.getElementById(id);
@@ -39,28 +39,68 @@ function hintFor(status, code, message, items, retry) {
   }
 }
 
-// Every API error is {"error": {"code", "message"}}: shown as "HTTP status — code: message" plus a hint.
-async function callApi(path, body, items) {
+function apiHeaders() {
   const headers = { "Content-Type": "application/json" };
   const key = $("api-key").value.trim();
   if (key) headers["X-API-Key"] = key;
-  let resp;
+  return headers;
+}
+
+// POST a JSON body; a network failure becomes an ApiError saying so (an abort stays an AbortError).
+async function post(path, body, signal) {
   try {
-    resp = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+    return await fetch(path, { method: "POST", headers: apiHeaders(), body: JSON.stringify(body), signal });
   } catch (e) {
+    if (e.name === "AbortError") throw e;
     throw new ApiError(`The service at ${location.origin} could not be reached (${e.message}).`,
       "Is it running? Start it with `make serve`.");
   }
+}
+
+// Every API error is {"error": {"code", "message"}}: shown as "HTTP status — code: message" plus a hint.
+function httpError(resp, data, items) {
+  const retry = resp.headers.get("Retry-After");
+  const err = data && data.error ? data.error : { code: "", message: resp.statusText || "no details" };
+  const text = `HTTP ${resp.status} — ${err.code ? `${err.code}: ` : ""}${err.message}`;
+  return new ApiError(text, hintFor(resp.status, err.code, err.message, items, retry));
+}
+
+async function callApi(path, body, items) {
+  const resp = await post(path, body);
   let data = null;
   try { data = await resp.json(); } catch (e) { /* not JSON: a proxy's error page */ }
-  if (!resp.ok) {
-    const retry = resp.headers.get("Retry-After");
-    const err = data && data.error ? data.error : { code: "", message: resp.statusText || "no details" };
-    const text = `HTTP ${resp.status} — ${err.code ? `${err.code}: ` : ""}${err.message}`;
-    throw new ApiError(text, hintFor(resp.status, err.code, err.message, items, retry));
-  }
+  if (!resp.ok) throw httpError(resp, data, items);
   if (!data) throw new ApiError(`HTTP ${resp.status} — the response was not JSON.`, "");
   return data;
+}
+
+// The JSON of each event of a text/event-stream body, as it arrives (only `data:` lines matter here).
+async function* sseEvents(resp) {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "", data = [], done = false;
+  try {
+    while (!done) {
+      const chunk = await reader.read();
+      done = chunk.done;
+      buf += decoder.decode(chunk.value || new Uint8Array(0), { stream: !done });
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl).replace(/\r$/, "");
+        buf = buf.slice(nl + 1);
+        if (line === "" && data.length) {  // a blank line ends an event
+          yield JSON.parse(data.join("\n"));
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(5).replace(/^ /, ""));
+        }
+      }
+    }
+  } finally {
+    // Left early (an error event, Stop, a new image): closing the body closes the connection,
+    // and the server frees the decoder slot.
+    if (!done) reader.cancel().catch(() => {});
+  }
 }
 
 function showError(id, err) {
@@ -185,6 +225,7 @@ async function setImage(blob, name) {
       "It will still be sent as is: the API says whether it can read it. PNG, JPEG and WebP are accepted."));
   }
   state.attention = null;
+  resetCaption();
   $("answers").replaceChildren();
   $("ranking").replaceChildren();
   $("tokens-panel").hidden = true;
@@ -384,6 +425,95 @@ async function rank() {
   }
 }
 
+// ---- captioning, streamed ----------------------------------------------------------------------------
+
+let captionAbort = null;  // the running caption's AbortController
+
+// Drop a running caption (its connection is closed) and clear what was shown.
+function resetCaption() {
+  if (captionAbort) {
+    captionAbort.abort();
+    captionAbort = null;  // the dropped run then leaves the panel alone
+  }
+  $("caption-stop").disabled = true;
+  const out = $("caption-text");
+  out.textContent = "";
+  out.className = "generated";
+  out.setAttribute("aria-busy", "false");
+  for (const k of ["state", "events", "finishReason", "tokens"]) delete out.dataset[k];
+  $("caption-meta").textContent = $("caption-status").textContent = "";
+  showError("caption-error", null);
+}
+
+async function caption() {
+  resetCaption();
+  if (!state.imageB64) return showError("caption-error", new ApiError("Pick, drop or generate an image first."));
+  const body = { image: state.imageB64, stream: true };
+  const prompt = $("caption-prompt").value.trim();
+  if (prompt) body.prompt = prompt;
+  const out = $("caption-text"), stop = $("caption-stop");
+  const abort = new AbortController();
+  captionAbort = abort;
+  out.dataset.state = "streaming";
+  out.dataset.events = "0";
+  out.setAttribute("aria-busy", "true");  // read out once whole, not token by token
+  stop.disabled = false;
+  const t0 = performance.now();
+  let firstMs = null;
+  try {
+    await busy($("caption"), "caption-status", "captioning…", async () => {
+      const resp = await post("/v1/caption", body, abort.signal);
+      if (!resp.ok) {
+        let data = null;
+        try { data = await resp.json(); } catch (e) { /* not JSON */ }
+        throw httpError(resp, data, null);
+      }
+      let text = "";
+      for await (const ev of sseEvents(resp)) {
+        if (ev.error) {  // failed after the stream began: the status was already 200
+          throw new ApiError(`Failed mid-stream — ${ev.error.code}: ${ev.error.message}`,
+            hintFor(500, ev.error.code, ev.error.message, null, null));
+        }
+        text += ev.delta || "";
+        out.textContent = text;
+        if (!("caption" in ev)) {
+          out.dataset.events = String(+out.dataset.events + 1);
+          if (firstMs === null) firstMs = performance.now() - t0;
+          continue;
+        }
+        // The last event: the whole result (its text is what the deltas added up to).
+        out.textContent = ev.caption;
+        out.dataset.state = "done";
+        out.dataset.finishReason = ev.finish_reason;
+        out.dataset.tokens = String(ev.usage.generated_tokens);
+        const why = ev.finish_reason === "stop" ? "stop (end token)" : "length (token limit)";
+        const first = firstMs === null ? "" : ` · first token after ${Math.round(firstMs)} ms`;
+        $("caption-meta").textContent = `finish reason: ${why} · ${ev.usage.generated_tokens} tokens${first}`;
+        return `model ${ev.model}`;
+      }
+      throw new ApiError("The stream ended before the caption was complete.", "The connection was cut; try again.");
+    });
+  } catch (e) {
+    if (e.name === "AbortError") {
+      if (captionAbort === abort) {  // Stop, not a new caption or image
+        out.dataset.state = "stopped";
+        out.classList.add("incomplete");
+        $("caption-status").textContent = "stopped";
+      }
+    } else {
+      out.dataset.state = "error";
+      out.classList.add("incomplete");  // what arrived before the error stays, marked unfinished
+      showError("caption-error", e);
+    }
+  } finally {
+    if (captionAbort === abort) {
+      captionAbort = null;
+      stop.disabled = true;
+      out.setAttribute("aria-busy", "false");
+    }
+  }
+}
+
 // ---- service health -------------------------------------------------------------------------------
 
 async function checkHealth() {
@@ -428,6 +558,11 @@ $("file").addEventListener("change", e => { if (e.target.files.length) setImage(
 $("random").addEventListener("click", randomImage);
 $("ask").addEventListener("click", ask);
 $("rank").addEventListener("click", rank);
+$("caption").addEventListener("click", caption);
+$("caption-stop").addEventListener("click", () => { if (captionAbort) captionAbort.abort(); });
+$("caption-prompt").addEventListener("keydown", e => {
+  if (e.key === "Enter") { e.preventDefault(); if (!$("caption").disabled) caption(); }
+});
 for (const id of ["show-heat", "smooth-heat", "heat-opacity"]) $(id).addEventListener("input", draw);
 $("questions").addEventListener("keydown", e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); ask(); } });
 $("captions").addEventListener("keydown", e => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); rank(); } });
