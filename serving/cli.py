@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "export.tune": (("tune",), "server"),
     "serving.triton.cli": (("triton",), "server"),
     "serving.app.cli": (("serve",), "server"),
-    "serving.client.cli": (("ask", "match", "retrieve", "embed", "models"), "client"),
+    "serving.client.cli": (("ask", "match", "retrieve", "embed", "models", "caption"), "client"),
 }
 
 

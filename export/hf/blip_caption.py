@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 
 from export.hf import blip_decoder
-from export.hf.parity import generation_agreement
 from export.hf.graphs import EngineGraph, Normalize, ParityCase, Tensor, UserView, to_numpy
+from export.hf.parity import generation_agreement
 from serving.families.imported import ImageProcessing
 from serving.generation.params import GenerationParams
 from serving.generation.spec import GenerationSpec
@@ -129,9 +129,8 @@ def judge(fp32: dict[str, list[dict[str, np.ndarray]]], int8: dict[str, list[dic
     """int8 image features against fp32 (a figure; what decides is `check_generation`: the tokens users get)."""
     from export.quantize import cosine_min
 
-    cos = min(
-        cosine_min(a["IMAGE_FEATURES"], b["IMAGE_FEATURES"]) for a, b in zip(fp32["image_encoder"], int8["image_encoder"])
-    )
+    pairs = zip(fp32["image_encoder"], int8["image_encoder"])
+    cos = min(cosine_min(a["IMAGE_FEATURES"], b["IMAGE_FEATURES"]) for a, b in pairs)
     return UserView(figures={"image_feature_cosine_min": cos})
 
 

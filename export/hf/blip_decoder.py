@@ -233,8 +233,8 @@ def decoder_parity_cases(
             s = int(states_mask[i].sum())
             seq = torch.tensor([[bos] + [rng.randrange(4, vocab) for _ in range(lengths[i] - 1)]])
             out = text_decoder(
-                input_ids=seq, encoder_hidden_states=states[i : i + 1, :s], encoder_attention_mask=states_mask[i : i + 1, :s],
-                use_cache=True, return_dict=True,
+                input_ids=seq, encoder_hidden_states=states[i : i + 1, :s],
+                encoder_attention_mask=states_mask[i : i + 1, :s], use_cache=True, return_dict=True,
             )
             cache = out.past_key_values
             per_row.append((seq, out.logits[0, -1], cache, s))
@@ -243,7 +243,7 @@ def decoder_parity_cases(
         for li in range(layers):
             for kv in ("K", "V"):
                 rows = []
-                for seq, _, cache, s in per_row:
+                for _, _, cache, s in per_row:
                     layer = cache.cross_attention_cache.layers[li]
                     t = (layer.keys if kv == "K" else layer.values)[0]  # (nh, s, hs)
                     rows.append(torch.nn.functional.pad(t, (0, 0, 0, big_s - s)))
@@ -271,7 +271,7 @@ def decoder_parity_cases(
                 past = np.zeros((n, *per_row[0][2].self_attention_cache.layers[li].keys.shape[1:2], p,
                                  per_row[0][2].self_attention_cache.layers[li].keys.shape[-1]), np.float32)
                 new = []
-                for i, (seq, _, cache, _) in enumerate(per_row):
+                for i, (_, _, cache, _) in enumerate(per_row):
                     layer = cache.self_attention_cache.layers[li]
                     t = (layer.keys if kv == "K" else layer.values)[0]  # (nh, len, hs)
                     m = t.shape[1] - 1

@@ -116,7 +116,10 @@ def parity_cases(
     model: Any, processor: Any, tokenizer: Any, image: ImageProcessing, images: list[Image.Image], texts: list[str],
     max_tokens: int,
 ) -> list[ParityCase]:
-    """Vision tower, question encoder (on vtfuse's padded rows, whose unpadded ids must equal the processor's) and decoder."""
+    """Vision tower, question encoder and decoder cases.
+
+    The question encoder runs on vtfuse's padded rows, whose unpadded ids must equal the processor's.
+    """
     pixels = np.stack([image.resize(im.convert("RGB")) for im in images])
     questions = list(QUESTIONS)
     ids, mask = tokenize_padded(tokenizer, questions, max_tokens)

@@ -41,9 +41,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.errors import InstallError, ParityError
+from export.generate_model import generate_config, write_version_folder
 from export.hf import parity
 from export.hf.graphs import EngineGraph, family_module
-from export.generate_model import generate_config, write_version_folder
 from export.hf.source import HfSource, decode_clean_up, image_processing, resolve_source, tokenizer_json
 from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
 from export.hf.torch_engine import check_parity as check_torch_parity
@@ -288,7 +288,8 @@ def _import(
         (work / "generation.json").write_text(json.dumps(generation, indent=2) + "\n")
         if not generation["ok"]:
             raise ParityError(
-                f"{name}: the served decoding differs from transformers' generate(): {'; '.join(generation['failures'])}",
+                f"{name}: the served decoding differs from transformers' generate(): "
+                f"{'; '.join(generation['failures'])}",
                 engine="generate",
                 output="token_ids",
                 figures=generation,

@@ -13,6 +13,7 @@ passed) cancels the Triton stream, and the model frees the request's decoder row
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from serving.app.tasks import CaptionTask, VqaTask
 from serving.errors import SchemaViolation, UpstreamError
 from serving.generation.params import resolve
 from serving.generation.spec import GenerationSpec
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from serving.app.models import ModelRuntime
@@ -138,6 +141,9 @@ async def _events(
             reason = _text(out["FINISH_REASON"][0])
             if reason:  # the final response: the whole result
                 result = caption_response(task, out, ctx)
+                if not result.caption.startswith(text):  # the model's deltas are a prefix of its text by design
+                    log.error("request_id=%s: streamed deltas %r are not a prefix of the caption %r", ctx.request_id,
+                              text, result.caption)
                 rest = result.caption[len(text):] if result.caption.startswith(text) else ""
                 yield {"delta": rest, **result.model_dump()}
                 return

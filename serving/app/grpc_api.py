@@ -251,7 +251,10 @@ async def handle_stream(
     api_key: str | None = None,
     rate_limiter: RateLimiter | None = None,
 ) -> AsyncIterator[pb.CaptionEvent]:
-    """Serve one CaptionStream call: CaptionEvent per token, the last holding the result; errors end it with a status."""
+    """Serve one CaptionStream call: a CaptionEvent per token, the last holding the result.
+
+    An error ends the stream with its status code, as for the unary calls.
+    """
     method = "CaptionStream"
     t0 = time.monotonic()
     rid = clean_request_id(request_id)

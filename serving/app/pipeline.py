@@ -321,7 +321,9 @@ class Pipeline:
             return await self.match(task, ctx)
         if isinstance(task, RetrieveTask):
             return await self.retrieve(task, ctx)
-        return await self.embed(task, ctx)
+        if isinstance(task, EmbedTask):
+            return await self.embed(task, ctx)
+        raise TaskNotSupported(f"model {rt.name!r} does not do caption: its tasks are {', '.join(rt.tasks)}")
 
     async def stream(self, task: CaptionTask, ctx: RequestContext) -> AsyncIterator[dict[str, Any]]:
         """A streamed caption's events (`serving.app.generation.open_caption_stream`).

@@ -337,3 +337,35 @@ def test_match_on_a_caption_model_and_bad_grpc_parameters_are_refused(serve_app)
             list(stub.CaptionStream(pb.CaptionRequest(image=data, model=CAPTION,
                                                       parameters=pb.GenerationParameters(num_beams=2)), timeout=30))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream" in e.value.details()
+
+
+def test_a_deadline_that_passes_is_a_504_and_frees_the_slot(serve_app):
+    """A side app whose generation deadline is 0.1 s: a 500-token caption gets a JSON 504, and Triton drops it."""
+    from tests.integration.conftest import run_side_app
+
+    args = serve_app.args.model_copy(update={"limits": serve_app.args.limits.model_copy(
+        update={"generation_timeout_s": 0.1})})
+    data = _images(1, seed=62)[0]
+    with httpx.Client() as client:
+        run_side_app(serve_app, args, "generation-deadline", "/deadline", client)
+        before = _generate_metrics(serve_app)
+        r = client.post(f"{serve_app.http_url}/deadline/v1/caption",
+                        json={"model": CAPTION, "image": _b64(data), **LONG}, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+        after = settled(lambda: _generate_metrics(serve_app), until=lambda m: m["cancelled"] > before["cancelled"])
+        assert after["cancelled"] == before["cancelled"] + 1 and after["active_sequences"] == 0
+
+
+def test_direct_triton_clients_stream_with_tritonclient(serve_app, blip_caption):
+    from serving.triton.generate_client import stream_caption
+
+    data = _images(1, seed=63)[0]
+    events = list(stream_caption(serve_app.triton.url_grpc, GENERATE, data, prompt="a picture of",
+                                 params={"max_new_tokens": 10}))
+    ref = reference(blip_caption, data, {"prompt": "a picture of", "max_new_tokens": 10})
+    *tokens, last = events
+    assert last["token_ids"] == ref["token_ids"] and last["text"] == ref["caption"]
+    assert [e["token_id"] for e in tokens] == ref["token_ids"][4:]  # [DEC] a picture of, then one event per token
+    assert "".join(e["delta"] for e in tokens) == ref["caption"][: len("".join(e["delta"] for e in tokens))]
+    with pytest.raises(RuntimeError, match="vtfuse:schema_violation: .*num_beams"):
+        list(stream_caption(serve_app.triton.url_grpc, GENERATE, data, params={"num_beams": 2}))

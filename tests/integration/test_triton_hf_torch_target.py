@@ -29,8 +29,9 @@ from serving.app.metrics import ApiMetrics
 from serving.app.models import load_imported_runtime
 from serving.app.pipeline import Pipeline, RequestContext
 from serving.app.preprocess import InlinePreprocess, Preprocessor
-from serving.app.tasks import EmbedTask, MatchTask, VqaTask
+from serving.app.tasks import CaptionTask, EmbedTask, MatchTask, VqaTask
 from serving.families.imported import read_repository_models
+from serving.generation.params import GenerationParams
 from serving.model.checkpoint import REPO_ROOT
 from serving.triton.client import TritonClient, TritonClientSettings
 from serving.triton.launcher import TritonServer
@@ -40,14 +41,15 @@ from tests.integration.test_api_hf import CAPTIONS, QUESTIONS, _embed_reference,
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-BLIP, VILT = "blip-torch", "vilt-torch"
+BLIP, VILT, CAPTION, VQA_GEN = "blip-torch", "vilt-torch", "cap-torch", "vqa-gen-torch"
 ROLES = {BLIP: ("image_encoder", "text_encoder", "fusion"), VILT: ("single_stream",)}
+SOURCES = {BLIP: "blip", VILT: "vilt", CAPTION: "blip_caption", VQA_GEN: "blip_vqa"}
 
 
 @pytest.fixture(scope="module")
 def torch_repository(hf_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("hf-torch-target") / "repo"
-    for name, key in ((BLIP, "blip"), (VILT, "vilt")):
+    for name, key in SOURCES.items():
         cmd = [sys.executable, "-m", "serving.cli", "import-hf", str(hf_checkpoints[key]), "--name", name,
                "--repo", str(repo), "--target", "torch", "--threads", "1"]
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
@@ -146,3 +148,34 @@ def test_vqa_answers_are_vilt_answers_batched_across_image_sizes(pipeline, vilt)
             assert answer.answer == model.config.id2label[int(order[0])]
             assert [a.answer for a in answer.top_k] == [model.config.id2label[int(j)] for j in order]
             assert abs(answer.score - row[order[0]]) <= 1e-4
+
+
+def test_generation_models_run_the_decoder_in_pytorch(torch_repository, hf_checkpoints):
+    for name in (CAPTION, VQA_GEN):
+        mdir = torch_repository / f"{name}_generate"
+        config = text_format.Parse((mdir / "config.pbtxt").read_text(), mc.ModelConfig())
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert config.model_transaction_policy.decoupled and params["engine"] == "torch"
+        assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_AUTO]
+        assert not list((mdir / "1").glob("*.onnx"))  # the decoder is the checkpoint's own modules
+        weights = mdir / "1" / "checkpoint" / "model.safetensors"
+        assert weights.read_bytes() == (hf_checkpoints[SOURCES[name]] / "model.safetensors").read_bytes()
+
+
+def test_torch_target_captions_and_answers_equal_generate(pipeline, hf_checkpoints):
+    from transformers import AutoProcessor, BlipForConditionalGeneration, BlipForQuestionAnswering
+
+    cap_dir, vqa_dir = str(hf_checkpoints["blip_caption"]), str(hf_checkpoints["blip_vqa"])
+    cap, cap_proc = BlipForConditionalGeneration.from_pretrained(cap_dir).eval(), AutoProcessor.from_pretrained(cap_dir)
+    vqa, vqa_proc = BlipForQuestionAnswering.from_pretrained(vqa_dir).eval(), AutoProcessor.from_pretrained(vqa_dir)
+    for image in _images(2, 84):
+        for params in ({}, {"num_beams": 3, "max_new_tokens": 8}):
+            res = _run(pipeline, CaptionTask(model=CAPTION, image=image, params=GenerationParams(**params)))
+            with torch.no_grad():
+                ref = cap.generate(**cap_proc(images=_pil(image), return_tensors="pt"), **params)[0]
+            assert res.token_ids == [int(t) for t in ref]
+        res = _run(pipeline, VqaTask(model=VQA_GEN, image=image, questions=QUESTIONS))
+        for answer in res.answers:
+            with torch.no_grad():
+                ref = vqa.generate(**vqa_proc(images=_pil(image), text=answer.question, return_tensors="pt"))[0]
+            assert answer.answer == vqa_proc.decode(ref, skip_special_tokens=True)

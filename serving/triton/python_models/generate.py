@@ -82,7 +82,8 @@ class Metrics:
         self.families = [
             fam("vtfuse_generate_active_sequences", "Sequences being decoded (in the batch)", fam.GAUGE),
             fam("vtfuse_generate_waiting_sequences", "Sequences waiting for a decoder slot", fam.GAUGE),
-            fam("vtfuse_generate_decode_steps_total", "Decoder steps run (each advances every active row)", fam.COUNTER),
+            fam("vtfuse_generate_decode_steps_total", "Decoder steps run (each advances every active row)",
+                fam.COUNTER),
             fam("vtfuse_generate_step_rows", "Rows advanced by one decoder step", fam.HISTOGRAM),
             fam("vtfuse_generate_tokens_total", "Tokens generated (prompt tokens not counted)", fam.COUNTER),
             fam("vtfuse_generate_time_to_first_token_seconds", "Request arrival to its first generated token",
@@ -94,7 +95,8 @@ class Metrics:
         self.steps, self.tokens = steps.Metric(labels=labels), tokens.Metric(labels=labels)
         self.rows = rows.Metric(labels=labels, buckets=ROWS_BUCKETS)
         self.ttft = ttft.Metric(labels=labels, buckets=TTFT_BUCKETS)
-        self.ended = {o: ended.Metric(labels={**labels, "outcome": o}) for o in ("stop", "length", "cancelled", "error")}
+        outcomes = ("stop", "length", "cancelled", "error")
+        self.ended = {o: ended.Metric(labels={**labels, "outcome": o}) for o in outcomes}
 
 
 @dataclass(eq=False)
@@ -225,7 +227,8 @@ class GenerateModel:
         pixels = self._pixels(call)
         ids, mask = self._prompts(call)
         if self.spec.task == "caption":
-            prompts = [self.spec.decoder_prompt(list(ids[0, : int(mask[0].sum())]) if ids is not None else None)]
+            given = list(ids[0, : int(mask[0].sum())]) if ids is not None and mask is not None else None
+            prompts = [self.spec.decoder_prompt(given)]
         else:
             if ids is None:
                 raise SchemaViolation("a VQA model needs questions: PROMPT or PROMPT_IDS")
@@ -262,7 +265,8 @@ class GenerateModel:
             ids = np.asarray(ids, dtype=np.int64).reshape(-1, ids.shape[-1])
             mask = np.ones_like(ids) if mask is None else np.asarray(mask, dtype=np.int64).reshape(ids.shape)
             if ids.size and (ids.min() < 0 or ids.max() >= self.engine.shape.vocab):
-                raise SchemaViolation(f"PROMPT_IDS holds ids outside this model's vocabulary 0..{self.engine.shape.vocab - 1}")
+                vocab = self.engine.shape.vocab
+                raise SchemaViolation(f"PROMPT_IDS holds ids outside this model's vocabulary 0..{vocab - 1}")
             if ids.shape[1] > self.spec.max_prompt_tokens:
                 raise SchemaViolation(f"PROMPT_IDS rows have {ids.shape[1]} tokens, over this model's limit of "
                                       f"{self.spec.max_prompt_tokens}: shorten them")
