@@ -450,7 +450,7 @@ def _install(
             if folder.exists():
                 shutil.rmtree(folder)
     lower_precision: dict[str, Any] = {
-        k: record.parity[k] for k in ("int8", "tensorrt", "torch", "libtorch") if k in record.parity
+        k: record.parity[k] for k in ("int8", "tensorrt", "torch", "libtorch", "generate") if k in record.parity
     }
     models_of: dict[str, list[EngineGraph]] = {}  # Triton model role → its graphs (generate: two)
     for g in graphs:
