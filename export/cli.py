@@ -33,13 +33,20 @@ def _onnx_dir(args: argparse.Namespace) -> Path:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from export.train import TrainSettings, train
+    from export.train import CaptionSettings, TrainSettings, train_stages
 
     settings = TrainSettings(
         samples=args.samples, epochs=args.epochs, max_minutes=args.max_minutes, seed=args.seed, threads=args.threads
     )
-    report = train(settings, args.out)
-    _print({"out": args.out, "heldout": report["heldout"], "train_minutes_total": report["train_minutes_total"]})
+    caption = CaptionSettings(max_minutes=args.caption_max_minutes, seed=args.seed, threads=args.threads)
+    report = train_stages(args.stage, settings, caption, args.out)
+    result: dict[str, Any] = {"out": args.out}
+    if args.stage != "caption":
+        result.update(heldout=report["heldout"], train_minutes_total=report["train_minutes_total"])
+    if "caption" in report and args.stage != "towers":
+        c = report["caption"]
+        result["caption"] = {"heldout": c["heldout"], "train_minutes_total": c["train_minutes_total"]}
+    _print(result)
     return EXIT_OK
 
 
@@ -65,7 +72,10 @@ def _stage_check(args: argparse.Namespace) -> dict[str, Any]:
             write_report(figures, onnx_dir)
         raise
     write_report(report, onnx_dir)
-    return {"ok": report["ok"], "worst": summary(report), "end_to_end": report["end_to_end"]}
+    out = {"ok": report["ok"], "worst": summary(report), "end_to_end": report["end_to_end"]}
+    if "caption" in report:
+        out["caption"] = {k: report["caption"][k] for k in ("n", "equal", "agreement")}
+    return out
 
 
 def _stage_quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -209,6 +219,11 @@ def register(subparsers: Any) -> None:
     t.add_argument("--max-minutes", type=float, default=55.0)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--stage", choices=("all", "towers", "caption"), default="all",
+                   help="all: the towers, then the caption decoder on them (default); towers alone; or the "
+                   "caption decoder alone, on the towers already in --out")
+    t.add_argument("--caption-max-minutes", type=float, default=9.0,
+                   help="time cap of the caption stage, rendering included (default 9)")
     t.set_defaults(func=_train)
 
     e = subparsers.add_parser("export", help="export a checkpoint: onnx → check → engine → install")

@@ -4,6 +4,9 @@ Each sample carries the image (uint8, rendered in many ways), its per-patch
 colour and shape labels (dense supervision for the image tower: without it the binding
 questions stay near chance in the budget), a question with its answer, the true caption and
 a negative caption (mostly one-attribute distractors, the hard case ITM must separate).
+
+The caption stage has its own, lighter set (`render_caption_dataset`): images through the
+same augmentation, each with its canonical caption as token ids, the decoder's target.
 """
 
 from __future__ import annotations
@@ -141,3 +144,35 @@ def render_dataset(n: int, seed: int, side: int, grid: int, max_len: int, worker
     with Pool(workers) as pool:
         parts = pool.map(_render_chunk, jobs)
     return Arrays(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in Arrays.__dataclass_fields__})
+
+
+@dataclass
+class CaptionArrays:
+    """The caption stage's data set: augmented images and their canonical captions."""
+
+    pixels: np.ndarray  # (N, S, S, 3) uint8
+    ids: np.ndarray  # (N, L) int64: [CLS] caption [SEP], then [PAD] (0)
+    mask: np.ndarray  # (N, L) int64
+
+
+def _render_caption_chunk(args: tuple[int, int, int, int]) -> CaptionArrays:
+    seed, n, side, max_len = args
+    rng = random.Random(seed)
+    tok = build_tokenizer()
+    pixels, texts = [], []
+    for _ in range(n):
+        scene = world.random_scene(rng)
+        pixels.append(augmented_image(scene, rng, side))
+        texts.append(world.canonical_caption(world.scene_items(scene)))
+    ids, mask = tokenize(tok, texts, max_len)
+    return CaptionArrays(pixels=np.stack(pixels), ids=ids, mask=mask)
+
+
+def render_caption_dataset(n: int, seed: int, side: int, max_len: int, workers: int = 2) -> CaptionArrays:
+    """Render `n` (image, canonical caption) samples deterministically from `seed`, over `workers` processes."""
+    chunk = 2000
+    jobs = [(seed * 7_000_003 + i, min(chunk, n - i * chunk), side, max_len) for i in range((n + chunk - 1) // chunk)]
+    with Pool(workers) as pool:
+        parts = pool.map(_render_caption_chunk, jobs)
+    fields = CaptionArrays.__dataclass_fields__
+    return CaptionArrays(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in fields})

@@ -29,6 +29,10 @@ class FusionConfig:
     vocab_size: int
     num_answers: int
     seed: int = 0
+    # The caption decoder (tiny only): 0 layers = none, as for `small` and `base`.
+    decoder_layers: int = 0
+    decoder_dim: int = 0
+    decoder_heads: int = 0
 
     @property
     def grid(self) -> int:
@@ -39,6 +43,11 @@ class FusionConfig:
     def num_patches(self) -> int:
         """Image tokens the fusion stack attends to."""
         return self.grid * self.grid
+
+    @property
+    def has_decoder(self) -> bool:
+        """Whether the preset has a caption decoder."""
+        return self.decoder_layers > 0
 
     @classmethod
     def from_json(cls, path: str | Path) -> FusionConfig:

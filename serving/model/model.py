@@ -1,9 +1,14 @@
-"""The fusion model, top to bottom: config → blocks → towers → fusion stack → heads.
+"""The fusion model, top to bottom: config → blocks → towers → fusion stack → heads → caption decoder.
 
 Three entry points match the three exported engines, so image features are computed once
 and reused across many texts: `encode_image` (uint8 pixels → patch features + embedding),
 `encode_text` (token ids + mask → token features + embedding) and `fuse` (both → VQA
 logits, ITM logit, text-to-image cross-attention).
+
+A preset with `decoder_layers` > 0 (`tiny`) also has a `CaptionDecoder`: its own module, with
+its own weights file, that cross-attends to `encode_image`'s features. One `decode` method
+computes teacher-forced sequences (training) and the serving split (`cross_kv` once per image,
+then `step`, one token per row with its own position, masks and cache), so both are the same code.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from torch import nn
 
 from serving.model.config import PRESETS, FusionConfig
 
-__all__ = ["PRESETS", "FusionConfig", "FusionModel", "build_model"]
+__all__ = ["PRESETS", "CaptionDecoder", "FusionConfig", "FusionModel", "build_decoder", "build_model"]
 
 # ImageNet-style normalisation, applied inside the image graph so clients send raw uint8.
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -152,6 +157,15 @@ class TextTower(nn.Module):
         return self.ln(x)
 
 
+def init_weights(m: nn.Module) -> None:
+    """Truncated-normal (std 0.02) linear and embedding weights, zero biases (BERT/ViT style)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+
+
 class FusionModel(nn.Module):
     """Image tower, text tower, text-to-image cross-attention stack, and the heads."""
 
@@ -168,15 +182,7 @@ class FusionModel(nn.Module):
         self.image_proj = nn.Linear(d, cfg.embed_dim)
         self.text_proj = nn.Linear(d, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07), as CLIP
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+        self.apply(init_weights)
 
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, H, W, 3) → features (B, P, D), L2-normalised embedding (B, E)."""
@@ -209,7 +215,178 @@ class FusionModel(nn.Module):
         return self.vqa_head(cls), self.itm_head(cls), attention
 
 
+# Masked attention scores: a large finite negative (not -inf), so exp() is exactly 0 and never NaN.
+MASKED = -1.0e9
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, T, C = x.shape
+    return x.view(B, T, heads, C // heads).transpose(1, 2)  # (B, nh, T, hs)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q (B, nh, T, hs) over k, v (B, nh, K, hs) where `mask` (B, T, K) is true → (B, T, nh·hs)."""
+    B, nh, T, hs = q.shape
+    att = (q @ k.transpose(-2, -1)) * (hs**-0.5)  # (B, nh, T, K)
+    att = att.masked_fill(~mask[:, None], MASKED).softmax(dim=-1)
+    return (att @ v).transpose(1, 2).reshape(B, T, nh * hs)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: causal self-attention over the cache + new tokens, cross-attention to the image, MLP."""
+
+    def __init__(self, dim: int, heads: int, ratio: int, encoder_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.self_out = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.cross_q = nn.Linear(dim, dim)
+        # The image features end in the tower's LayerNorm: projected as they are, once per image.
+        self.cross_kv = nn.Linear(encoder_dim, 2 * dim)
+        self.cross_out = nn.Linear(dim, dim)
+        self.ln3 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, ratio)
+
+    def cross_keys_values(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image features (n, S, D_enc) → K, V (n, nh, S, hs)."""
+        k, v = self.cross_kv(states).chunk(2, dim=-1)  # 2 × (n, S, dim)
+        return _split_heads(k, self.heads), _split_heads(v, self.heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        cross_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, dim) with its self mask (B, T, P + T) and cross mask (B, 1, S) → x, and the T new K, V."""
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))  # (B, nh, T, hs)
+        keys = torch.cat([past_k, k], dim=2)  # (B, nh, P + T, hs)
+        values = torch.cat([past_v, v], dim=2)
+        x = x + self.self_out(_attend(q, keys, values, self_mask))
+        q = _split_heads(self.cross_q(self.ln2(x)), self.heads)
+        x = x + self.cross_out(_attend(q, cross_k, cross_v, cross_mask))
+        return x + self.mlp(self.ln3(x)), k, v
+
+
+class CaptionDecoder(nn.Module):
+    """Token + learned position embeddings → decoder layers cross-attending to image features → LM head.
+
+    Three entry points, one computation (`decode`):
+    - `forward`: teacher forcing, token ids (B, T) and image features → logits (B, T, vocab);
+    - `cross_kv`: image features (n, S, D_enc) → [K_0, V_0, K_1, …] each (n, nh, S, hs), once per image;
+    - `step`: one token per row with its position, self mask over its cache + the new position,
+      cross mask, cache and cross K/V → that token's next-token logits and its K/V (the serving contract).
+    """
+
+    def __init__(self, cfg: FusionConfig) -> None:
+        super().__init__()
+        assert cfg.has_decoder, f"preset {cfg.name} has no caption decoder"
+        d = cfg.decoder_dim
+        self.cfg = cfg
+        self.heads = cfg.decoder_heads
+        self.head_dim = d // cfg.decoder_heads
+        self.tok = nn.Embedding(cfg.vocab_size, d)
+        self.pos = nn.Embedding(cfg.max_text_len, d)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d, cfg.decoder_heads, cfg.mlp_ratio, cfg.dim) for _ in range(cfg.decoder_layers)
+        )
+        self.ln = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size)
+        self.apply(init_weights)
+
+    def cross_kv(self, states: torch.Tensor) -> list[torch.Tensor]:
+        """Image features (n, S, D_enc) → [K_0, V_0, K_1, V_1, …] each (n, nh, S, hs)."""
+        out: list[torch.Tensor] = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)  # for mypy: a ModuleList holds any Module
+            out += layer.cross_keys_values(states)
+        return out
+
+    def decode(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        cross_mask: torch.Tensor,
+        past: list[torch.Tensor],
+        cross: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """T new tokens per row after P cached ones → logits (B, T, vocab) and their K/V [K_0, V_0, …] (B, nh, T, hs).
+
+        ids, positions (B, T); self_mask bool (B, T, P + T); cross_mask bool (B, S); past and cross
+        as `cross_kv` orders them (past (B, nh, P, hs), P may be 0).
+        """
+        x = self.tok(ids) + self.pos(positions)  # (B, T, d)
+        xmask = cross_mask[:, None, :]  # (B, 1, S): the same image positions for every new token
+        new: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, self_mask, past[2 * i], past[2 * i + 1], cross[2 * i], cross[2 * i + 1], xmask)
+            new += [k, v]
+        return self.lm_head(self.ln(x)), new
+
+    def forward(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: ids (B, T) from position 0, image features (B, S, D_enc) → logits (B, T, vocab).
+
+        Causal: position t sees tokens 0..t, so padding after a sequence's end changes none of its logits.
+        """
+        B, T = ids.shape
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril().expand(B, T, T)
+        cross_mask = torch.ones(B, states.shape[1], dtype=torch.bool, device=ids.device)
+        empty = states.new_zeros(B, self.heads, 0, self.head_dim)
+        past = [empty] * (2 * len(self.layers))
+        return self.decode(ids, positions, causal, cross_mask, past, self.cross_kv(states))[0]
+
+    def step(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        self_mask: torch.Tensor,
+        cross_mask: torch.Tensor,
+        past: list[torch.Tensor],
+        cross: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One token per row: ids, positions (B, 1), int masks self (B, P + 1) and cross (B, S) → logits (B, V), K/V."""
+        logits, new = self.decode(ids, positions, (self_mask != 0)[:, None, :], cross_mask != 0, past, cross)
+        return logits[:, -1], new
+
+    @torch.no_grad()
+    def greedy(self, states: torch.Tensor, bos: int, eos: int, max_new_tokens: int) -> list[list[int]]:
+        """Plain greedy decoding by re-running `forward` on the whole sequence each step (no cache).
+
+        Returns each row's tokens as `generate()` does: the start token, the generated ones, the end
+        token when it stopped on one.
+        """
+        B = states.shape[0]
+        ids = torch.full((B, 1), bos, dtype=torch.long, device=states.device)
+        done = torch.zeros(B, dtype=torch.bool, device=states.device)
+        n = min(max_new_tokens, self.cfg.max_text_len - 1)
+        for _ in range(n):
+            nxt = self(ids, states)[:, -1].argmax(-1)  # (B,)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+        out = []
+        for row in ids.tolist():
+            end = row.index(eos, 1) + 1 if eos in row[1:] else len(row)
+            out.append(row[:end])
+        return out
+
+
 def build_model(cfg: FusionConfig) -> FusionModel:
     """A model with the preset's seeded random weights."""
     torch.manual_seed(cfg.seed)
     return FusionModel(cfg).eval()
+
+
+def build_decoder(cfg: FusionConfig) -> CaptionDecoder:
+    """The preset's caption decoder with seeded random weights."""
+    torch.manual_seed(cfg.seed)
+    return CaptionDecoder(cfg).eval()

@@ -206,6 +206,46 @@ def scene_items(scene: Scene) -> list[tuple[str, str]]:
     return [(o.color, o.shape) for o in scene.objects]
 
 
+def canonical_items(items: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """Items in the one order the caption decoder learns: by colour, then shape, as COLOR_NAMES and SHAPES list them."""
+    return sorted(items, key=lambda it: (COLOR_NAMES.index(it[0]), SHAPES.index(it[1])))
+
+
+def canonical_caption(items: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
+    """The caption the decoder is trained to generate: `canonical_items` joined as `caption` joins them."""
+    return caption(canonical_items(items))
+
+
+def parse_caption(text: str) -> list[tuple[str, str]] | None:
+    """The (color, shape) items a caption names, in its order; None when it is not a shapes-world caption.
+
+    Accepts what `caption` writes in any case and spacing (`a red circle and a blue square`),
+    with `an` for `a`; anything else (an unknown word, a missing `and`, a plural) is None.
+    """
+    words = text.lower().split()
+    items: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        if items:
+            if words[i] != "and":
+                return None
+            i += 1
+        if i + 3 > len(words) or words[i] not in ("a", "an"):
+            return None
+        color, shape = words[i + 1], words[i + 2]
+        if color not in COLORS or shape not in SHAPES:
+            return None
+        items.append((color, shape))
+        i += 3
+    return items or None
+
+
+def caption_matches(text: str, scene: Scene) -> bool:
+    """Whether a caption names exactly the scene's objects (a multiset: order free, duplicates counted)."""
+    items = parse_caption(text)
+    return items is not None and _same_multiset(items, scene_items(scene))
+
+
 def _same_multiset(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> bool:
     return sorted(a) == sorted(b)
 
