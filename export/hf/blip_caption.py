@@ -22,7 +22,6 @@ from torch import nn
 
 from export.hf import blip_decoder
 from export.hf.graphs import EngineGraph, Normalize, ParityCase, Tensor, UserView, to_numpy
-from export.hf.parity import generation_agreement
 from serving.families.imported import ImageProcessing
 from serving.generation.params import GenerationParams
 from serving.generation.spec import GenerationSpec
@@ -139,7 +138,8 @@ def check_generation(
     images: list[Image.Image], threads: int | None = None,
 ) -> dict[str, Any]:
     """Served decoding (these engines, the scheduler) against `generate()` on every image × GENERATION_CHECKS."""
-    from export.check import ort_session, run_session
+    from export.check import ort_session, run_session  # the ONNX side of the import: not in the triton-torch image
+    from export.hf.parity import generation_agreement
     from serving.generation.params import resolve
 
     vision = ort_session(paths["image_encoder"], threads)

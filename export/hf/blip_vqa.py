@@ -25,7 +25,6 @@ from torch import nn
 
 from export.hf import blip_caption, blip_decoder
 from export.hf.graphs import EngineGraph, ParityCase, Tensor, UserView, to_numpy
-from export.hf.parity import generation_agreement
 from serving.families.imported import ImageProcessing, tokenize_padded
 from serving.generation.params import GenerationParams
 from serving.generation.spec import GenerationSpec
@@ -159,7 +158,8 @@ def check_generation(
     images: list[Image.Image], threads: int | None = None,
 ) -> dict[str, Any]:
     """Served answers (these engines, the scheduler) against `generate()` on each question alone."""
-    from export.check import ort_session, run_session
+    from export.check import ort_session, run_session  # the ONNX side of the import: not in the triton-torch image
+    from export.hf.parity import generation_agreement
     from serving.generation.params import resolve
 
     vision = ort_session(paths["image_encoder"], threads)

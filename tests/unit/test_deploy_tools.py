@@ -225,7 +225,8 @@ def test_the_triton_torch_images_models_import_without_onnx():
     """The triton-torch image has torch and transformers, the `serving` and `export/hf` code, no ONNX stack."""
     _imports_without(["onnxruntime", "onnx", "ray", "pytriton", "tritonclient"],
                      ["serving.triton.python_models.torch_engine", "serving.triton.python_models.hf_torch_engine",
-                      "export.hf.blip_retrieval", "export.hf.vilt_vqa"])
+                      "serving.triton.python_models.generate", "serving.generation.torch_engine",
+                      "export.hf.blip_retrieval", "export.hf.vilt_vqa", "export.hf.blip_caption", "export.hf.blip_vqa"])
     requirements = check.requirements(DOCKER / "requirements-triton-torch.txt")
     assert {"torch", "transformers"} <= set(requirements)
     dockerfile = (DOCKER / "triton-torch.Dockerfile").read_text()

@@ -60,7 +60,6 @@ from serving.triton.python_models.vqa import cpu_memory, to_numpy
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("TOKEN_IDS", "TEXT", "FINISH_REASON", "SCORE", "PROMPT_TOKENS")
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 ROWS_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
@@ -122,14 +121,15 @@ class Call:
         return self.cancelled
 
     def send(self, response: Any = None, final: bool = False) -> None:
+        done = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         with self.lock:
             if self.closed:
                 return
             self.closed = final
             if response is None:
-                self.sender.send(flags=FINAL)
+                self.sender.send(flags=done)
             else:
-                self.sender.send(response, flags=FINAL if final else 0)
+                self.sender.send(response, flags=done if final else 0)
 
     def fail(self, err: VtfuseError) -> None:
         self.send(error_response(err), final=True)
