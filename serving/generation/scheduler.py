@@ -124,10 +124,11 @@ class DecodeScheduler:
         self.max_cross_len = int(max_cross_len)
         self.max_waiting = int(max_waiting)
         cap, h, d = self.capacity, shape.heads, shape.head_dim
-        # np.empty reserves address space; pages are touched only where rows write, so a large
-        # position table costs memory only for the positions sequences reach.
-        self.self_kv = [np.empty((cap, h, self.max_positions, d), np.float32) for _ in range(2 * shape.layers)]
-        self.cross_kv = [np.empty((cap, h, self.max_cross_len, d), np.float32) for _ in range(2 * shape.layers)]
+        # Zeroed, not empty: a step reads masked positions too (a shorter row's tail), and attention weighs
+        # them by exactly 0, which is still NaN for garbage that happens to be NaN. Large np.zeros come from
+        # calloc's untouched pages, so a large position table still costs memory only where rows write.
+        self.self_kv = [np.zeros((cap, h, self.max_positions, d), np.float32) for _ in range(2 * shape.layers)]
+        self.cross_kv = [np.zeros((cap, h, self.max_cross_len, d), np.float32) for _ in range(2 * shape.layers)]
         self.cross_mask = np.zeros((cap, self.max_cross_len), np.int64)
         self.lengths = np.zeros(cap, np.int64)
         self.active: list[GenSequence] = []

@@ -238,3 +238,29 @@ def test_caches_follow_rows_when_others_join_and_leave():
     for key, n in lengths.items():
         assert results[key] == _counting_reference(n), key
     assert sched.rows_used == 0 and not sched.active
+
+
+def test_fresh_slots_hold_no_garbage_that_masked_attention_would_read(blip, monkeypatch):
+    """Masked positions are weighted by exactly 0, and 0 × NaN is NaN: buffers must not start as garbage.
+
+    Uninitialised memory that happens to hold NaN (as `np.empty` can give) is simulated here; a
+    scheduler whose buffers came from it decodes [PAD] forever (argmax of NaN logits).
+    """
+    import serving.generation.scheduler as scheduler_module
+
+    real = np.empty
+    monkeypatch.setattr(scheduler_module.np, "empty", lambda shape, dtype=float: np.full(shape, np.nan, dtype))
+    try:
+        model, engine, pixels, states, defaults = blip
+        sched = _scheduler(engine)
+        short, long = {"max_new_tokens": 3, "min_new_tokens": 3}, {"max_new_tokens": 10, "min_new_tokens": 10}
+        sched.submit(_sequence("long", engine, states, defaults, 1, [defaults.bos_token_id], long))
+        results: dict = {}
+        _drain(sched, results, steps=3)
+        # A late joiner's row has no cache yet: it reads the long row's 3 positions masked, in its own slot.
+        sched.submit(_sequence("short", engine, states, defaults, 0, [defaults.bos_token_id], short))
+        _drain(sched, results)
+    finally:
+        monkeypatch.setattr(scheduler_module.np, "empty", real)
+    assert results["long"] == _reference(model, pixels, 1, None, long)
+    assert results["short"] == _reference(model, pixels, 0, None, short)
