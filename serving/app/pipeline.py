@@ -509,13 +509,7 @@ class Pipeline:
             self.infer(rt, "text_encoder", {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, txt_call.outputs, ctx),
         )
         cand = router.shortlist(txt[TEXT_EMBEDDING][0], img[IMAGE_EMBEDDING], k)
-        if IMAGE_FEATURES in img:
-            feats = img[IMAGE_FEATURES][cand]
-        else:  # recompute features for the shortlist from its pixels
-            (again,) = plan[1]
-            feats = (await self.infer(rt, "image_encoder", {"PIXELS": pre.pixels[cand]}, again.outputs, ctx))[
-                IMAGE_FEATURES
-            ]
+        feats = img[IMAGE_FEATURES][cand]  # the shortlist's features, as fetched with the embeddings
         text_features = np.repeat(txt[TEXT_FEATURES], k, axis=0) if TEXT_FEATURES in txt else None
         probs = await self._texts_through_fusion(
             rt, feats, np.repeat(pre.ids, k, axis=0), np.repeat(pre.mask, k, axis=0), text_features, ctx

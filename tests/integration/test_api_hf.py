@@ -276,7 +276,9 @@ def test_a_replica_apart_from_the_repository_learns_imported_models_from_triton(
 
     repo = triton.settings.repository
     served = fetch_catalog(AppArgs(triton_url=triton.url_grpc).triton_settings())
-    assert sorted(served["models"]) == ["blip-test", "vilt-test"]
+    from tests.conftest import HF_MODELS, TIGHT_CAPTION
+
+    assert sorted(served["models"]) == sorted([*HF_MODELS, TIGHT_CAPTION])
     learnt, _ = from_catalog(served["models"]["blip-test"])
     assert learnt == read_repository_models(repo)["blip-test"]
 

@@ -62,11 +62,10 @@ def test_retrieve_small_candidate_sets_fetch_features_with_embeddings():
     assert rows(plan, "image_encoder") == [8] and rows(plan, "fusion") == [8]
 
 
-def test_retrieve_images_recomputes_features_for_the_shortlist_only():
+def test_retrieve_images_encodes_each_image_once_and_reuses_the_shortlist_s_features():
     plan = router.plan_retrieve_images(30, 2)
     assert [(c.rows, c.outputs) for c in router.engine_calls(plan, "image_encoder")] == [
-        (30, ("IMAGE_EMBEDDING",)),
-        (16, ("IMAGE_FEATURES",)),
+        (30, ("IMAGE_FEATURES", "IMAGE_EMBEDDING")),
     ]
     assert rows(plan, "text_encoder") == [1] and rows(plan, "fusion") == [16]
 
