@@ -110,8 +110,7 @@ def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) ->
 
 
 def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) -> tuple[Stage, ...]:
-    """Rank images for one text: every image encoded once, features and embedding together; the shortlist's
-    features are the ones already fetched.
+    """Rank images for one text: every image encoded once (features and embedding), the shortlist's features reused.
 
     The image tower computes both outputs in one pass anyway; encoding the shortlist again would double
     its cost (BLIP-base: ~1.4 s of CPU per image here) to save sending features back (1.8 MB per
