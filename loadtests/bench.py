@@ -25,13 +25,18 @@ same duration. Triton runs without its response cache except where the cache its
    adjacent windows, fresh stacks each, the order alternating between rounds; the ratio is the
    median over rounds of each round's ratio (steps 4–6 measure the two sides ~15 minutes apart,
    and windows of one setup that far apart differ by up to ±20 % on this machine). `small`'s rounds
-   also time its in-process engines next to the API window, for `served_over_engine_http`.
+   also time its in-process engines next to the API window, for `served_over_engine_http`;
+8. BLIP-base captioning and generative VQA (loadtests/caption_bench.py → `caption/` of the results
+   folder): `caption_vs_naive` from paired rounds at c=16 against a naive `generate()` server, rows per
+   decoder step, time to first token and per output token, 8 questions ÷ 1. `--only caption` runs this
+   step alone and puts its figures into the existing summary.json (and the README's table), the other
+   figures as they were measured; `--quick` leaves it out (`--quick --only caption` runs its smoke run).
 
 `--quick` is a smoke run: seconds-long windows, a 2048² matmul, and `tiny` stands in for
 `small` (no `small` repository needed; its setups reuse tiny's servers); its figures say
 nothing about speed.
 
-    python -m loadtests.bench [--quick] [--out loadtests/results]
+    python -m loadtests.bench [--quick] [--out loadtests/results] [--only caption]
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class BenchSettings:
     repeats: int = 3
     paired_rounds: int = 3  # step 7: rounds of (public HTTP API, naive server) adjacent windows per preset
     serve: bool = True
+    caption: bool = True  # step 8 (loadtests/caption_bench.py); quick runs leave it out (~5 min on its own)
+    wait_quiet_s: float = 0.0  # step 8: before each of its measuring stages, wait up to this long for quiet
     tiny_repo: Path = TINY_REPO
     small_repo: Path = SMALL_REPO
     small_onnx: Path = default_onnx_dir("small")  # stage-1 folder of `small`: its fp32 graphs
@@ -110,7 +117,7 @@ class BenchSettings:
         return cls(
             quick=True, duration_s=3.0, warmup_s=1.0, small_duration_s=3.0, sweep=(1, C), batches=(1, 8),
             engine_min_time_s=0.2, matmul_reps=1, matmul_n=2048, latency_requests_s=2.0, serve=serve, attempts=1,
-            repeats=1, repeat_sequences=2, paired_rounds=1,
+            repeats=1, repeat_sequences=2, paired_rounds=1, caption=False,
             tiny_repo=tiny_repo, small_repo=tiny_repo, small_onnx=default_onnx_dir("tiny"),
         )
 
@@ -401,12 +408,28 @@ class Bench:
         self.stage("repeat-image-small", self.repeat_small)
         self.stage("naive", self.naive)
         self.stage("paired", self.paired)
+        if self.s.caption:
+            self.stage("caption", self.caption)
         from loadtests.report import summary
 
         result = summary(self, started)
         write_json(self.out / "summary.json", result)
         self.stage("plots", self.plots)
         return result
+
+    def caption(self) -> None:
+        """Step 8: loadtests/caption_bench.py into `out/caption/`; its summary kept as `raw["caption"]`."""
+        from loadtests import caption_bench
+
+        s = caption_bench.CaptionBenchSettings.quick_run() if self.s.quick else caption_bench.CaptionBenchSettings()
+        s = replace(s, wait_quiet_s=self.s.wait_quiet_s)
+        out = self.out / "caption"
+        out.mkdir(parents=True, exist_ok=True)
+        command = f"python -m loadtests.bench{' --quick' if self.s.quick else ''} --only caption --out {self.out}"
+        result = caption_bench.Run(s, out).run(command)
+        self.raw["caption"] = result
+        if result["errors"]:
+            raise RuntimeError(f"caption_bench stages failed: {', '.join(result['errors'])} (see {out}/summary.json)")
 
     def plots(self) -> None:
         from loadtests.plots import plot_all
@@ -426,6 +449,27 @@ def ensure_small_repository(path: Path) -> None:
     )
 
 
+def only_caption(quick: bool, out: Path, wait_quiet_s: float) -> int:
+    """Step 8 alone: its figures into `out/summary.json` (the other figures as they were) and the README's table."""
+    from loadtests.report import merge_caption, update_readme
+
+    settings = BenchSettings.quick_run() if quick else BenchSettings()
+    bench = Bench(replace(settings, wait_quiet_s=wait_quiet_s, caption=True), out)
+    bench.stage("caption", bench.caption)
+    if "caption" not in bench.raw:
+        log.error("failed: %s", bench.errors.get("caption", "")[:2000])
+        return 1
+    merged = merge_caption(out / "summary.json", bench.raw["caption"], "caption/summary.json")
+    log.info("summary: %s (caption figures replaced)", out / "summary.json")
+    if not quick and out.resolve() == (REPO_ROOT / "loadtests" / "results").resolve() and update_readme(
+            out / "summary.json"):
+        log.info("loadtests/README.md: figures table rewritten from %s", out / "summary.json")
+    for key in ("caption_vs_naive", "decode_rows_per_step_c16", "ttft_p50_s_c16", "ttft_p99_s_c16",
+                "tpot_p50_ms_c16", "tpot_p99_ms_c16", "vqa_gen_8q_over_1q"):
+        log.info("   %-32s %s", key, merged.get(key))
+    return 1 if bench.errors else 0
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -443,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "int8"),
                    help="measure with these engines (from each preset's stage-1 folder) in copies of the "
                    "repositories under build/bench/ (default: the engines installed)")
+    p.add_argument("--only", nargs="+", choices=("caption",),
+                   help="run only these steps and put their figures into OUT/summary.json (the rest as it was)")
     p.add_argument("--tiny-repo", type=Path, default=TINY_REPO)
     p.add_argument("--small-repo", type=Path, default=SMALL_REPO)
     args = p.parse_args(argv)
@@ -453,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (REPO_ROOT / ("build/bench-quick" if args.quick else "loadtests/results"))
     if args.wait_quiet is None:
         args.wait_quiet = 0.0 if args.quick else 600.0
+    if args.only:
+        return only_caption(args.quick, out, args.wait_quiet)
     if not args.quick:
         ensure_small_repository(args.small_repo)
     # Another precision gets the engine threads it measured best with unless told (as `vtfuse export install`).
@@ -469,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         settings = BenchSettings.quick_run(serve=not args.no_serve, tiny_repo=args.tiny_repo)
     else:
-        settings = BenchSettings(serve=not args.no_serve, tiny_repo=args.tiny_repo, small_repo=args.small_repo)
+        settings = BenchSettings(serve=not args.no_serve, tiny_repo=args.tiny_repo, small_repo=args.small_repo,
+                                 wait_quiet_s=args.wait_quiet)
     bench = Bench(settings, out)
     bench.raw["engine_overrides"] = {
         "intra_op_threads": threads, "instances": args.engine_instances, "precision": args.precision,
