@@ -44,7 +44,14 @@ from export.errors import InstallError, ParityError
 from export.generate_model import generate_config, write_version_folder
 from export.hf import parity
 from export.hf.graphs import EngineGraph, family_module
-from export.hf.source import HfSource, decode_clean_up, image_processing, resolve_source, tokenizer_json
+from export.hf.source import (
+    PROCESSOR_BACKEND,
+    HfSource,
+    decode_clean_up,
+    image_processing,
+    resolve_source,
+    tokenizer_json,
+)
 from export.hf.torch_engine import ENGINE_PARAMETERS as TORCH_ENGINE_PARAMETERS
 from export.hf.torch_engine import check_parity as check_torch_parity
 from export.hf.torch_engine import copy_weights
@@ -188,7 +195,7 @@ def _processor(src: HfSource) -> Any:
     """The checkpoint's own `transformers` processor: the parity reference's preprocessing."""
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(str(src.folder))
+    return AutoProcessor.from_pretrained(str(src.folder), backend=PROCESSOR_BACKEND)
 
 
 def import_hf(

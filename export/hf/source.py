@@ -14,6 +14,11 @@ from serving.families.imported import ImageProcessing
 
 log = logging.getLogger(__name__)
 
+# vtfuse reproduces the processors' PIL path (serving/families/imported.py). transformers 5 picks its torchvision
+# backend whenever torchvision is importable, whose resize differs slightly: the parity gate would then refuse
+# good imports, blaming the engines. Every processor is loaded with this backend.
+PROCESSOR_BACKEND = "pil"
+
 
 class ImportSourceError(ExportError):
     """The source is not a usable checkpoint (missing files, an unsupported processor option)."""
@@ -76,7 +81,7 @@ def image_processing(src: HfSource) -> ImageProcessing:
     """
     from transformers import AutoImageProcessor
 
-    ip = AutoImageProcessor.from_pretrained(str(src.folder))
+    ip = AutoImageProcessor.from_pretrained(str(src.folder), backend=PROCESSOR_BACKEND)
     keys = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width")
     raw = ip.size if isinstance(ip.size, dict) else {k: getattr(ip.size, k, None) for k in keys}
     size = {k: v for k, v in raw.items() if v is not None}

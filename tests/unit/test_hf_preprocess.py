@@ -258,3 +258,45 @@ def test_saved_padding_and_truncation_are_turned_off(source: HfSource, plain, tm
     assert ids.shape == (1, PAD_MULTIPLE)
     with pytest.raises(SchemaViolation):
         tokenize_padded(loaded, [" ".join(["red"] * max_tokens)], max_tokens)
+
+
+# Just enough of torchvision for transformers to find it importable and import its torchvision code paths.
+TORCHVISION_STUB_FILES = {
+    "torchvision/__init__.py": '__version__ = "0.29.1"\n\n\ndef io(*args, **kwargs):\n    raise NotImplementedError\n',
+    "torchvision/transforms/__init__.py": (
+        "import enum\n\n\nclass InterpolationMode(enum.Enum):\n"
+        + "".join(f"    {m} = {m.lower()!r}\n" for m in ("NEAREST", "NEAREST_EXACT", "BILINEAR", "BICUBIC", "BOX",
+                                                          "HAMMING", "LANCZOS"))
+    ),
+    "torchvision/transforms/functional.py": "def pil_to_tensor(*args, **kwargs):\n    raise NotImplementedError\n",
+    "torchvision/transforms/v2/__init__.py": "",
+    "torchvision/transforms/v2/functional.py": "",
+    "torchvision-0.29.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: torchvision\nVersion: 0.29.1\n",
+}
+PROCESSOR_CLASSES = """
+import json, sys
+from export.hf.importer import _processor
+from export.hf.source import image_processing, resolve_source
+src = resolve_source(sys.argv[1])
+print(json.dumps({"image_processor": type(_processor(src).image_processor).__name__,
+                  "height": image_processing(src).height}))
+"""
+
+
+def test_processors_keep_the_pil_backend_when_torchvision_is_importable(blip, tmp_path):
+    """transformers 5 prefers its torchvision backend when torchvision imports: vtfuse asks for PIL explicitly."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    for name, text in TORCHVISION_STUB_FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    done = subprocess.run([sys.executable, "-c", PROCESSOR_CLASSES, str(blip)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"image_processor": "BlipImageProcessorPil", "height": 64}
