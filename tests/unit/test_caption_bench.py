@@ -167,7 +167,7 @@ def _window(side: str, rate: float, tokens: list, rows: tuple[float, float] | No
     return w
 
 
-def test_summary_is_computed_from_the_raw_windows():
+def _raw() -> dict:
     rounds = []
     for r, (served, naive) in enumerate([(1.2, 1.0), (1.5, 1.0), (1.4, 1.0)]):
         rounds.append({"round": r, "first": cb.round_order(r)[0], "rerun": r == 1, "served": served, "naive": naive,
@@ -180,9 +180,12 @@ def test_summary_is_computed_from_the_raw_windows():
                           "vtfuse_generate_time_to_first_token_seconds_count": 3.0}}
     vqa = {"requests": [{"questions": q, "warmup": False, "s": s, "generated_tokens": 20.0 * q}
                         for q, s in ((1, 1.0), (8, 2.0), (1, 1.2), (8, 2.5))]}
-    raw = {"settings": {"stray": 0.25, "concurrency": 16, "new_tokens": 20}, "rounds": rounds, "stream": stream,
-           "vqa": vqa, "errors": {}}
-    s = cb.summarize(raw)
+    return {"settings": {"stray": 0.25, "concurrency": 16, "new_tokens": 20}, "rounds": rounds, "stream": stream,
+            "vqa": vqa, "errors": {}, "commit": "abc", "started": "2026-12-06T10:00:00Z"}
+
+
+def test_summary_is_computed_from_the_raw_windows():
+    s = cb.summarize(_raw())
     assert s["caption_vs_naive"] == 1.4 and s["caption_vs_naive_detail"]["median_round"] == 2
     assert s["decode_rows_per_step_c16"] == pytest.approx(240 / 30)
     assert s["caption_vs_naive_detail"]["tokens"]["compared"] == 7
@@ -212,7 +215,8 @@ def test_the_naive_server_answers_as_generate_does(tmp_path, monkeypatch):
         assert client.get("/healthz").json()["pid"] == int(r.headers["x-worker-pid"])
     assert r.status_code == 200, r.text
     out = r.json()
-    model, processor = BlipForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
     image = Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB")
     with torch.no_grad():
         ids = model.generate(**processor(images=image, text="a picture of", return_tensors="pt"), min_new_tokens=6,
@@ -221,3 +225,22 @@ def test_the_naive_server_answers_as_generate_does(tmp_path, monkeypatch):
     assert out["caption"] == processor.decode(ids, skip_special_tokens=True)
     assert out["usage"] == {"prompt_tokens": 4, "generated_tokens": len(ids) - 4} and out["model"] == "m"
     assert out["finish_reason"] == "length"
+
+
+def test_caption_figures_go_into_an_existing_summary_and_the_readme_table(tmp_path):
+    from loadtests import report
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"vs_naive_http_tiny": 1.43, "targets": {"vs_naive_http_tiny": {"met": True}}}))
+    merged = report.merge_caption(path, cb.summarize(_raw()), "caption/summary.json")
+    again = json.loads(path.read_text())
+    assert again == merged and again["vs_naive_http_tiny"] == 1.43  # the other figures stay as measured
+    assert again["caption_vs_naive"] == 1.4 and again["vqa_gen_8q_over_1q"] == pytest.approx(2.0455, abs=1e-4)
+    assert again["targets"]["caption_vs_naive"] == {"target": ">= 1.6", "met": False}
+    assert again["targets"]["vs_naive_http_tiny"] == {"met": True}
+    d = again["caption_detail"]
+    assert d["same_tokens"] == "4/7" and d["commit"] == "abc" and [r["ratio"] for r in d["rounds"]] == [1.2, 1.5, 1.4]
+    text = report.markdown(again)
+    row = next(line for line in text.splitlines() if line.startswith("| `caption_vs_naive`"))
+    assert "**1.4** ✗" in row and "ratios 1.2, 1.5*, 1.4; * re-run" in row and "same tokens 4/7" in row
+    assert report.caption_figures(None)["caption_vs_naive"] is None
