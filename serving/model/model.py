@@ -225,8 +225,14 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q (B, nh, T, hs) over k, v (B, nh, K, hs) where `mask` (B, T, K) is true → (B, T, nh·hs)."""
+    """q (B, nh, T, hs) over k, v (B, nh, K, hs) where `mask` (B, T, K) is true → (B, T, nh·hs).
+
+    Keys no query attends to are zeroed first: a serving cache holds whatever memory it was given
+    at masked positions (NaN included), and a zero attention weight times NaN would still be NaN.
+    """
     B, nh, T, hs = q.shape
+    unused = ~mask.any(dim=1)[:, None, :, None]  # (B, 1, K, 1)
+    k, v = k.masked_fill(unused, 0.0), v.masked_fill(unused, 0.0)
     att = (q @ k.transpose(-2, -1)) * (hs**-0.5)  # (B, nh, T, K)
     att = att.masked_fill(~mask[:, None], MASKED).softmax(dim=-1)
     return (att @ v).transpose(1, 2).reshape(B, T, nh * hs)

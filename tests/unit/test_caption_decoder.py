@@ -1,4 +1,4 @@
-"""tiny's caption decoder: one module for teacher forcing and the cached serving step, its config, its checkpoint file."""
+"""tiny's caption decoder: one module for teacher forcing and the cached serving step; its config and weights file."""
 
 from __future__ import annotations
 
@@ -91,6 +91,26 @@ def test_a_step_with_padded_caches_and_masks_equals_each_row_alone(decoder):
     assert logits.shape == (3, TINY.vocab_size)
     assert [tuple(t.shape) for t in new] == [(3, h, 1, d)] * (2 * layers)
     torch.testing.assert_close(logits, torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_cache_positions_may_hold_any_bits(decoder):
+    """The scheduler's cache buffers are uninitialised memory where rows are masked: NaN there changes nothing."""
+    g = torch.Generator().manual_seed(6)
+    states = torch.randn(2, TINY.num_patches, TINY.dim, generator=g)
+    h, d, layers = decoder.heads, decoder.head_dim, TINY.decoder_layers
+    past = [torch.randn(2, h, 4, d, generator=g) for _ in range(2 * layers)]
+    self_mask = torch.tensor([[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]])
+    args = (torch.tensor([[7], [9]]), torch.tensor([[2], [4]]), self_mask, torch.ones(2, TINY.num_patches,
+                                                                                      dtype=torch.long))
+    with torch.no_grad():
+        cross = decoder.cross_kv(states)
+        ref, _ = decoder.step(*args, past, cross)
+        for t in past:
+            t[0, :, 2:] = float("nan")
+            t[0, :, 3] = float("inf")
+        got, _ = decoder.step(*args, past, cross)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref)
 
 
 def test_cross_mask_hides_image_positions(decoder):
