@@ -9,6 +9,10 @@ Two input sets per engine:
   fusion engine gets PyTorch's own features, so each engine is measured alone. An end-to-end
   chain (ONNX Runtime's features into ONNX Runtime's fusion) adds the VQA top-1 agreement.
 
+A preset with a caption decoder adds its two graphs to both sets, a first step with an empty
+cache (`first_step`), and `caption`: greedy captions decoded by the served scheduler over the
+ONNX graphs against the plain PyTorch greedy loop, equal token for token (`export/caption.py`).
+
 Figures per output: `max_abs` = max |ort − torch|, and `max_rel` = max_abs / max |torch|
 (relative to the output's scale, which stays meaningful where single elements are near 0).
 An output passes when `max_abs <= atol` and `max_rel <= rtol`.
@@ -160,7 +164,8 @@ def check_parity(
 
     Returns:
         {"tolerance", "batch", "n_real", "onnxruntime", "random": {engine: {output: figures}},
-         "real": {...}, "end_to_end": {"vqa_top1_agreement", "itm_prob_max_abs"}, "ok"}.
+         "real": {...}, "end_to_end": {"vqa_top1_agreement", "itm_prob_max_abs"}, "ok"}; with a caption
+        decoder also `cross_kv` and `decoder_step` in `random` and `real`, "first_step" and "caption".
 
     Raises:
         ParityError: an output is out of tolerance (its `figures` hold the whole report).
@@ -218,16 +223,35 @@ def check_parity(
         "vqa_top1_agreement": float(agree.mean()),
         "itm_prob_max_abs": float(np.abs(sigmoid(ref_fused["ITM_LOGIT"]) - sigmoid(chained["ITM_LOGIT"])).max()),
     }
+    if cfg.has_decoder:
+        from export.caption import check_decoder  # late: export.caption imports this module
+
+        decoder = check_decoder(ckpt, onnx_dir, batch=batch, n_real=n_real, seed=seed, tolerance=tolerance,
+                                threads=threads)
+        for s in ("random", "real"):
+            report[s].update(decoder[s])
+        report["first_step"] = decoder["first_step"]
+        report["caption"] = decoder["generation"]
     failures = [
         (s, e, o, f)
-        for s in ("random", "real")
-        for e, outs in report[s].items()
+        for s in ("random", "real", "first_step")
+        for e, outs in report.get(s, {}).items()
         for o, f in outs.items()
         if not f["ok"]
     ]
-    report["ok"] = not failures
+    caption_ok = report.get("caption", {}).get("ok", True)
+    report["ok"] = not failures and caption_ok
     for s, e, o, f in failures:
         log.error("parity %s %s.%s: max_abs %.3g max_rel %.3g over %s", s, e, o, f["max_abs"], f["max_rel"], tolerance)
+    if not caption_ok and raise_on_failure:
+        c = report["caption"]
+        raise ParityError(
+            f"served greedy captions over the ONNX decoder graphs differ from PyTorch's on {c['n'] - c['equal']} of "
+            f"{c['n']} renders; re-export with `vtfuse export onnx` from the same checkpoint",
+            engine="decoder_step",
+            output="token_ids",
+            figures=report,
+        )
     if failures and raise_on_failure:
         s, e, o, f = failures[0]
         raise ParityError(
@@ -244,7 +268,7 @@ def check_parity(
 def summary(report: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """The worst max_abs / max_rel per engine and output over both input sets (for logs and manifests)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for s in ("random", "real"):
+    for s in ("random", "real", "first_step"):
         for e, outs in report.get(s, {}).items():
             for o, f in outs.items():
                 cur = out.setdefault(e, {}).setdefault(o, {"max_abs": 0.0, "max_rel": 0.0})

@@ -13,6 +13,11 @@ Per model version folder:
   precision (and the int8 figures), export settings (opset, preset, target), the source
   checkpoint and the sha256 of its `model.safetensors`, and the time.
 
+A preset with a caption decoder also gets `caption/<version>/` (`export/caption.py`): the decoder's
+two ONNX graphs (fp32 whatever the precision), `decoder.json`, `model.py`, `checkpoint/generation.json`
+and the tokenizer, with a manifest holding the graphs' parity and, for int8, the agreement of greedy
+captions from int8 image features with fp32 ones.
+
 `embedded` installs into the committed `model_repository/` (whose configs must already describe
 the preset: `tiny`), or renders a full Python-backend repository when `--repo` names another
 folder; the other targets always render one (default `build/model_repository-<target>/`).
@@ -33,6 +38,7 @@ from export.errors import InstallError, ParityError
 from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
 from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
+    CAPTION_MODEL,
     COMMITTED_REPO,
     ENGINE_THREADS,
     LIBTORCH_FILE,
@@ -184,6 +190,7 @@ def install(
     if precision not in PRECISIONS:
         raise InstallError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     int8 = _int8_report(onnx_dir, target, require_parity) if precision == "int8" else None
+    _check_caption_stages(onnx_dir, cfg, parity, require_parity)
     trt_info = _read_json(onnx_dir / ENGINES_FILE) if target == "tensorrt" else None
     torch_engines = _torch_engines(onnx_dir, info, precision) if target == "torch" else None
     libtorch = _libtorch_engines(onnx_dir, info, precision) if target == "libtorch" else None
@@ -201,6 +208,11 @@ def install(
                 f"the configs of {', '.join(bad)} in {dest} do not describe preset {cfg.name}: "
                 f"pass --repo build/model_repository-embedded-{cfg.name} to render a repository for it"
             )
+        if not cfg.has_decoder and (dest / CAPTION_MODEL / "config.pbtxt").exists():
+            raise InstallError(
+                f"{dest} has the `{CAPTION_MODEL}` model but {cfg.name}'s checkpoint has no caption decoder: "
+                f"pass --repo build/model_repository-embedded-{cfg.name} to render a repository without it"
+            )
         if target == "embedded" and precision != "int8":
             log.warning("the committed configs give each %s engine instance %d thread(s), measured best for int8; "
                         "pass --repo to render a repository with %d for %s", precision, ENGINE_THREADS["int8"],
@@ -216,6 +228,10 @@ def install(
         model = model_dir.name
         vdir = model_dir / str(version)
         vdir.mkdir(parents=True, exist_ok=True)
+        if model == CAPTION_MODEL:
+            manifests[model] = _install_caption(onnx_dir, model_dir, version, target, cfg, info, parity, int8,
+                                                precision, created)
+            continue
         _clear_artefacts(vdir)
         installed: list[Path] = []
         if model in ENGINES and native:
@@ -274,6 +290,59 @@ def install(
     log.info("installed %s (%s, version %d) into %s: %s", cfg.name, target, version, dest, ", ".join(manifests))
     models = {m: str(p) for m, p in manifests.items()}
     return {"repo": str(dest), "target": target, "version": version, "precision": precision, "models": models}
+
+
+def _check_caption_stages(onnx_dir: Path, cfg: FusionConfig, parity: dict[str, Any] | None,
+                          require_parity: bool) -> None:
+    """A preset with a caption decoder needs its graphs (stage 1) and their checks (stage 2) before installing."""
+    from export.caption import has_caption_graphs
+
+    if not cfg.has_decoder:
+        return
+    if not has_caption_graphs(onnx_dir):
+        raise InstallError(f"{cfg.name} has a caption decoder but {onnx_dir} has no decoder graphs: "
+                           "run `vtfuse export onnx` first")
+    if require_parity and parity is not None and "caption" not in parity:
+        raise InstallError(f"{onnx_dir / PARITY_FILE} has no caption decoder figures: run `vtfuse export check`")
+
+
+def _install_caption(
+    onnx_dir: Path, model_dir: Path, version: int, target: str, cfg: FusionConfig, info: dict[str, Any],
+    parity: dict[str, Any] | None, int8: dict[str, Any] | None, precision: str, created: str,
+) -> Path:
+    """`caption/<version>/` (export/caption.py) and its manifest; returns the manifest's path."""
+    from export.caption import GRAPHS, install_caption
+
+    vdir = model_dir / str(version)
+    installed = install_caption(onnx_dir, vdir)
+    graphs = None
+    if parity is not None:
+        graphs = {
+            "tolerance": parity.get("tolerance"),
+            "onnxruntime": parity.get("onnxruntime"),
+            "ok": parity.get("ok"),
+            **{s: {g: parity[s][g] for g in GRAPHS if g in parity.get(s, {})}
+               for s in ("random", "real", "first_step")},
+            "served_greedy_vs_pytorch": parity.get("caption"),
+        }
+    manifest: dict[str, Any] = {
+        "model": CAPTION_MODEL,
+        "version": version,
+        "target": target,
+        "preset": cfg.name,
+        "created": created,
+        "source_checkpoint": info["source"],
+        "export": {**info["settings"], "versions": info["versions"], "onnx_files": info["files"]},
+        "config_pbtxt_sha256": sha256_file(model_dir / "config.pbtxt"),
+        "artefacts": {p.relative_to(vdir).as_posix(): sha256_file(p) for p in installed},
+        "parity": graphs,
+        "precision": "fp32",  # the decoder graphs; the image features come from `image_encoder`
+        "image_features_precision": precision,
+    }
+    if int8 is not None:
+        manifest["int8_image_features"] = int8.get("figures", {}).get("caption")
+    (vdir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return vdir / MANIFEST
 
 
 def _torch_engines(onnx_dir: Path, info: dict[str, Any], precision: str) -> tuple[Any, dict[str, Any]]:

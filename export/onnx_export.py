@@ -5,9 +5,13 @@ graphs. The legacy TorchScript exporter (`dynamo=False`) is used: on this model 
 plain, single-file opset-17 graph with `LayerNormalization` nodes that ONNX Runtime and the
 TensorRT ONNX parser both take, and it exports in well under a second.
 
+A preset with a caption decoder (`tiny`) also gets its two decoder graphs, `cross_kv.onnx` and
+`decoder_step.onnx` (`export/caption.py`).
+
 Output folder (default `build/onnx/<preset>/`)::
 
     image_encoder.onnx  text_encoder.onnx  fusion.onnx
+    cross_kv.onnx  decoder_step.onnx   the caption decoder (presets that have one)
     export.json         settings, versions, source checkpoint and sha256 of each file
     checkpoint/         config.json, tokenizer.json, answers.json (installed beside the engines)
 """
@@ -31,7 +35,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from export.errors import OnnxExportError
-from serving.model.checkpoint import REPO_ROOT, Checkpoint, random_checkpoint, resolve_checkpoint
+from serving.model.checkpoint import DECODER_WEIGHTS, REPO_ROOT, Checkpoint, random_checkpoint, resolve_checkpoint
 from serving.model.io_spec import ENGINES, EngineSpec, engine_specs
 from serving.model.model import FusionModel
 
@@ -146,15 +150,22 @@ def source_info(ckpt: Checkpoint, source: str | Path | None = None) -> dict[str,
         path = Path(ckpt.path).resolve()
         sha = sha256_file(path / "model.safetensors")
         shown = str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-        return {"source": str(source or shown), "path": shown, "model_safetensors_sha256": sha}
+        info: dict[str, Any] = {"source": str(source or shown), "path": shown, "model_safetensors_sha256": sha}
+        if (path / DECODER_WEIGHTS).exists():
+            info["caption_decoder_safetensors_sha256"] = sha256_file(path / DECODER_WEIGHTS)
+        return info
     state = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
     sha = hashlib.sha256(safetensors_bytes(state)).hexdigest()
-    return {
+    info = {
         "source": str(source or f"{RANDOM_PREFIX}{cfg.name}"),
         "path": None,
         "seed": cfg.seed,
         "model_safetensors_sha256": sha,
     }
+    if ckpt.decoder is not None:
+        decoder_state = {k: v.detach().contiguous() for k, v in ckpt.decoder.state_dict().items()}
+        info["caption_decoder_safetensors_sha256"] = hashlib.sha256(safetensors_bytes(decoder_state)).hexdigest()
+    return info
 
 
 def example_inputs(spec: EngineSpec, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -266,7 +277,7 @@ def export_onnx(
     settings: ExportSettings = ExportSettings(),
     source: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Export all three engines and write `export.json` and `checkpoint/` beside them.
+    """Export all three engines (and a caption decoder's two graphs); write `export.json` and `checkpoint/` beside them.
 
     Args:
         ckpt: the checkpoint to export.
@@ -283,6 +294,14 @@ def export_onnx(
     for engine in ENGINES:
         path = export_engine(ckpt, engine, out / f"{engine}.onnx", settings)
         files[engine] = {"path": path.name, "sha256": sha256_file(path)}
+    from export.caption import GRAPH_FILES, export_decoder  # late: export.caption → export.check → this module
+
+    if ckpt.config.has_decoder:
+        for graph, path in export_decoder(ckpt, out, settings.opset).items():
+            files[graph] = {"path": path.name, "sha256": sha256_file(path)}
+    else:  # a folder reused for a preset without a decoder must not offer stale decoder graphs
+        for name in GRAPH_FILES.values():
+            (out / name).unlink(missing_ok=True)
     _copy_checkpoint_files(ckpt, out / "checkpoint")
     info = {
         "preset": ckpt.config.name,

@@ -15,6 +15,11 @@ reference, on fresh renders decoded by the serving path:
   pair as fp32 does;
 - embeddings: the smallest cosine similarity to fp32 over the set.
 
+- captions (a preset with a caption decoder): greedy captions decoded over the fp32 decoder graphs
+  from the int8 `image_encoder`'s features against those from the fp32 one, token for token, and
+  how often each names the scene's objects (the served features come from int8 by default; the
+  decoder graphs themselves stay fp32).
+
 Agreement is judged only where the checkpoint has learnt the task (fp32 VQA accuracy ≥
 `trained_vqa_accuracy`; true caption above the distractor ≥ `trained_itm_rate`): an untrained
 one's logits are nearly tied, so rounding flips its (meaningless) answers, and its logit and
@@ -37,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from export.caption import checkpoint_files, has_caption_graphs, int8_caption_agreement
 from export.check import ort_session, run_session
 from export.errors import ParityError
 from export.evaluate import fresh_render
@@ -69,6 +75,8 @@ class Int8Criteria:
     min_itm_order_agreement: float = 0.95
     min_embedding_cosine: float = 0.99
     min_logit_cosine: float = 0.99
+    trained_caption_accuracy: float = 0.5
+    min_caption_agreement: float = 0.97
 
 
 @contextmanager
@@ -105,15 +113,15 @@ def quantize_engines(onnx_dir: Path) -> dict[str, Path]:
     return dynamic_int8(srcs, onnx_dir / INT8_DIR)
 
 
-def _scenes(n: int, seed: int) -> tuple[list[bytes], list[world.QA], list[str], list[str]]:
-    """Fresh renders with a question, the true caption and a distractor caption each."""
+def _scenes(n: int, seed: int) -> tuple[list[world.Scene], list[bytes], list[world.QA], list[str], list[str]]:
+    """Fresh renders of scenes with a question, the true caption and a distractor caption each."""
     rng = random.Random(seed)
     scenes = [world.random_scene(rng) for _ in range(n)]
     images = [fresh_render(s, rng) for s in scenes]
     qas = [world.sample_question(s, rng) for s in scenes]
     captions = [world.caption(world.scene_items(s), rng) for s in scenes]
     distractors = [world.distractor_captions(s, rng, 1)[0] for s in scenes]
-    return images, qas, captions, distractors
+    return scenes, images, qas, captions, distractors
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,7 +163,7 @@ def judge_int8(
     answers: list[str] = json.loads((ckpt_dir / "answers.json").read_text())
     fp32 = _Chain({e: onnx_dir / f"{e}.onnx" for e in ENGINES}, threads)
     int8 = _Chain({e: onnx_dir / INT8_DIR / f"{e}.onnx" for e in ENGINES}, threads)
-    images, qas, captions, distractors = _scenes(n, seed)
+    scenes, images, qas, captions, distractors = _scenes(n, seed)
     pred: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     order: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     cos = {"IMAGE_EMBEDDING": 1.0, "TEXT_EMBEDDING": 1.0}
@@ -223,8 +231,34 @@ def judge_int8(
     for name, c in cos.items():
         if c < criteria.min_embedding_cosine:
             failures.append(f"{name} cosine {c:.4f} < {criteria.min_embedding_cosine}")
+    if has_caption_graphs(onnx_dir):
+        failures += _judge_captions(onnx_dir, scenes, images, criteria, threads, figures)
     return {"n": n, "seed": seed, "criteria": asdict(criteria), "figures": figures, "failures": failures,
             "ok": not failures}
+
+
+def _judge_captions(
+    onnx_dir: Path, scenes: list[world.Scene], images: list[bytes], criteria: Int8Criteria, threads: int | None,
+    figures: dict[str, Any],
+) -> list[str]:
+    """`figures["caption"]`: greedy captions from int8 features against fp32 features; the failures it finds."""
+    tokenizer, _ = checkpoint_files(onnx_dir)
+    agreement = int8_caption_agreement(onnx_dir, images, threads)
+    right = {
+        p: float(np.mean([world.caption_matches(tokenizer.decode(ids, skip_special_tokens=True), s)
+                          for ids, s in zip(agreement["tokens"][p], scenes)]))
+        for p in ("fp32", "int8")
+    }
+    figures["caption"] = {
+        "greedy_agreement": agreement["agreement"],
+        "equal": agreement["equal"],
+        "items_exact": right,
+    }
+    trained = right["fp32"] >= criteria.trained_caption_accuracy
+    figures["judged"]["caption_agreement"] = trained
+    if trained and agreement["agreement"] < criteria.min_caption_agreement:
+        return [f"caption agreement {agreement['agreement']:.3f} < {criteria.min_caption_agreement}"]
+    return []
 
 
 def quantize(

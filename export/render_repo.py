@@ -64,7 +64,12 @@ TENSORS_ENSEMBLE = "vqa_tensors"
 LIBTORCH_SUFFIX = "_libtorch"
 LIBTORCH_FILE = "model.pt"
 # Left in the committed tree by an install or by Python: never copied into a rendered repository.
-BUILT_ARTEFACTS = ("model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__")
+BUILT_ARTEFACTS = (
+    "model.onnx", "model.plan", "manifest.json", "checkpoint", "__pycache__", "cross_kv.onnx", "decoder_step.onnx",
+    "decoder.json",
+)
+# The caption decoder's decoupled generate model: rendered only for a preset that has a decoder.
+CAPTION_MODEL = "caption"
 
 
 def default_repo(target: str) -> Path:
@@ -345,7 +350,7 @@ def render_repository(
 
     Each model folder in `dest` is replaced whole (built artefacts are not copied: stage 4
     installs them). Files of Python-backend models (`1/model.py`) are copied; a native engine's
-    are not.
+    are not. The `caption` model is left out for a preset without a caption decoder.
 
     Returns:
         {model: path of its rendered config.pbtxt}.
@@ -360,6 +365,10 @@ def render_repository(
     if not dirs:
         raise RenderError(f"no */config.pbtxt under {src}: point --source-repo at a Triton model repository")
     out.mkdir(parents=True, exist_ok=True)
+    if not cfg.has_decoder:  # nothing to caption with: Triton would fail to load the model
+        dirs = [d for d in dirs if d.name != CAPTION_MODEL]
+        if (out / CAPTION_MODEL).exists():
+            shutil.rmtree(out / CAPTION_MODEL)
     written = {}
     for d in dirs:
         target_dir = out / d.name

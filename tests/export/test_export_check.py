@@ -19,7 +19,8 @@ def test_every_engine_and_output_within_fp32_tolerance(onnx_dir, tiny):
     assert report["tolerance"] == {"atol": FP32_TOLERANCE.atol, "rtol": FP32_TOLERANCE.rtol}
     specs = engine_specs(tiny.config)
     for inputs in ("random", "real"):
-        assert sorted(report[inputs]) == sorted(ENGINES)
+        # tiny's caption decoder graphs are checked too (tests/export/test_caption_export.py)
+        assert sorted(report[inputs]) == sorted((*ENGINES, "cross_kv", "decoder_step"))
         for e in ENGINES:
             assert sorted(report[inputs][e]) == sorted(t.name for t in specs[e].outputs)
             for out, f in report[inputs][e].items():

@@ -37,7 +37,7 @@ def test_export_all_onnxruntime_builds_a_repository(tmp_path, source_repo, capsy
     out = json.loads(capsys.readouterr().out)
     assert out["check"]["ok"] is True
     assert "skipped" in out["engine"]
-    models = ["fusion", "image_encoder", "preprocess", "text_encoder", "vqa", "vtfuse_catalog"]
+    models = ["caption", "fusion", "image_encoder", "preprocess", "text_encoder", "vqa", "vtfuse_catalog"]
     assert sorted(out["install"]["models"]) == models
     assert load_config(tmp_path / "repo" / "fusion" / "config.pbtxt").platform == "onnxruntime_onnx"
     assert (tmp_path / "repo" / "fusion" / "1" / "model.onnx").exists()

@@ -17,7 +17,11 @@ from export.render_repo import load_config
 from serving.model.io_spec import ENGINES, engine_specs
 from serving.model.model import FusionConfig
 
-MODELS = sorted((*ENGINES, "preprocess", "vqa", "vtfuse_catalog"))
+MODELS = sorted((*ENGINES, "preprocess", "vqa", "vtfuse_catalog", "caption"))
+# The caption decoder's generate model (export/caption.py): its graphs and generation files, no engine.
+CAPTION_ARTEFACTS = {
+    "cross_kv.onnx", "decoder_step.onnx", "decoder.json", "checkpoint/generation.json", "checkpoint/tokenizer.json",
+}
 
 
 def _manifest(repo: Path, model: str, version: int = 1) -> dict:
@@ -35,6 +39,8 @@ def test_onnxruntime_install_hashes_every_artefact(onnx_dir, source_repo, tmp_pa
         if model in ENGINES:
             expected.add("model.onnx")
             assert sha256_file(vdir / "model.onnx") == sha256_file(onnx_dir / f"{model}.onnx")
+        if model == "caption":
+            expected = CAPTION_ARTEFACTS
         assert set(m["artefacts"]) == expected
         for rel, sha in m["artefacts"].items():
             assert sha256_file(vdir / rel) == sha, rel
@@ -71,7 +77,7 @@ def test_onnxruntime_configs_parse_with_native_backend_and_io_spec_dims(onnx_dir
         assert [(t.name, tuple(t.dims)) for t in config.output] == [(t.name, t.dims) for t in specs[e].outputs]
         assert "onnx_file" not in config.parameters and "intra_op_threads" not in config.parameters
         assert not (repo / e / "1" / "model.py").exists(), "a native engine carries no Python code"
-    for m in ("preprocess", "vqa", "vtfuse_catalog"):
+    for m in ("preprocess", "vqa", "vtfuse_catalog", "caption"):
         assert load_config(repo / m / "config.pbtxt").backend == "python"
         assert (repo / m / "1" / "model.py").read_bytes() == (source_repo / m / "1" / "model.py").read_bytes()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from export.generate_model import MODEL_PY, generate_config
 from serving.model.io_spec import ENGINES, VQA_TENSORS, engine_specs, preprocess_spec
 from serving.model.model import FusionConfig
 from serving.triton.launcher import DEFAULT_REPOSITORY
@@ -48,3 +49,12 @@ def test_engines_warm_up_with_declared_inputs(engine):
     names = {i.name: tuple(i.dims) for i in cfg.input}
     for w in cfg.model_warmup:
         assert {k: tuple(v.dims) for k, v in w.inputs.items()} == names
+
+
+def test_caption_config_is_the_generate_models_config():
+    """Hand-written with its comments, but what export.generate_model writes for every generate model."""
+    path = DEFAULT_REPOSITORY / "caption" / "config.pbtxt"
+    assert path.read_text().startswith("#")
+    assert load_config(DEFAULT_REPOSITORY / "caption") == generate_config("caption")
+    # The install writes the same model.py: an install leaves the committed file as it is.
+    assert (DEFAULT_REPOSITORY / "caption" / "1" / "model.py").read_text() == MODEL_PY

@@ -29,7 +29,7 @@ def test_model_dirs_and_render_skip_imported_engines(tmp_path):
         (d / "config.pbtxt").write_text(f'name: "blip_{role}"\nbackend: "python"\n')
     write_repository_models(repo, {"blip": _record("blip")})
     names = [d.name for d in model_dirs(repo)]
-    assert names == ["fusion", "image_encoder", "preprocess", "text_encoder", "vqa", "vtfuse_catalog"]
+    assert names == ["caption", "fusion", "image_encoder", "preprocess", "text_encoder", "vqa", "vtfuse_catalog"]
     out = tmp_path / "rendered"
     render_repository(out, FusionConfig.from_json(DEFAULT_CHECKPOINT / "config.json"), "onnxruntime", source=repo)
     assert sorted(p.name for p in out.iterdir()) == names
