@@ -95,7 +95,7 @@ unit: install
 $(SMALL_REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed $(wildcard model_repository/*/config.pbtxt)
 	$(PY) -m serving.cli export all --target embedded --checkpoint small --repo $(SMALL_REPOSITORY)
 
-# Every SPEC §7 figure in one run → loadtests/results/ (see loadtests/README.md);
+# Every benchmark figure in one run → loadtests/results/ (see loadtests/README.md);
 # QUICK=1: a smoke run of seconds-long windows, tiny standing in for small → build/bench-quick/.
 bench: repository $(if $(QUICK),,$(SMALL_REPOSITORY)/fusion/1/model.onnx)
 	$(PY) -m loadtests.bench $(if $(QUICK),--quick) --out $(BENCH_OUT) --tiny-repo $(REPOSITORY) --small-repo $(SMALL_REPOSITORY)

@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from export.hf.graphs import EngineGraph, Normalize, ParityCase, Tensor, UserView, to_numpy
+from serving.families import BLIP_RETRIEVAL
 from serving.families.imported import ImageProcessing, tokenize_padded
 
 
@@ -162,7 +163,7 @@ def judge(fp32: dict[str, list[dict[str, np.ndarray]]], int8: dict[str, list[dic
     view = UserView()
     same_top, rank_pairs, prob_diff = [], [], []
     for a, b in zip(fp32["fusion"], int8["fusion"]):
-        pa, pb = _itm(a["ITM_LOGITS"]), _itm(b["ITM_LOGITS"])
+        pa, pb = BLIP_RETRIEVAL.itm_probability(a), BLIP_RETRIEVAL.itm_probability(b)
         same_top.append(float(np.argmax(pa) == np.argmax(pb)))
         prob_diff.append(float(np.abs(pa - pb).max()))
         da, db = np.sign(pa[:, None] - pa[None, :]), np.sign(pb[:, None] - pb[None, :])
@@ -186,8 +187,3 @@ def judge(fp32: dict[str, list[dict[str, np.ndarray]]], int8: dict[str, list[dic
         view.failures.append(f"ITM probability moved by {view.figures['itm_probability_max_abs_diff']:.3f} > 0.05")
     return view
 
-
-def _itm(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z[:, 1] / z.sum(axis=1)

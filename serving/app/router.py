@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.families import sigmoid, softmax  # noqa: F401 - the router's scores are the families' (one definition)
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
@@ -170,19 +172,6 @@ def rank(candidates: np.ndarray, probs: np.ndarray, top_k: int) -> list[tuple[in
     probs = np.asarray(probs, dtype=np.float64).reshape(-1)
     order = np.argsort(-probs, kind="stable")[:top_k]
     return [(int(candidates[i]), float(probs[i])) for i in order]
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
 
 
 def top_answers(probs: np.ndarray, answers: list[str], k: int) -> list[tuple[str, float]]:

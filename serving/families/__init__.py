@@ -62,19 +62,24 @@ class Family:
     def itm_probability(self, fused: dict[str, np.ndarray]) -> np.ndarray:
         """ITM probability per row from the fusion engine's outputs."""
         if self.itm_output == "ITM_LOGITS":
-            logits = np.asarray(fused["ITM_LOGITS"], dtype=np.float64).reshape(-1, 2)
-            z = np.exp(logits - logits.max(axis=1, keepdims=True))
-            return z[:, 1] / z.sum(axis=1)
-        x = np.asarray(fused["ITM_LOGIT"], dtype=np.float64).reshape(-1)
-        return 0.5 * (1.0 + np.tanh(0.5 * x))  # the logistic function, overflow-free
+            return softmax(np.asarray(fused["ITM_LOGITS"]).reshape(-1, 2))[:, 1]
+        return sigmoid(np.asarray(fused["ITM_LOGIT"]).reshape(-1))
 
     def vqa_probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Per-answer scores of each row of VQA logits."""
-        z = np.asarray(logits, dtype=np.float64)
-        if self.vqa_score == "sigmoid":
-            return 0.5 * (1.0 + np.tanh(0.5 * z))
-        z = np.exp(z - z.max(axis=-1, keepdims=True))
-        return z / z.sum(axis=-1, keepdims=True)
+        return sigmoid(logits) if self.vqa_score == "sigmoid" else softmax(logits)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function in float64, overflow-free."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
 
 
 NATIVE = Family(

@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from serving.errors import SchemaViolation
 from serving.families import FAMILIES, Family
 from serving.generation.spec import GenerationSpec
-from serving.model.preprocess import _checked, _open
+from serving.model.preprocess import checked_image_op, open_image
 
 REPOSITORY_MODELS = "vtfuse_models.json"
 IMPORT_RECORD = "import.json"
@@ -155,11 +155,11 @@ def decode_for(processing: ImageProcessing, data: bytes, max_pixels: int) -> np.
     """
 
     def decode() -> np.ndarray:
-        img = _open(data, max_pixels)
+        img = open_image(data, max_pixels)
         img.load()
         return processing.resize(to_rgb(img))
 
-    return _checked(decode)
+    return checked_image_op(decode)
 
 
 def tokenize_padded(

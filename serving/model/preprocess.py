@@ -29,7 +29,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open an image lazily (header only) and check its format and pixel count."""
     img: Image.Image = Image.open(io.BytesIO(data))
     if img.format not in ALLOWED_FORMATS:
@@ -44,7 +44,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise PayloadTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
 
 
-def _checked(fn: Callable[[], T], size: tuple[int, int] | None = None) -> T:
+def checked_image_op(fn: Callable[[], T], size: tuple[int, int] | None = None) -> T:
     """Run an image operation, turning PIL's failures into the API's 413/415 errors.
 
     PIL's DecompressionBombWarning counts as an error. Where the header already gave a
@@ -108,7 +108,7 @@ def check_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tup
     """
     size = header_size(data)
     if size is None:
-        return _checked(lambda: _open(data, max_pixels).size)
+        return checked_image_op(lambda: open_image(data, max_pixels).size)
     _check_pixels(size, max_pixels)
     return size
 
@@ -123,7 +123,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     """
 
     def decode() -> np.ndarray:
-        img = _open(data, max_pixels)
+        img = open_image(data, max_pixels)
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
         img = img.convert("RGB")
         if img.size != (size, size):
@@ -133,7 +133,7 @@ def decode_image(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -
     header = header_size(data)
     if header is not None:
         _check_pixels(header, max_pixels)
-    return _checked(decode, header)
+    return checked_image_op(decode, header)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -4,7 +4,7 @@ Closed loop at a fixed concurrency against each composition in turn, in one Ray 
 on the same machine and the same Triton; prints a Markdown table and writes JSON. Also
 reads the Triton tensor bytes per request from /metrics. Usage:
 
-    PYTHONPATH=. .venv/bin/python -m serving.app.hopbench --seconds 15 --concurrency 32
+    PYTHONPATH=. .venv/bin/python -m loadtests.hopbench --seconds 15 --concurrency 32
 """
 
 from __future__ import annotations
