@@ -15,7 +15,7 @@ from serving import __version__
 COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "export.cli": (("train", "export"), "export"),
     "export.hf.cli": (("import-hf",), "export"),
-    "export.tune": (("tune",), "server"),
+    "loadtests.tune": (("tune",), "checkout"),  # a benchmark: it lives with the load drivers, in the checkout
     "serving.triton.cli": (("triton",), "server"),
     "serving.app.cli": (("serve",), "server"),
     "serving.client.cli": (("ask", "match", "retrieve", "embed", "models", "caption"), "client"),
@@ -26,6 +26,10 @@ def _missing(names: tuple[str, ...], extra: str, error: ImportError) -> Callable
     """A registrar for commands whose module cannot be imported: they exit naming the extra to install."""
 
     def fail(args: argparse.Namespace) -> int:
+        if extra == "checkout":
+            print(f"vtfuse {args.command}: runs from the repository checkout, with loadtests/ on PYTHONPATH ({error})",
+                  file=sys.stderr)
+            return 3
         print(
             f"vtfuse {args.command}: needs the `{extra}` extra ({error}): pip install 'vtfuse[{extra}]' "
             "(from a checkout: pip install -e '.[server,export,dev]')",

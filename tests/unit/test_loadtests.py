@@ -17,11 +17,11 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from export.tune import Candidate, grid, parse_preferred, pick_best
 from loadtests import flops, grpc_driver, http_driver, report, servers
 from loadtests.bench import BenchSettings
 from loadtests.common import RunResult, make_corpus, summarize, write_json
 from loadtests.loops import closed_loop, open_loop
+from loadtests.tune import Candidate, grid, parse_preferred, pick_best
 from serving.triton.model_config import load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -155,11 +155,6 @@ def run(args: argparse.Namespace) -> int:
     if not (repository / "fusion" / "1" / "model.onnx").exists():
         print(f"{repository} is not built: run `vtfuse export all` (or `make repository`) first", file=sys.stderr)
         return 1
-    try:
-        import loadtests  # noqa: F401
-    except ImportError:
-        print("vtfuse tune needs loadtests/ from the repository checkout on PYTHONPATH", file=sys.stderr)
-        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     candidates = grid(args.queue_delays, [parse_preferred(p) for p in args.preferred], args.instances, args.threads)
