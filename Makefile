@@ -45,7 +45,15 @@ REPOSITORY_BUILT := $(REPOSITORY)/fusion/1/model.onnx $(REPOSITORY)/caption/1/de
 $(REPOSITORY_BUILT) &: $(VENV)/.installed checkpoints/tiny/model.safetensors checkpoints/tiny/caption_decoder.safetensors
 	$(PY) -m serving.cli export all --target embedded --checkpoint $(CHECKPOINT) --repo $(REPOSITORY)
 
+# Any other REPOSITORY (a copy with imported models, a rendered onnxruntime, torch, libtorch or tensorrt
+# repository) is served as it is when it is built, whatever its target, and refused, naming what is missing,
+# when it is not: never exported into.
+ifeq ($(abspath $(REPOSITORY)),$(abspath model_repository))
 repository: $(REPOSITORY_BUILT)
+else
+repository: $(VENV)/.installed
+	$(PY) -m serving.triton.repository $(REPOSITORY)
+endif
 
 # Triton alone on the built repository, foreground, ports 8000/8001/8002.
 triton: repository
