@@ -369,3 +369,37 @@ def test_direct_triton_clients_stream_with_tritonclient(serve_app, blip_caption)
     assert "".join(e["delta"] for e in tokens) == ref["caption"][: len("".join(e["delta"] for e in tokens))]
     with pytest.raises(RuntimeError, match="vtfuse:schema_violation: .*num_beams"):
         list(stream_caption(serve_app.triton.url_grpc, GENERATE, data, params={"num_beams": 2}))
+
+
+def test_tiny_captions_fresh_scenes_through_the_api(serve_app):
+    """`tiny`'s caption decoder, the default model: fresh renders (sizes 64-256, PNG and JPEG) captioned right."""
+    from tests.helpers import fresh_samples
+
+    samples = fresh_samples(40, seed=4242)
+    with httpx.Client() as client, ThreadPoolExecutor(8) as pool:
+        def one(sample):
+            return client.post(f"{serve_app.http_url}/v1/caption", json={"image": _b64(sample[0])}, timeout=60)
+
+        responses = list(pool.map(one, samples))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:2]
+    right = sum(world.caption_matches(r.json()["caption"], scene) for r, (_, _, scene) in zip(responses, samples))
+    assert right >= 0.9 * len(samples), right
+    assert {r.json()["model"] for r in responses} == {"tiny"} and all(
+        r.json()["finish_reason"] == "stop" for r in responses)
+
+
+def test_tiny_caption_streams_over_http_and_grpc(serve_app):
+    from tests.helpers import fresh_samples
+
+    data, _, scene = fresh_samples(1, seed=4243)[0]
+    with httpx.Client() as client:
+        whole = client.post(f"{serve_app.http_url}/v1/caption", json={"image": _b64(data)}, timeout=60).json()
+        with client.stream("POST", f"{serve_app.http_url}/v1/caption",
+                           json={"image": _b64(data), "stream": True}, timeout=60) as r:
+            events = _sse(r)
+    assert "".join(e["delta"] for e in events) == events[-1]["caption"] == whole["caption"]
+    assert world.caption_matches(whole["caption"], scene)
+    with grpc.insecure_channel(serve_app.grpc_target) as ch:
+        got = list(pb_grpc.VtfuseStub(ch).CaptionStream(pb.CaptionRequest(image=data), timeout=60))
+    assert "".join(e.delta for e in got) == got[-1].result.caption == whole["caption"]
+    assert list(got[-1].result.token_ids) == whole["token_ids"]

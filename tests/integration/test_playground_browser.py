@@ -246,3 +246,38 @@ def test_phone_sized_screen(page: Any, tmp_path: Path) -> None:
     )
     assert heights and min(heights) >= 40, heights
     full_page_screenshot(driver, ARTIFACTS / "playground-phone.png")
+
+
+def test_caption_streams_into_the_page(page: Any, tmp_path: Path) -> None:
+    """Caption: the text grows event by event (each shown text a prefix of the next) and names the scene's objects."""
+    driver = page
+    png = tmp_path / "caption.png"
+    png.write_bytes(world.encode(world.render(SCENE, 192, supersample=2), "PNG"))
+    upload(driver, png)
+    # Record every text the page shows while the caption streams in.
+    driver.execute_script(
+        """
+        const el = document.getElementById('caption-text');
+        const desc = Object.getOwnPropertyDescriptor(Node.prototype, 'textContent');
+        window.__captionTexts = [];
+        Object.defineProperty(el, 'textContent', {
+          configurable: true,
+          get() { return desc.get.call(this); },
+          set(v) { window.__captionTexts.push(v); desc.set.call(this, v); },
+        });
+        """
+    )
+    driver.find_element("id", "caption").click()
+    out = wait(driver, lambda d: (e := d.find_element("id", "caption-text")).get_attribute("data-state") == "done"
+               and e, "the caption never finished")
+    shown = [t for t in driver.execute_script("return window.__captionTexts") if t]
+    final = out.text
+    assert len(set(shown)) >= 2 and shown[-1] == final, shown
+    assert all(b.startswith(a) for a, b in zip(shown, shown[1:])), shown  # it only grew
+    assert world.caption_matches(final, SCENE), final  # tiny's decoder names the red circle and the blue square
+    assert out.get_attribute("data-finish-reason") in ("stop", "length")
+    assert int(out.get_attribute("data-tokens")) >= 1 and int(out.get_attribute("data-events")) >= 1
+    assert driver.find_element("id", "caption-error").get_attribute("hidden") is not None
+    assert driver.find_element("id", "caption").is_enabled()
+    assert not driver.find_element("id", "caption-stop").is_enabled()
+    full_page_screenshot(driver, ARTIFACTS / "playground-caption.png")
