@@ -244,3 +244,17 @@ def test_caption_figures_go_into_an_existing_summary_and_the_readme_table(tmp_pa
     row = next(line for line in text.splitlines() if line.startswith("| `caption_vs_naive`"))
     assert "**1.4** ✗" in row and "ratios 1.2, 1.5*, 1.4; * re-run" in row and "same tokens 4/7" in row
     assert report.caption_figures(None)["caption_vs_naive"] is None
+
+
+def test_a_contended_window_is_measured_again_once_it_is_quiet(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(cb, "wait_quiet", lambda timeout_s: waits.append(timeout_s) or 0.0)
+    shares = iter([0.3, 0.05, 0.02])
+    s = cb.CaptionBenchSettings(wait_quiet_s=60.0)
+    w = cb.quiet_measure(s, lambda: {"captions_per_s": 1.0, "foreign_cpu_share": next(shares)}, "w")
+    assert w["foreign_cpu_share"] == 0.05 and w["contended_first_try"]["foreign_cpu_share"] == 0.3
+    assert waits == [60.0, 60.0]
+    w = cb.quiet_measure(s, lambda: {"captions_per_s": 1.0, "foreign_cpu_share": next(shares)}, "w")
+    assert "contended_first_try" not in w
+    assert cb.quiet_measure(cb.CaptionBenchSettings(), lambda: {"foreign_cpu_share": 0.9}, "w") == {
+        "foreign_cpu_share": 0.9}  # without a quiet wait, as measured
