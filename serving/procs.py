@@ -245,8 +245,12 @@ class ParentSignalWatch(threading.Thread):
     """Calls `on_signal(signum)` once when the parent process starts handling SIGINT, SIGTERM or SIGHUP.
 
     GNU make, sent SIGINT alone (not its whole process group), deletes its targets and waits
-    for its recipe without passing the signal on. While it handles the signal, the signal is
-    in its blocked mask (`SigBlk` in /proc/PID/status), which this polls.
+    for its recipe without passing the signal on. Its handler first resets the signal to its
+    default action, and the signal stays blocked while the handler waits: in /proc/PID/status
+    the signal is in `SigBlk` and has left `SigCgt`. Both are polled, so make's brief
+    signal-blocking sections (starting a job blocks the fatal signals for a moment, SIGINT
+    still caught) are not taken for it, at start or later. A signal that already looked handled
+    when the watch began (a parent that blocks it and never catches it) is not watched.
     """
 
     WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -258,25 +262,27 @@ class ParentSignalWatch(threading.Thread):
         self.parent = os.getppid()
         self._cancel = threading.Event()
         try:
-            self.baseline = _sigmask(self.parent, "SigBlk")
+            self.watched = [s for s in self.WATCHED if s not in self.handling()]
         except OSError:
-            self.baseline = -1
+            self.watched = []
+
+    def handling(self) -> list[signal.Signals]:
+        """The watched signals the parent is handling now: blocked, and no longer caught."""
+        blocked, caught = _sigmask(self.parent, "SigBlk"), _sigmask(self.parent, "SigCgt")
+        return [s for s in self.WATCHED if blocked & (1 << (int(s) - 1)) and not caught & (1 << (int(s) - 1))]
 
     def run(self) -> None:
-        if self.baseline < 0:
-            return
-        while not self._cancel.wait(self.every_s):
+        while self.watched and not self._cancel.wait(self.every_s):
             if os.getppid() != self.parent:
                 return  # the parent is gone: PR_SET_PDEATHSIG takes over
             try:
-                blocked = _sigmask(self.parent, "SigBlk") & ~self.baseline
+                now = [s for s in self.handling() if s in self.watched]
             except OSError:
                 return
-            for sig in self.WATCHED:
-                if blocked & (1 << (int(sig) - 1)):
-                    log.info("the parent process (pid %d) is handling %s: stopping", self.parent, sig.name)
-                    self.on_signal(int(sig))
-                    return
+            if now:
+                log.info("the parent process (pid %d) is handling %s: stopping", self.parent, now[0].name)
+                self.on_signal(int(now[0]))
+                return
 
     def cancel(self) -> None:
         """Stop watching."""

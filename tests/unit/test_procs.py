@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,77 @@ def test_signal_relay_hands_each_signal_to_its_own_thread():
         child.kill()
     assert child.returncode == 0
     assert out.strip() == str([(int(signal.SIGTERM), "signal-relay"), (int(signal.SIGINT), "signal-relay")])
+
+
+WATCH_CHILD = """
+import os, sys, time
+sys.path.insert(0, sys.argv[2])
+from serving.procs import ParentSignalWatch
+out = sys.argv[1]
+
+def fired(signum):
+    with open(out, "w") as f:
+        f.write(str(signum))
+    os._exit(0)
+
+watch = ParentSignalWatch(fired, every_s=0.05)
+watch.start()
+open(out + ".ready", "w").close()
+time.sleep(30)
+"""
+
+
+def _busy_loops(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("busy", [0, 2])
+def test_the_parent_watch_sees_make_handle_a_sigint_even_on_a_saturated_cpu(tmp_path, busy):
+    """SIGINT to make alone: make waits for its recipe without passing it on; the watch notices, every time."""
+    makefile, script, out = tmp_path / "Makefile", tmp_path / "child.py", tmp_path / "fired"
+    script.write_text(WATCH_CHILD)
+    makefile.write_text(f"all:\n\t{sys.executable} {script} {out} {REPO_ROOT}\n")
+    loops = _busy_loops(busy)
+    try:
+        for attempt in range(3 if busy else 1):
+            for f in (out, Path(str(out) + ".ready")):
+                f.unlink(missing_ok=True)
+            make = subprocess.Popen(["make", "-s", "-f", str(makefile), "all"], cwd=tmp_path, start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            try:
+                deadline = time.monotonic() + 60
+                while not Path(str(out) + ".ready").exists():
+                    assert time.monotonic() < deadline and make.poll() is None, "the recipe never started"
+                    time.sleep(0.05)
+                os.kill(make.pid, signal.SIGINT)
+                make.wait(timeout=30)  # the recipe stopped itself once it saw the signal, so make could end
+                assert out.read_text() == str(int(signal.SIGINT)), attempt
+            finally:
+                if make.poll() is None:
+                    os.killpg(make.pid, signal.SIGKILL)
+    finally:
+        for p in loops:
+            p.kill()
+
+
+PARENT_BLOCKING_AT_START = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, lambda *a: None)                 # caught, as make catches it
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})      # blocked a moment, as make starting a job
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+while not __import__("os").path.exists(sys.argv[2] + ".ready"):
+    time.sleep(0.02)                                           # the child built its watch in that moment
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+time.sleep(0.3)
+signal.signal(signal.SIGINT, signal.SIG_DFL)                   # now handling it, as make's handler does
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+child.wait(timeout=20)
+"""
+
+
+def test_the_parent_watch_is_not_blinded_by_a_signal_blocked_when_it_started(tmp_path):
+    out = tmp_path / "fired"
+    done = subprocess.run([sys.executable, "-c", PARENT_BLOCKING_AT_START, WATCH_CHILD, str(out), str(REPO_ROOT)],
+                          timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == str(int(signal.SIGINT))
