@@ -810,14 +810,35 @@ def test_a_task_the_model_lacks_is_refused_before_any_engine_runs(fp32: Imported
     assert triton.calls == []
 
 
-def test_int8_engines_serve_the_same_requests(default_precision: Imported, blip_model):
-    # Not compared to transformers' fp32 figures (the import judged int8 on its own cases):
-    # the quantised engines take the served feeds and give probabilities and labels.
+def test_default_precision_answers_as_transformers_does(default_precision: Imported, blip_model, vilt_model):
+    """The default imports (int8 where its checks passed) against transformers' fp32, on what users see."""
+    model, processor = blip_model
     pipeline, _ = _pipeline(default_precision.repo)
-    match = _run(pipeline, MatchTask(model="blip-q", image=_image(5, 80, 60), texts=CAPTIONS))
-    assert len(match.scores) == len(CAPTIONS) and all(0.0 <= s <= 1.0 for s in match.scores)
-    vqa = _run(pipeline, VqaTask(model="vilt-q", image=_image(5, 80, 60), questions=QUESTIONS))
-    assert all(a.answer in VQA_LABELS and 0.0 <= a.score <= 1.0 for a in vqa.answers)
+    assert default_precision.results["vilt-q"]["precision"] == "int8"
+    for i, (w, h) in enumerate([(80, 60), (64, 64), (96, 120)]):
+        data = _image(5 + i, w, h)
+        match = _run(pipeline, MatchTask(model="blip-q", image=data, texts=CAPTIONS))
+        _, itm = _blip_reference(model, processor, [data], CAPTIONS)
+        got, ref = np.array(match.scores), itm[0]
+        assert int(np.argmax(got)) == int(np.argmax(ref)), f"image {i}: best caption {got} vs {ref}"
+        # Ranking order: every pair transformers separates by more than int8 may move a probability (0.05) keeps it.
+        for a in range(len(CAPTIONS)):
+            for b in range(len(CAPTIONS)):
+                if ref[a] - ref[b] > 0.1:
+                    assert got[a] > got[b], f"image {i}: captions {a} and {b} swapped ({got[a]:.3f} vs {got[b]:.3f})"
+        assert np.abs(got - ref).max() <= 0.05
+        texts = [f"{c} {extra}".strip() for c in CAPTIONS for extra in ("", "and a circle", "?")][:20]
+        res = _run(pipeline, RetrieveTask(model="blip-q", image=data, texts=texts, top_k=1))
+        sims, itm20 = _blip_reference(model, processor, [data], texts)
+        assert [r.index for r in res.results] == _expected_ranking(sims[0], itm20[0], 1)
+    vmodel, vprocessor = vilt_model
+    for i, (w, h) in enumerate([(80, 60), (120, 90)]):
+        data = _image(40 + i, w, h)
+        vqa = _run(pipeline, VqaTask(model="vilt-q", image=data, questions=QUESTIONS))
+        enc = vprocessor(images=[_pil(data)] * len(QUESTIONS), text=QUESTIONS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            labels = vmodel(**enc).logits.argmax(-1).tolist()
+        assert [a.answer for a in vqa.answers] == [vmodel.config.id2label[j] for j in labels], f"image {i}"
 
 
 def test_requests_larger_than_an_engines_max_batch_size_are_split(fp32: Imported, blip_model):
