@@ -22,10 +22,9 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     --mount=type=bind,source=deploy/docker/requirements-triton.txt,target=/tmp/requirements-triton.txt \
     --mount=type=bind,source=deploy/docker/requirements-triton-torch.txt,target=/tmp/requirements-triton-torch.txt \
     pip install --no-cache-dir --no-index --find-links /wheels -r /tmp/requirements-triton-torch.txt
+# Imported checkpoints (`import-hf --target torch`) run their family's PyTorch modules, which are part of
+# the runtime package too (serving/families/modules/).
 COPY --chown=root:root serving/ /opt/vtfuse/serving/
-# Imported checkpoints (`import-hf --target torch`) run their family's PyTorch modules from export/hf.
-COPY --chown=root:root export/__init__.py /opt/vtfuse/export/__init__.py
-COPY --chown=root:root export/hf/ /opt/vtfuse/export/hf/
 # The Python-backend stubs inherit this environment: `serving` importable, one BLAS thread each.
 ENV PYTHONPATH=/opt/vtfuse \
     PYTHONDONTWRITEBYTECODE=1 \

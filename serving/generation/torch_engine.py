@@ -33,7 +33,7 @@ class TorchDecoderEngine:
     @classmethod
     def from_checkpoint(cls, folder: str | Path, autocast: str = "fp16", threads: int = 1) -> TorchDecoderEngine:
         """The generate model's modules from its `checkpoint/` folder (import.json, config.json, weights)."""
-        from export.hf.torch_engine import load_graphs
+        from serving.families.torch_engine import load_graphs
 
         torch.set_num_threads(threads)
         graphs = load_graphs(folder)

@@ -222,15 +222,17 @@ def test_what_the_runtime_images_run_imports_without_torch():
 
 
 def test_the_triton_torch_images_models_import_without_onnx():
-    """The triton-torch image has torch and transformers, the `serving` and `export/hf` code, no ONNX stack."""
+    """The triton-torch image has torch, transformers and the `serving` code (not export/), no ONNX stack."""
     _imports_without(["onnxruntime", "onnx", "ray", "pytriton", "tritonclient"],
                      ["serving.triton.python_models.torch_engine", "serving.triton.python_models.hf_torch_engine",
                       "serving.triton.python_models.generate", "serving.generation.torch_engine",
-                      "export.hf.blip_retrieval", "export.hf.vilt_vqa", "export.hf.blip_caption", "export.hf.blip_vqa"])
+                      "serving.families.modules.blip_retrieval", "serving.families.modules.vilt_vqa",
+                      "serving.families.modules.blip_caption", "serving.families.modules.blip_vqa"])
     requirements = check.requirements(DOCKER / "requirements-triton-torch.txt")
     assert {"torch", "transformers"} <= set(requirements)
     dockerfile = (DOCKER / "triton-torch.Dockerfile").read_text()
-    assert "COPY --chown=root:root export/hf/ /opt/vtfuse/export/hf/" in dockerfile
+    assert "COPY --chown=root:root serving/ /opt/vtfuse/serving/" in dockerfile
+    assert "export/" not in "".join(line for line in dockerfile.splitlines() if line.startswith("COPY"))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from export.hf.torch_engine import HfTorchEngine, load_graphs
+from serving.families.torch_engine import HfTorchEngine, load_graphs
 from serving.triton.python_models.common import parameters, version_dir
 from serving.triton.python_models.torch_engine import TorchTensorsModel, instance_device
 
