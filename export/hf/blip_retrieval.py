@@ -107,3 +107,36 @@ def judge(fp32: dict[str, list[dict[str, np.ndarray]]], int8: dict[str, list[dic
         view.failures.append(f"ITM probability moved by {view.figures['itm_probability_max_abs_diff']:.3f} > 0.05")
     return view
 
+
+
+ITM_MODEL_PY = (
+    '"""Triton Python model: one image against N texts through BLIP\'s fusion '
+    '(serving/triton/python_models/itm_broadcast.py)."""\n\n'
+    "from serving.triton.python_models.itm_broadcast import ItmBroadcastModel as TritonPythonModel  # noqa: F401\n"
+)
+
+
+def extra_models(name: str, engines: dict[str, str], engine_graphs: list[Any]) -> dict[str, tuple[Any, str]]:
+    """Triton models beside the engines: `itm`, the image's features once against N texts (one BLS call).
+
+    Returns role → (config, model.py); `engines` gets their names.
+    """
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    fusion = next(g for g in engine_graphs if g.role == "fusion")
+    image = next(g for g in engine_graphs if g.role == "image_encoder")
+    tokens, width = image.outputs[0].dims
+    h, w, _ = image.inputs[0].dims
+    engines["itm"] = f"{name}_itm"
+    c = mc.ModelConfig(name=engines["itm"], backend="python", max_batch_size=0)
+    for n, t, dims in (("PIXELS", "TYPE_UINT8", (1, h, w, 3)), ("IMAGE_FEATURES", "TYPE_FP32", (1, tokens, width)),
+                       ("INPUT_IDS", "TYPE_INT64", (-1, -1)), ("ATTENTION_MASK", "TYPE_INT64", (-1, -1))):
+        c.input.append(mc.ModelInput(name=n, data_type=mc.DataType.Value(t), dims=list(dims),
+                                     optional=n in ("PIXELS", "IMAGE_FEATURES")))
+    c.output.append(mc.ModelOutput(name="ITM_LOGITS", data_type=mc.TYPE_FP32, dims=[-1, 2]))
+    group = c.instance_group.add()
+    group.count, group.kind = 2, mc.ModelInstanceGroup.KIND_CPU
+    for k, v in {"image_encoder": engines["image_encoder"], "fusion": engines["fusion"],
+                 "fusion_max_batch": str(fusion.max_batch_size)}.items():
+        c.parameters[k].string_value = v
+    return {"itm": (c, ITM_MODEL_PY)}

@@ -286,6 +286,8 @@ def _import(
     log.info("import %s: fp32 parity ok %s", name, json.dumps(report["engines"]))
 
     engines = {r: f"{name}_{r}" for r in dict.fromkeys(g.triton_role for g in graphs)}
+    # Triton models a family brings beside its engines (BLIP retrieval: `itm`, one image against N texts).
+    extras = fam.extra_models(name, engines, graphs) if hasattr(fam, "extra_models") else {}
     spec = None
     generation: dict[str, Any] | None = None
     if spec_of is not None:
@@ -413,6 +415,7 @@ def _import(
     if note is not None and (msg := note(src.config, image)):
         log.warning("import %s: %s", name, msg)
     _install(repo, record, graphs, paths, src, work, target)
+    _install_extras(repo, record, extras, src)
     log.info("import %s: installed %s engines into %s in %.1f s", name, chosen, repo, time.monotonic() - t0)
     return {
         "name": name,
@@ -442,6 +445,28 @@ def _install_generate(vdir: Path, record: ImportRecord, paths: dict[str, Path], 
     onnx = target != "torch"
     write_version_folder(vdir, paths["cross_kv"] if onnx else None, paths["decoder_step"] if onnx else None, shape,
                          spec, work / TOKENIZER_FILE)
+
+
+def _install_extras(repo: Path, record: ImportRecord, extras: dict[str, tuple[mc.ModelConfig, str]],
+                    src: HfSource) -> None:
+    """A family's Triton models that are not engines (Python BLS models): config, model.py, record, manifest."""
+    for role, (config, model_py) in extras.items():
+        mdir = repo / record.engines[role]
+        if mdir.exists():
+            shutil.rmtree(mdir)
+        (mdir / "1" / "checkpoint").mkdir(parents=True)
+        header = _header(record.name, role, record.source, "any")
+        (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
+        (mdir / "1" / "model.py").write_text(model_py)
+        (mdir / "1" / "checkpoint" / IMPORT_RECORD).write_text(json.dumps(record.to_json(), indent=2) + "\n")
+        manifest = {
+            "model": mdir.name, "served_as": record.name, "role": role, "version": 1, "family": record.family,
+            "source": record.source, "created": record.created, "bls": "a Python model over the engines, no weights",
+            "config_pbtxt_sha256": sha256_file(mdir / "config.pbtxt"),
+            "artefacts": {p.relative_to(mdir / "1").as_posix(): sha256_file(p)
+                          for p in sorted((mdir / "1").rglob("*")) if p.is_file()},
+        }
+        (mdir / "1" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _install(

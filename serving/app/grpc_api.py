@@ -194,26 +194,12 @@ async def handle(
     status = "OK"
     admitted = False
     try:
-        keys = args.api_key_values()
-        check_api_key(keys, api_key)
         if method == "ListModels":  # a listing: behind the key like the tasks, but no work to admit
+            check_api_key(args.api_key_values(), api_key)
             await pipeline.learn(None, listing=True)
             return list_models(pipeline, args.default_model)
-        if rate_limiter is not None and rate_limiter.enabled and keys:  # gRPC callers are told apart by key
-            rate_limiter.check(caller_id(api_key, None))
-        if admission is not None:
-            admission.enter()
-            admitted = True
-        if req.ByteSize() > args.limits.max_body_bytes:
-            raise PayloadTooLarge(
-                f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "
-                "(limits.max_body_bytes)"
-            )
-        await pipeline.learn(req.model or None)
-        model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
-        task = to_task(method, req, model)
-        check_limits(task, args.limits)
-        log.info("grpc %s model=%s", method, model)
+        admitted = admit(req, args, admission, api_key, rate_limiter)
+        task = await task_of(method, req, pipeline, args)
         result = await pipeline.run(task, RequestContext(rid, pipeline.deadline(task, t0, args.limits)))
         return to_proto(result)
     except VtfuseError as e:
@@ -224,6 +210,36 @@ async def handle(
             admission.leave()  # type: ignore[union-attr]
         request_id_var.reset(token)
         metrics.request(ROUTES.get(method, method), "grpc", status, time.monotonic() - t0)
+
+
+def admit(req: Any, args: AppArgs, admission: Admission | None, api_key: str | None,
+          rate_limiter: RateLimiter | None) -> bool:
+    """The gates of every task call: key (401), message size (413), the caller's rate and capacity (429).
+
+    Returns True once admitted: the caller must then `admission.leave()`.
+    """
+    keys = args.api_key_values()
+    check_api_key(keys, api_key)
+    if req.ByteSize() > args.limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} (limits.max_body_bytes)"
+        )
+    if rate_limiter is not None and rate_limiter.enabled and keys:  # gRPC callers are told apart by key
+        rate_limiter.check(caller_id(api_key, None))
+    if admission is None:
+        return False
+    admission.enter()
+    return True
+
+
+async def task_of(method: str, req: Any, pipeline: Pipeline, args: AppArgs) -> Task:
+    """The request's model (learnt from Triton if need be), its task and the task's limits checked."""
+    await pipeline.learn(req.model or None)
+    model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
+    task = to_task(method, req, model)
+    check_limits(task, args.limits)
+    log.info("grpc %s model=%s", method, model)
+    return task
 
 
 def refuse(method: str, e: VtfuseError, grpc_context: Any, rid: str) -> str:
@@ -262,24 +278,9 @@ async def handle_stream(
     status = "OK"
     admitted = False
     try:
-        keys = args.api_key_values()
-        check_api_key(keys, api_key)
-        if rate_limiter is not None and rate_limiter.enabled and keys:
-            rate_limiter.check(caller_id(api_key, None))
-        if admission is not None:
-            admission.enter()
-            admitted = True
-        if req.ByteSize() > args.limits.max_body_bytes:
-            raise PayloadTooLarge(
-                f"message is {req.ByteSize()} bytes, over the limit of {args.limits.max_body_bytes} "
-                "(limits.max_body_bytes)"
-            )
-        await pipeline.learn(req.model or None)
-        model = resolve_model(req.model or None, list(pipeline.runtimes), args.default_model)
-        task = to_task(method, req, model)
-        check_limits(task, args.limits)
+        admitted = admit(req, args, admission, api_key, rate_limiter)
+        task = await task_of(method, req, pipeline, args)
         assert isinstance(task, CaptionTask)
-        log.info("grpc %s model=%s", method, model)
         events = await pipeline.stream(task, RequestContext(rid, pipeline.deadline(task, t0, args.limits)))
         async for event in events:
             if "caption" in event:

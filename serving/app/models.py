@@ -103,9 +103,15 @@ class ModelRuntime:
         return None
 
     def engines(self) -> tuple[str, ...]:
-        """Triton model names of every engine (the native caption decoder's too, when installed)."""
-        extra = ("generate",) if self.record is None and self.native_generation is not None else ()
+        """Triton model names of every model it routes to (the native caption decoder's too, when installed)."""
+        if self.record is not None:
+            return tuple(self.record.engines.values())  # its engines and any model its family brings (`itm`)
+        extra = ("generate",) if self.native_generation is not None else ()
         return tuple(self.engine(r) for r in (*self.family.roles, *extra))
+
+    def has(self, role: str) -> bool:
+        """Whether this model has a Triton model for `role` (an import from before a role existed has not)."""
+        return self.record is not None and role in self.record.engines
 
     def decode(self, data: bytes, max_pixels: int) -> np.ndarray:
         """Encoded image → the uint8 (H, W, 3) pixels this model's image engine takes."""

@@ -55,7 +55,7 @@ from serving.errors import (
     VtfuseError,
 )
 from serving.model.preprocess import DEFAULT_MAX_PIXELS, check_image_header
-from serving.triton.client import TritonClient
+from serving.triton.client import TritonClient, map_triton_error
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,10 @@ class Pipeline:
         engine = rt.engine(role)
         n = next(iter(inputs.values())).shape[0]
         wanted = outputs
-        if role == "image_encoder" and rt.record is None:
+        if role == "image_encoder":
             # Triton's response cache keys image_encoder's answers by the pixels alone, not by the outputs
-            # asked for: always ask for both, so a cached answer has whatever the next caller needs.
-            outputs = NATIVE_IMAGE_OUTPUTS
+            # asked for: always ask for all of them, so a cached answer has whatever the next caller needs.
+            outputs = NATIVE_IMAGE_OUTPUTS if rt.record is None else await self._all_outputs(engine)
         parts = router.chunks(n, min(self.engine_max_batch, rt.max_batch(role) or self.engine_max_batch))
 
         async def one(sl: slice) -> dict[str, np.ndarray]:
@@ -286,6 +286,12 @@ class Pipeline:
         if len(results) == 1:
             return {o: results[0][o] for o in wanted}
         return {o: np.concatenate([r[o] for r in results]) for o in wanted}
+
+    async def _all_outputs(self, engine: str) -> tuple[str, ...]:
+        try:
+            return await self.triton.model_outputs(engine)
+        except Exception as e:  # unreachable, not served, ...: the error the call itself would get
+            raise map_triton_error(e, engine) from None
 
     async def learn(self, name: str | None, listing: bool = False) -> None:
         """Before resolving `name` (or listing models): ask Triton's catalog about models this replica lacks."""
@@ -440,6 +446,9 @@ class Pipeline:
         text features (native) or the token ids (BLIP re-embeds them), as the family says.
         """
         n = ids.shape[0]
+        if image_features.shape[0] == 1 and n > 1 and rt.has("itm"):  # the features cross the wire once
+            return await self._itm(rt, {"IMAGE_FEATURES": image_features, "INPUT_IDS": ids, "ATTENTION_MASK": mask},
+                                   ctx)
         feats = image_features if image_features.shape[0] == n else np.repeat(image_features, n, axis=0)
         feed = {"IMAGE_FEATURES": feats}
         if rt.family.fusion_text_input == "ids":
@@ -450,11 +459,27 @@ class Pipeline:
         fused = await self.infer(rt, "fusion", feed, (rt.family.itm_output,), ctx)
         return rt.family.itm_probability(fused)
 
+    async def _itm(self, rt: ModelRuntime, inputs: dict[str, np.ndarray], ctx: RequestContext) -> np.ndarray:
+        """ITM probabilities of N texts against one image through the model's `itm` BLS model (one Triton call)."""
+        engine = rt.engine("itm")
+        t = time.perf_counter()
+        out = await self.triton.infer(engine, inputs, ["ITM_LOGITS"], deadline=ctx.deadline, request_id=ctx.request_id)
+        self.metrics.triton_call("itm", time.perf_counter() - t, sum(int(a.nbytes) for a in inputs.values()),
+                                 int(out["ITM_LOGITS"].nbytes))
+        return rt.family.itm_probability(out)
+
     async def match(self, task: MatchTask, ctx: RequestContext) -> MatchResponse:
-        """ITM probability of each text: image once, texts once (native), fusion per text."""
+        """ITM probability of each text: image once, texts once (native), fusion per text.
+
+        An imported BLIP with its `itm` model takes the pixels and the token ids in one call: the image's
+        features stay inside Triton (no 1.8 MB of BLIP-base features per text on the wire).
+        """
         rt = self.runtime(task)
         needs_features = rt.family.fusion_text_input == "features"
         pre = await self.preprocess(PreprocessItem(task.model, [task.image], task.texts, ctx.request_id), ctx)
+        if rt.has("itm"):
+            scores = await self._itm(rt, {"PIXELS": pre.pixels, "INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}, ctx)
+            return MatchResponse(model=task.model, scores=[float(s) for s in scores])
         calls = [self.infer(rt, "image_encoder", {"PIXELS": pre.pixels}, (IMAGE_FEATURES,), ctx)]
         if needs_features:
             feed = {"INPUT_IDS": pre.ids, "ATTENTION_MASK": pre.mask}

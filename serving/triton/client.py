@@ -267,6 +267,7 @@ class TritonClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next = itertools.count()
         self.stats = WireStats()
+        self._outputs: dict[tuple[str, str], tuple[str, ...]] = {}
         self._channels: list[grpc.aio.Channel] = []  # for streams to decoupled models (raw gRPC: cancellable)
         self._channels_loop: asyncio.AbstractEventLoop | None = None
 
@@ -402,6 +403,14 @@ class TritonClient:
                 call.cancel()
                 self.stats.calls += 1
                 self.stats.sent += sent
+
+    async def model_outputs(self, model: str, version: str = "") -> tuple[str, ...]:
+        """Every output a model declares (Triton's model metadata), asked once per model and version."""
+        key = (model, version)
+        if key not in self._outputs:
+            meta = await self._client().get_model_metadata(model, version, as_json=True)
+            self._outputs[key] = tuple(o["name"] for o in meta.get("outputs", []))
+        return self._outputs[key]
 
     async def models_ready(self, models: Sequence[tuple[str, str]], timeout_s: float = 2.0) -> dict[str, bool]:
         """Readiness of each (model, version); a model is not ready when Triton cannot be reached."""

@@ -123,7 +123,29 @@ class OnnxTriton:
         self.sessions: dict[str, Any] = {}
         self.calls: list[tuple[str, int, tuple[str, ...]]] = []
 
+    async def model_outputs(self, model, version=""):
+        return tuple(o.name for o in load_config(self.repo / model / "config.pbtxt").output)
+
+    async def _itm(self, model, inputs):
+        """What the `itm` BLS model does (serving/triton/python_models/itm_broadcast.py), over the ONNX engines."""
+        params = {k: v.string_value for k, v in load_config(self.repo / model / "config.pbtxt").parameters.items()}
+        feats = inputs.get("IMAGE_FEATURES")
+        if feats is None:
+            img = await self.infer(params["image_encoder"], {"PIXELS": inputs["PIXELS"]},
+                                   ["IMAGE_FEATURES", "IMAGE_EMBEDDING"], deadline=0)
+            feats = img["IMAGE_FEATURES"]
+        ids, mask, step = inputs["INPUT_IDS"], inputs["ATTENTION_MASK"], int(params["fusion_max_batch"])
+        parts = []
+        for i in range(0, len(ids), step):
+            rows = {"IMAGE_FEATURES": np.repeat(feats, len(ids[i : i + step]), 0), "INPUT_IDS": ids[i : i + step],
+                    "ATTENTION_MASK": mask[i : i + step]}
+            parts.append(await self.infer(params["fusion"], rows, ["ITM_LOGITS"], deadline=0))
+        return {"ITM_LOGITS": np.concatenate([p["ITM_LOGITS"] for p in parts])}
+
     async def infer(self, model, inputs, outputs, *, deadline, request_id="", version=""):
+        if model.endswith("_itm"):
+            self.calls.append((model, len(inputs["INPUT_IDS"]), tuple(outputs)))
+            return await self._itm(model, inputs)
         cfg = load_config(self.repo / model / "config.pbtxt")
         n = next(iter(inputs.values())).shape[0]
         assert 0 < n <= cfg.max_batch_size, f"{model}: batch {n} over max_batch_size {cfg.max_batch_size}"
@@ -144,7 +166,8 @@ class OnnxTriton:
         return dict(zip(outputs, got))
 
     async def models_ready(self, models, timeout_s=2.0):
-        return {m: (self.repo / m / "1" / "model.onnx").exists() for m, _ in models}
+        return {m: (self.repo / m / "1" / ("model.py" if m.endswith("_itm") else "model.onnx")).exists()
+                for m, _ in models}
 
     async def close(self):
         return None
@@ -726,6 +749,7 @@ def test_match_gives_transformers_itm_probability_for_each_text(fp32: Imported, 
     engines = [c[0] for c in triton.calls]
     assert f"{BLIP}_text_encoder" not in engines  # BLIP's fusion re-embeds the token ids
     assert engines.count(f"{BLIP}_image_encoder") == 3 and engines.count(f"{BLIP}_fusion") == 3
+    assert engines.count(f"{BLIP}_itm") == 3  # the image once against the texts, inside Triton
 
 
 def _blip_reference(model, processor, images: list[bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

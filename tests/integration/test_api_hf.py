@@ -19,6 +19,7 @@ import torch
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
 from serving.shapes import world
+from tests.helpers import metric_value
 from tests.hf.checkpoints import VQA_LABELS
 
 pytestmark = pytest.mark.integration
@@ -306,3 +307,24 @@ def test_a_replica_apart_from_the_repository_learns_imported_models_from_triton(
 
     scores = asyncio.run(run())
     assert np.abs(np.array(scores) - _itm_reference(blip, image, CAPTIONS)).max() < 1e-3
+
+
+def test_match_sends_the_image_once_and_never_its_features(serve_app, blip):
+    """/v1/match on BLIP: one call to `blip-test_itm` with the pixels; no features per text on the wire."""
+    from tests.integration.test_api_metrics import settled as settled_api
+    from tests.integration.test_api_metrics import wait_for
+
+    def sent(text: str, engine: str) -> float:
+        return metric_value(text, "vtfuse_triton_tensor_bytes_total", engine=engine, direction="sent")
+
+    texts = [f"{c} {extra}".strip() for c in CAPTIONS for extra in ("", "and a circle", "?", "and a square")][:32]
+    image = _images(1, 77)[0]
+    before = settled_api(serve_app.http_url, lambda t: (sent(t, "itm"), sent(t, "fusion")))
+    r = httpx.post(serve_app.http_url + "/v1/match",
+                   json={"model": "blip-test", "image": _b64(image), "texts": texts}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert np.abs(np.array(r.json()["scores"]) - _itm_reference(blip, image, texts)).max() < 1e-3
+    after = wait_for(serve_app.http_url, lambda t: sent(t, "itm") > sent(before, "itm"))
+    assert sent(after, "fusion") == sent(before, "fusion")  # nothing went to the fusion engine from the API
+    pixels, ids = 64 * 64 * 3, 2 * 32 * 16 * 8  # one uint8 image; ids and mask, 32 texts x 16 tokens, int64
+    assert sent(after, "itm") - sent(before, "itm") == pixels + ids

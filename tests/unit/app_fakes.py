@@ -74,6 +74,9 @@ class FakeTriton:
     async def models_ready(self, models, timeout_s=2.0):
         return {n: self.ready for n, _ in models}
 
+    async def model_outputs(self, model, version=""):
+        return ("IMAGE_FEATURES", "IMAGE_EMBEDDING") if "image_encoder" in model else ()
+
     async def close(self):
         return None
 
