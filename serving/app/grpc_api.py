@@ -103,9 +103,12 @@ def to_task(method: str, req: Any, model: str) -> Task:
             image_form = retrieve_form(bool(req.image), len(req.texts) > 0, bool(req.text), len(req.images) > 0)
         except ValueError as e:
             raise SchemaViolation(str(e)) from None
+        shortlist: int | str | None = "all" if req.shortlist < 0 else (req.shortlist or None)
         if image_form:
-            return RetrieveTask(model, req.top_k or 1, image=bytes(req.image), texts=list(req.texts))
-        return RetrieveTask(model, req.top_k or 1, text=req.text, images=[bytes(b) for b in req.images])
+            return RetrieveTask(model, req.top_k or 1, image=bytes(req.image), texts=list(req.texts),
+                                shortlist=shortlist)
+        return RetrieveTask(model, req.top_k or 1, text=req.text, images=[bytes(b) for b in req.images],
+                            shortlist=shortlist)
     if method == "Embed":
         return EmbedTask(model, [bytes(b) for b in req.images], list(req.texts))
     if method in ("Caption", "CaptionStream"):

@@ -85,7 +85,7 @@ _LIST_FIELDS = {
     "/v1/caption": {},
 }
 # Multipart values arrive as text: these fields are turned into the JSON types their schema takes.
-_INT_FIELDS = {"top_k", "max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "seed"}
+_INT_FIELDS = {"top_k", "shortlist", "max_new_tokens", "min_new_tokens", "num_beams", "no_repeat_ngram_size", "seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "length_penalty"}
 _BOOL_FIELDS = {"return_attention", "stream", "do_sample", "early_stopping"}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

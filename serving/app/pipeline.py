@@ -498,8 +498,9 @@ class Pipeline:
     async def _retrieve_texts(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
         rt = self.runtime(task)
         texts = list(task.texts or [])
-        plan = router.plan_retrieve_texts(len(texts), task.top_k, rt.family.fusion_text_input == "features")
-        k = router.shortlist_size(len(texts), task.top_k)
+        plan = router.plan_retrieve_texts(len(texts), task.top_k, rt.family.fusion_text_input == "features",
+                                          task.shortlist)
+        k = router.shortlist_size(len(texts), task.top_k, task.shortlist)
         pre = await self.preprocess(PreprocessItem(task.model, [task.image or b""], texts, ctx.request_id), ctx)
         img_call, txt_call = plan[0]
         img, txt = await asyncio.gather(
@@ -525,8 +526,9 @@ class Pipeline:
     async def _retrieve_images(self, task: RetrieveTask, ctx: RequestContext) -> RetrieveResponse:
         rt = self.runtime(task)
         images = list(task.images or [])
-        plan = router.plan_retrieve_images(len(images), task.top_k, rt.family.fusion_text_input == "features")
-        k = router.shortlist_size(len(images), task.top_k)
+        plan = router.plan_retrieve_images(len(images), task.top_k, rt.family.fusion_text_input == "features",
+                                           task.shortlist)
+        k = router.shortlist_size(len(images), task.top_k, task.shortlist)
         pre = await self.preprocess(PreprocessItem(task.model, images, [task.text or ""], ctx.request_id), ctx)
         img_call, txt_call = plan[0]
         img, txt = await asyncio.gather(

@@ -71,12 +71,20 @@ def plan_match(n_texts: int) -> tuple[Stage, ...]:
     )
 
 
-def shortlist_size(n_candidates: int, top_k: int) -> int:
-    """Candidates re-ranked with ITM: max(16, 4·top_k), at most all of them."""
-    return min(n_candidates, max(SHORTLIST_MIN, SHORTLIST_PER_K * top_k))
+def shortlist_size(n_candidates: int, top_k: int, shortlist: int | str | None = None) -> int:
+    """Candidates re-ranked with ITM, at most all of them.
+
+    `shortlist`: None for BLIP's recipe, max(16, 4·top_k); a number (never below top_k); "all" for every
+    candidate (exact: the embedding shortlist cannot drop the best one).
+    """
+    if shortlist == "all":
+        return n_candidates
+    k = max(SHORTLIST_MIN, SHORTLIST_PER_K * top_k) if shortlist is None else max(int(shortlist), top_k)
+    return min(n_candidates, k)
 
 
-def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) -> tuple[Stage, ...]:
+def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True,
+                        shortlist: int | str | None = None) -> tuple[Stage, ...]:
     """Rank texts for one image.
 
     When every text is shortlisted anyway, text features come with the embeddings in one
@@ -84,7 +92,7 @@ def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) ->
     bytes than features for all: 4·L·D bytes each). Without `text_features` (a fusion that
     takes token ids, as BLIP's does) the text encoder gives embeddings only.
     """
-    k = shortlist_size(n_texts, top_k)
+    k = shortlist_size(n_texts, top_k, shortlist)
     if not text_features:
         return (
             (
@@ -111,7 +119,8 @@ def plan_retrieve_texts(n_texts: int, top_k: int, text_features: bool = True) ->
     )
 
 
-def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) -> tuple[Stage, ...]:
+def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True,
+                         shortlist: int | str | None = None) -> tuple[Stage, ...]:
     """Rank images for one text: every image encoded once (features and embedding), the shortlist's features reused.
 
     The image tower computes both outputs in one pass anyway; encoding the shortlist again would double
@@ -119,7 +128,7 @@ def plan_retrieve_images(n_images: int, top_k: int, text_features: bool = True) 
     BLIP-base image, a few ms on the local gRPC channel). Without `text_features` (a fusion that takes
     token ids) the text encoder gives the embedding only.
     """
-    k = shortlist_size(n_images, top_k)
+    k = shortlist_size(n_images, top_k, shortlist)
     text_outputs = (TEXT_FEATURES, TEXT_EMBEDDING) if text_features else (TEXT_EMBEDDING,)
     itm = ITM_LOGIT if text_features else ITM_LOGITS
     return (

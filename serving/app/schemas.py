@@ -57,6 +57,11 @@ class RetrieveRequest(_Request):
     text: Text | None = None
     images: list[B64Image] | None = Field(default=None, min_length=1)
     top_k: TopK = 1
+    shortlist: Annotated[int, Field(ge=1)] | Literal["all"] | None = Field(
+        default=None,
+        description="Candidates the ITM head re-ranks after the embedding shortlist: a number (at least top_k), or "
+        "\"all\" to score every candidate with ITM (exact, slower); default max(16, 4·top_k), BLIP's recipe.",
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> RetrieveRequest:

@@ -43,6 +43,7 @@ class RetrieveTask:
     texts: list[str] | None = None
     text: str | None = None
     images: list[bytes] | None = None
+    shortlist: int | str | None = None  # None: max(16, 4·top_k); a number; "all": ITM on every candidate
 
     @property
     def image_form(self) -> bool:
@@ -110,9 +111,10 @@ def from_http(body: schemas._Request, model: str) -> Task:
         return MatchTask(model, decode_b64(body.image, "image"), list(body.texts))
     if isinstance(body, schemas.RetrieveRequest):
         if body.image is not None:
-            return RetrieveTask(model, body.top_k, image=decode_b64(body.image, "image"), texts=list(body.texts or []))
+            return RetrieveTask(model, body.top_k, image=decode_b64(body.image, "image"), texts=list(body.texts or []),
+                                shortlist=body.shortlist)
         images = [decode_b64(b, f"images[{i}]") for i, b in enumerate(body.images or [])]
-        return RetrieveTask(model, body.top_k, text=body.text, images=images)
+        return RetrieveTask(model, body.top_k, text=body.text, images=images, shortlist=body.shortlist)
     if isinstance(body, schemas.EmbedRequest):
         images = [decode_b64(b, f"images[{i}]") for i, b in enumerate(body.images or [])]
         return EmbedTask(model, images, list(body.texts or []))

@@ -105,6 +105,13 @@ def _incomplete(events: int, request_id: str) -> ApiError:
     return ApiConnectionError(f"the stream ended after {events} events, before its last", request_id)
 
 
+
+def _shortlist(shortlist: int | str | None) -> int:
+    """The proto's shortlist field: 0 the server's default, -1 every candidate ("all"), else the number."""
+    if shortlist is None:
+        return 0
+    return -1 if shortlist == "all" else int(shortlist)
+
 class _Requests:
     """Request protos and call plumbing shared by the sync and async gRPC clients."""
 
@@ -164,12 +171,16 @@ class _Requests:
         return pb.MatchRequest(image=read_image(image), texts=list(texts), model=model)
 
     @staticmethod
-    def _retrieve_texts(image: Image, texts: Sequence[str], top_k: int, model: str) -> pb.RetrieveRequest:
-        return pb.RetrieveRequest(image=read_image(image), texts=list(texts), top_k=top_k, model=model)
+    def _retrieve_texts(image: Image, texts: Sequence[str], top_k: int, model: str,
+                        shortlist: int | str | None = None) -> pb.RetrieveRequest:
+        return pb.RetrieveRequest(image=read_image(image), texts=list(texts), top_k=top_k, model=model,
+                                  shortlist=_shortlist(shortlist))
 
     @staticmethod
-    def _retrieve_images(text: str, images: Sequence[Image], top_k: int, model: str) -> pb.RetrieveRequest:
-        return pb.RetrieveRequest(text=text, images=[read_image(i) for i in images], top_k=top_k, model=model)
+    def _retrieve_images(text: str, images: Sequence[Image], top_k: int, model: str,
+                         shortlist: int | str | None = None) -> pb.RetrieveRequest:
+        return pb.RetrieveRequest(text=text, images=[read_image(i) for i in images], top_k=top_k, model=model,
+                                  shortlist=_shortlist(shortlist))
 
     @staticmethod
     def _embed(images: Sequence[Image] | None, texts: Sequence[str] | None, model: str) -> pb.EmbedRequest:
@@ -291,17 +302,19 @@ class VtfuseGrpcClient(_Requests):
         return MatchResult.from_proto(*self._call("Match", self._match(image, texts, model or ""), request_id))
 
     def retrieve_texts(
-        self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None
+        self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank texts for an image."""
-        req = self._retrieve_texts(image, texts, top_k, model or "")
+        req = self._retrieve_texts(image, texts, top_k, model or "", shortlist)
         return RetrieveResult.from_proto(*self._call("Retrieve", req, request_id))
 
     def retrieve_images(
-        self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None
+        self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank images for a text."""
-        req = self._retrieve_images(text, images, top_k, model or "")
+        req = self._retrieve_images(text, images, top_k, model or "", shortlist)
         return RetrieveResult.from_proto(*self._call("Retrieve", req, request_id))
 
     def embed(
@@ -457,17 +470,19 @@ class AsyncVtfuseGrpcClient(_Requests):
         return MatchResult.from_proto(*await self._call("Match", self._match(image, texts, model or ""), request_id))
 
     async def retrieve_texts(
-        self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None
+        self, image: Image, texts: Sequence[str], top_k: int = 1, model: str = "", request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank texts for an image."""
-        req = self._retrieve_texts(image, texts, top_k, model or "")
+        req = self._retrieve_texts(image, texts, top_k, model or "", shortlist)
         return RetrieveResult.from_proto(*await self._call("Retrieve", req, request_id))
 
     async def retrieve_images(
-        self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None
+        self, text: str, images: Sequence[Image], top_k: int = 1, model: str = "", request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank images for a text."""
-        req = self._retrieve_images(text, images, top_k, model or "")
+        req = self._retrieve_images(text, images, top_k, model or "", shortlist)
         return RetrieveResult.from_proto(*await self._call("Retrieve", req, request_id))
 
     async def embed(

@@ -90,6 +90,7 @@ def _bodies(
     top_k: int | None = None,
     model: str | None = None,
     return_attention: bool = False,
+    shortlist: int | str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if image is not None:
@@ -108,6 +109,8 @@ def _bodies(
         body["model"] = model
     if return_attention:
         body["return_attention"] = True
+    if shortlist is not None:
+        body["shortlist"] = shortlist
     return body
 
 
@@ -305,9 +308,10 @@ class VtfuseClient(_Calls):
         top_k: int = 1,
         model: str | None = None,
         request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank texts for an image (POST /v1/retrieve, image form)."""
-        body = _bodies(image=image, texts=texts, top_k=top_k, model=model)
+        body = _bodies(image=image, texts=texts, top_k=top_k, model=model, shortlist=shortlist)
         return RetrieveResult.from_json(*self._post("/v1/retrieve", body, request_id))
 
     def retrieve_images(
@@ -317,9 +321,10 @@ class VtfuseClient(_Calls):
         top_k: int = 1,
         model: str | None = None,
         request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank images for a text (POST /v1/retrieve, text form)."""
-        body = _bodies(text=text, images=images, top_k=top_k, model=model)
+        body = _bodies(text=text, images=images, top_k=top_k, model=model, shortlist=shortlist)
         return RetrieveResult.from_json(*self._post("/v1/retrieve", body, request_id))
 
     def embed(
@@ -496,9 +501,10 @@ class AsyncVtfuseClient(_Calls):
         top_k: int = 1,
         model: str | None = None,
         request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank texts for an image (POST /v1/retrieve, image form)."""
-        body = _bodies(image=image, texts=texts, top_k=top_k, model=model)
+        body = _bodies(image=image, texts=texts, top_k=top_k, model=model, shortlist=shortlist)
         return RetrieveResult.from_json(*await self._post("/v1/retrieve", body, request_id))
 
     async def retrieve_images(
@@ -508,9 +514,10 @@ class AsyncVtfuseClient(_Calls):
         top_k: int = 1,
         model: str | None = None,
         request_id: str | None = None,
+        shortlist: int | str | None = None,
     ) -> RetrieveResult:
         """Rank images for a text (POST /v1/retrieve, text form)."""
-        body = _bodies(text=text, images=images, top_k=top_k, model=model)
+        body = _bodies(text=text, images=images, top_k=top_k, model=model, shortlist=shortlist)
         return RetrieveResult.from_json(*await self._post("/v1/retrieve", body, request_id))
 
     async def embed(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/vtfuse.proto\x12\tvtfuse.v1\"f\n\nVqaRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tquestions\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x18\n\x10return_attention\x18\x05 \x01(\x08\",\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\";\n\rAttentionGrid\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\xa0\x01\n\tVqaAnswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12%\n\x05top_k\x18\x04 \x03(\x0b\x32\x16.vtfuse.v1.AnswerScore\x12+\n\tattention\x18\x05 \x01(\x0b\x32\x18.vtfuse.v1.AttentionGrid\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"C\n\x0bVqaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.VqaAnswer\";\n\x0cMatchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\".\n\rMatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"k\n\x0fRetrieveRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\"<\n\x0eRetrieveResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"M\n\x10RetrieveResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.vtfuse.v1.RetrieveResult\"<\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x10image_embeddings\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\x12-\n\x0ftext_embeddings\x18\x03 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\"\x13\n\x11ListModelsRequest\"\xea\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x32\n\x07\x65ngines\x18\x05 \x03(\x0b\x32!.vtfuse.v1.ModelInfo.EnginesEntry\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bparity_json\x18\x08 \x01(\t\x1a.\n\x0c\x45nginesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.ModelInfo\"\x98\x04\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tnum_beams\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tdo_sample\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\n \x01(\x01H\t\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\x0b \x01(\tH\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x0b\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_num_beamsB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\x07\n\x05_seed\"\x83\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x33\n\nparameters\x18\x04 \x01(\x0b\x32\x1f.vtfuse.v1.GenerationParametersB\t\n\x07_prompt\"?\n\x0c\x43\x61ptionUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"\x97\x01\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.vtfuse.v1.CaptionUsage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"j\n\x0c\x43\x61ptionEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12*\n\x06result\x18\x04 \x01(\x0b\x32\x1a.vtfuse.v1.CaptionResponse2\xcf\x03\n\x06Vtfuse\x12\x34\n\x03Vqa\x12\x15.vtfuse.v1.VqaRequest\x1a\x16.vtfuse.v1.VqaResponse\x12:\n\x05Match\x12\x17.vtfuse.v1.MatchRequest\x1a\x18.vtfuse.v1.MatchResponse\x12\x43\n\x08Retrieve\x12\x1a.vtfuse.v1.RetrieveRequest\x1a\x1b.vtfuse.v1.RetrieveResponse\x12:\n\x05\x45mbed\x12\x17.vtfuse.v1.EmbedRequest\x1a\x18.vtfuse.v1.EmbedResponse\x12I\n\nListModels\x12\x1c.vtfuse.v1.ListModelsRequest\x1a\x1d.vtfuse.v1.ListModelsResponse\x12@\n\x07\x43\x61ption\x12\x19.vtfuse.v1.CaptionRequest\x1a\x1a.vtfuse.v1.CaptionResponse\x12\x45\n\rCaptionStream\x12\x19.vtfuse.v1.CaptionRequest\x1a\x17.vtfuse.v1.CaptionEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aserving/proto/vtfuse.proto\x12\tvtfuse.v1\"f\n\nVqaRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x11\n\tquestions\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x18\n\x10return_attention\x18\x05 \x01(\x08\",\n\x0b\x41nswerScore\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\";\n\rAttentionGrid\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\x0e\n\x06values\x18\x03 \x03(\x02\"\xa0\x01\n\tVqaAnswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12%\n\x05top_k\x18\x04 \x03(\x0b\x32\x16.vtfuse.v1.AnswerScore\x12+\n\tattention\x18\x05 \x01(\x0b\x32\x18.vtfuse.v1.AttentionGrid\x12\x0e\n\x06tokens\x18\x06 \x03(\t\"C\n\x0bVqaResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07\x61nswers\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.VqaAnswer\";\n\x0cMatchRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\".\n\rMatchResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"~\n\x0fRetrieveRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0e\n\x06images\x18\x04 \x03(\x0c\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\r\n\x05model\x18\x06 \x01(\t\x12\x11\n\tshortlist\x18\x07 \x01(\x05\"<\n\x0eRetrieveResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\"M\n\x10RetrieveResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.vtfuse.v1.RetrieveResult\"<\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"}\n\rEmbedResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\x10image_embeddings\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\x12-\n\x0ftext_embeddings\x18\x03 \x03(\x0b\x32\x14.vtfuse.v1.Embedding\"\x13\n\x11ListModelsRequest\"\xea\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x32\n\x07\x65ngines\x18\x05 \x03(\x0b\x32!.vtfuse.v1.ModelInfo.EnginesEntry\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x13\n\x0bparity_json\x18\x08 \x01(\t\x1a.\n\x0c\x45nginesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.vtfuse.v1.ModelInfo\"\x98\x04\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tnum_beams\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x16\n\tdo_sample\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\n \x01(\x01H\t\x88\x01\x01\x12\x1b\n\x0e\x65\x61rly_stopping\x18\x0b \x01(\tH\n\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x04H\x0b\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\x0c\n\n_num_beamsB\x0c\n\n_do_sampleB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x11\n\x0f_length_penaltyB\x11\n\x0f_early_stoppingB\x07\n\x05_seed\"\x83\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x06prompt\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x33\n\nparameters\x18\x04 \x01(\x0b\x32\x1f.vtfuse.v1.GenerationParametersB\t\n\x07_prompt\"?\n\x0c\x43\x61ptionUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\"\x97\x01\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ption\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.vtfuse.v1.CaptionUsage\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"j\n\x0c\x43\x61ptionEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12*\n\x06result\x18\x04 \x01(\x0b\x32\x1a.vtfuse.v1.CaptionResponse2\xcf\x03\n\x06Vtfuse\x12\x34\n\x03Vqa\x12\x15.vtfuse.v1.VqaRequest\x1a\x16.vtfuse.v1.VqaResponse\x12:\n\x05Match\x12\x17.vtfuse.v1.MatchRequest\x1a\x18.vtfuse.v1.MatchResponse\x12\x43\n\x08Retrieve\x12\x1a.vtfuse.v1.RetrieveRequest\x1a\x1b.vtfuse.v1.RetrieveResponse\x12:\n\x05\x45mbed\x12\x17.vtfuse.v1.EmbedRequest\x1a\x18.vtfuse.v1.EmbedResponse\x12I\n\nListModels\x12\x1c.vtfuse.v1.ListModelsRequest\x1a\x1d.vtfuse.v1.ListModelsResponse\x12@\n\x07\x43\x61ption\x12\x19.vtfuse.v1.CaptionRequest\x1a\x1a.vtfuse.v1.CaptionResponse\x12\x45\n\rCaptionStream\x12\x19.vtfuse.v1.CaptionRequest\x1a\x17.vtfuse.v1.CaptionEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,35 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCHRESPONSE']._serialized_start=545
   _globals['_MATCHRESPONSE']._serialized_end=591
   _globals['_RETRIEVEREQUEST']._serialized_start=593
-  _globals['_RETRIEVEREQUEST']._serialized_end=700
-  _globals['_RETRIEVERESULT']._serialized_start=702
-  _globals['_RETRIEVERESULT']._serialized_end=762
-  _globals['_RETRIEVERESPONSE']._serialized_start=764
-  _globals['_RETRIEVERESPONSE']._serialized_end=841
-  _globals['_EMBEDREQUEST']._serialized_start=843
-  _globals['_EMBEDREQUEST']._serialized_end=903
-  _globals['_EMBEDDING']._serialized_start=905
-  _globals['_EMBEDDING']._serialized_end=932
-  _globals['_EMBEDRESPONSE']._serialized_start=934
-  _globals['_EMBEDRESPONSE']._serialized_end=1059
-  _globals['_LISTMODELSREQUEST']._serialized_start=1061
-  _globals['_LISTMODELSREQUEST']._serialized_end=1080
-  _globals['_MODELINFO']._serialized_start=1083
-  _globals['_MODELINFO']._serialized_end=1317
-  _globals['_MODELINFO_ENGINESENTRY']._serialized_start=1271
-  _globals['_MODELINFO_ENGINESENTRY']._serialized_end=1317
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1319
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1400
-  _globals['_GENERATIONPARAMETERS']._serialized_start=1403
-  _globals['_GENERATIONPARAMETERS']._serialized_end=1939
-  _globals['_CAPTIONREQUEST']._serialized_start=1942
-  _globals['_CAPTIONREQUEST']._serialized_end=2073
-  _globals['_CAPTIONUSAGE']._serialized_start=2075
-  _globals['_CAPTIONUSAGE']._serialized_end=2138
-  _globals['_CAPTIONRESPONSE']._serialized_start=2141
-  _globals['_CAPTIONRESPONSE']._serialized_end=2292
-  _globals['_CAPTIONEVENT']._serialized_start=2294
-  _globals['_CAPTIONEVENT']._serialized_end=2400
-  _globals['_VTFUSE']._serialized_start=2403
-  _globals['_VTFUSE']._serialized_end=2866
+  _globals['_RETRIEVEREQUEST']._serialized_end=719
+  _globals['_RETRIEVERESULT']._serialized_start=721
+  _globals['_RETRIEVERESULT']._serialized_end=781
+  _globals['_RETRIEVERESPONSE']._serialized_start=783
+  _globals['_RETRIEVERESPONSE']._serialized_end=860
+  _globals['_EMBEDREQUEST']._serialized_start=862
+  _globals['_EMBEDREQUEST']._serialized_end=922
+  _globals['_EMBEDDING']._serialized_start=924
+  _globals['_EMBEDDING']._serialized_end=951
+  _globals['_EMBEDRESPONSE']._serialized_start=953
+  _globals['_EMBEDRESPONSE']._serialized_end=1078
+  _globals['_LISTMODELSREQUEST']._serialized_start=1080
+  _globals['_LISTMODELSREQUEST']._serialized_end=1099
+  _globals['_MODELINFO']._serialized_start=1102
+  _globals['_MODELINFO']._serialized_end=1336
+  _globals['_MODELINFO_ENGINESENTRY']._serialized_start=1290
+  _globals['_MODELINFO_ENGINESENTRY']._serialized_end=1336
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1338
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1419
+  _globals['_GENERATIONPARAMETERS']._serialized_start=1422
+  _globals['_GENERATIONPARAMETERS']._serialized_end=1958
+  _globals['_CAPTIONREQUEST']._serialized_start=1961
+  _globals['_CAPTIONREQUEST']._serialized_end=2092
+  _globals['_CAPTIONUSAGE']._serialized_start=2094
+  _globals['_CAPTIONUSAGE']._serialized_end=2157
+  _globals['_CAPTIONRESPONSE']._serialized_start=2160
+  _globals['_CAPTIONRESPONSE']._serialized_end=2311
+  _globals['_CAPTIONEVENT']._serialized_start=2313
+  _globals['_CAPTIONEVENT']._serialized_end=2419
+  _globals['_VTFUSE']._serialized_start=2422
+  _globals['_VTFUSE']._serialized_end=2885
 # @@protoc_insertion_point(module_scope)

@@ -82,20 +82,22 @@ class MatchResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("image", "texts", "text", "images", "top_k", "model")
+    __slots__ = ("image", "texts", "text", "images", "top_k", "model", "shortlist")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHORTLIST_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     texts: _containers.RepeatedScalarFieldContainer[str]
     text: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     top_k: int
     model: str
-    def __init__(self, image: _Optional[bytes] = ..., texts: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    shortlist: int
+    def __init__(self, image: _Optional[bytes] = ..., texts: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., model: _Optional[str] = ..., shortlist: _Optional[int] = ...) -> None: ...
 
 class RetrieveResult(_message.Message):
     __slots__ = ("index", "score", "text")

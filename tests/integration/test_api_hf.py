@@ -328,3 +328,19 @@ def test_match_sends_the_image_once_and_never_its_features(serve_app, blip):
     assert sent(after, "fusion") == sent(before, "fusion")  # nothing went to the fusion engine from the API
     pixels, ids = 64 * 64 * 3, 2 * 32 * 16 * 8  # one uint8 image; ids and mask, 32 texts x 16 tokens, int64
     assert sent(after, "itm") - sent(before, "itm") == pixels + ids
+
+
+def test_retrieve_with_every_candidate_shortlisted_is_exact(serve_app, blip):
+    """`shortlist: "all"` scores every text with ITM: the ranking is transformers' ITM order itself."""
+    texts = [f"{c} {extra}".strip() for c in CAPTIONS for extra in ("", "and a circle", "?", "and a square")][:30]
+    image = _images(1, 78)[0]
+    body = {"model": "blip-test", "image": _b64(image), "texts": texts, "top_k": 5, "shortlist": "all"}
+    r = httpx.post(serve_app.http_url + "/v1/retrieve", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    with torch.no_grad():
+        itm = _itm_reference(blip, image, texts)
+    assert [x["index"] for x in r.json()["results"]] == [int(i) for i in np.argsort(-itm, kind="stable")[:5]]
+    with grpc.insecure_channel(serve_app.grpc_target) as ch:
+        resp = pb_grpc.VtfuseStub(ch).Retrieve(pb.RetrieveRequest(image=image, texts=texts, top_k=5, shortlist=-1,
+                                                                  model="blip-test"), timeout=30)
+    assert [x.index for x in resp.results] == [x["index"] for x in r.json()["results"]]

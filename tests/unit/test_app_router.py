@@ -117,3 +117,12 @@ def test_token_list_is_the_unpadded_tokens():
 def test_chunks_respect_engine_max_batch():
     assert router.chunks(130, 64) == [slice(0, 64), slice(64, 128), slice(128, 130)]
     assert router.chunks(3, 64) == [slice(0, 3)]
+
+
+def test_shortlist_size_follows_the_request():
+    assert router.shortlist_size(64, 1) == 16 and router.shortlist_size(64, 5) == 20  # max(16, 4·top_k)
+    assert router.shortlist_size(64, 1, "all") == 64  # exact: ITM on every candidate
+    assert router.shortlist_size(64, 5, 8) == 8 and router.shortlist_size(64, 10, 8) == 10  # never below top_k
+    assert router.shortlist_size(12, 1, 32) == 12
+    plan = router.plan_retrieve_texts(64, 1, text_features=False, shortlist="all")
+    assert rows(plan, "fusion") == [64]

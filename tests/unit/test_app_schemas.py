@@ -199,3 +199,18 @@ def test_serve_config_args_are_valid_app_args():
     for d in app["deployments"]:
         assert 0 < d["ray_actor_options"]["num_cpus"] < 1  # fractional: replicas fit beside Triton
     assert config["grpc_options"]["port"] == 9000 and config["http_options"]["port"] == 8080
+
+
+@pytest.mark.parametrize(("value", "ok"), [("all", True), (8, True), (None, True), (0, False), ("some", False),
+                                           ("8", False), (True, False)])
+def test_retrieve_shortlist_is_a_number_or_all(value, ok):
+    from pydantic import ValidationError
+
+    from serving.app.schemas import RetrieveRequest
+
+    body = {"image": "aGk=", "texts": ["a red circle"], **({} if value is None else {"shortlist": value})}
+    if ok:
+        assert RetrieveRequest.model_validate(body).shortlist == value
+    else:
+        with pytest.raises(ValidationError):
+            RetrieveRequest.model_validate(body)
