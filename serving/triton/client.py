@@ -5,6 +5,12 @@ both as the gRPC deadline and as Triton's own queue timeout, so a request that c
 longer be answered in time is dropped from the dynamic batcher's queue instead of run.
 gRPC's reconnect backoff is capped (`max_reconnect_backoff_ms`) so that after a Triton
 restart the channels find the new server within seconds, not minutes.
+
+Failover: with several Tritons (`url` `ray:vtfuse_triton`, one per Ray node, listed by
+serving.triton.directory; or an `endpoints` callable), a call goes to the first of the list
+(this node's own) and, when that one is unreachable or going away, to the next one at once;
+inference is idempotent, so the request is not lost. An endpoint that failed so is tried last
+for `DOWN_FOR_S`. A stream fails over only before its first response.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -40,10 +47,12 @@ from serving.errors import (
     VtfuseError,
     error_from_code,
 )
+from serving.triton.directory import is_discovery_url
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DOWN_FOR_S = 5.0  # an endpoint that failed a call as unreachable is tried last for this long
 
 
 @dataclass(frozen=True)
@@ -259,9 +268,14 @@ class WireStats:
 
 
 class TritonClient:
-    """A pool of `tritonclient.grpc.aio` clients bound lazily to the running event loop."""
+    """A pool of `tritonclient.grpc.aio` clients bound lazily to the running event loop.
 
-    def __init__(self, settings: TritonClientSettings) -> None:
+    With `endpoints` (a callable giving host:port addresses in the order to try them), or a
+    `settings.url` of `ray:vtfuse_triton` (the per-node Tritons serving.triton.directory lists), each
+    call fails over along the list; otherwise every call goes to `settings.url`.
+    """
+
+    def __init__(self, settings: TritonClientSettings, endpoints: Callable[[], Sequence[str]] | None = None) -> None:
         self.settings = settings
         self._clients: list[grpcaio.InferenceServerClient] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,6 +284,66 @@ class TritonClient:
         self._outputs: dict[tuple[str, str], tuple[str, ...]] = {}
         self._channels: list[grpc.aio.Channel] = []  # for streams to decoupled models (raw gRPC: cancellable)
         self._channels_loop: asyncio.AbstractEventLoop | None = None
+        # Failover over several Tritons: per-address pools and when each may be tried first again.
+        self.directory: Any = None
+        if endpoints is None and is_discovery_url(settings.url):
+            from serving.triton.directory import TritonDirectory
+
+            self.directory = TritonDirectory()
+            endpoints = self.directory.urls
+        self._endpoints = endpoints
+        self._pools: dict[str, list[grpcaio.InferenceServerClient]] = {}
+        self._stream_pools: dict[str, list[grpc.aio.Channel]] = {}
+        self._pools_loop: asyncio.AbstractEventLoop | None = None
+        self._down: dict[str, float] = {}
+
+    @property
+    def fails_over(self) -> bool:
+        """True when calls go to a list of Tritons rather than one address."""
+        return self._endpoints is not None
+
+    def _targets(self) -> list[str | None]:
+        """Addresses to try, in order (None: `settings.url` through the single pool); down ones last.
+
+        Raises:
+            UpstreamUnavailable: a failover list that is empty (no Triton of the cluster is up).
+        """
+        if self._endpoints is None:
+            return [None]
+        urls = list(dict.fromkeys(self._endpoints()))
+        if not urls:
+            raise UpstreamUnavailable(
+                "no Triton is up on any Ray node offering the resource vtfuse_triton: retry shortly "
+                "(`vtfuse serve --ray-address` starts one per such node)",
+                retry_after=1.0,
+            )
+        now = time.monotonic()
+        up: list[str | None] = [u for u in urls if self._down.get(u, 0.0) <= now]
+        return up + [u for u in urls if self._down.get(u, 0.0) > now]
+
+    def _mark_down(self, url: str | None, why: str) -> None:
+        if url is None:
+            return
+        if self._down.get(url, 0.0) <= time.monotonic():
+            log.warning("Triton %s unreachable (%s): trying the other nodes' first for %.0f s", url, why, DOWN_FOR_S)
+        self._down[url] = time.monotonic() + DOWN_FOR_S
+
+    def _loop_pools(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._pools_loop is not loop:  # channels belong to one loop
+            self._pools, self._stream_pools, self._pools_loop = {}, {}, loop
+
+    def _pool_at(self, url: str) -> list[grpcaio.InferenceServerClient]:
+        self._loop_pools()
+        pool = self._pools.get(url)
+        if pool is None:
+            creds = channel_credentials(self.settings)
+            pool = [
+                grpcaio.InferenceServerClient(url, creds=creds, channel_args=channel_args(self.settings))
+                for _ in range(max(1, self.settings.pool_size))
+            ]
+            self._pools[url] = pool
+        return pool
 
     def _pool(self) -> list[grpcaio.InferenceServerClient]:
         loop = asyncio.get_running_loop()
@@ -282,8 +356,8 @@ class TritonClient:
             self._loop = loop
         return self._clients
 
-    def _client(self) -> grpcaio.InferenceServerClient:
-        pool = self._pool()
+    def _client(self, url: str | None = None) -> grpcaio.InferenceServerClient:
+        pool = self._pool() if url is None else self._pool_at(url)
         return pool[next(self._next) % len(pool)]
 
     async def infer(
@@ -312,13 +386,17 @@ class TritonClient:
         infer_inputs = [make_input(n, a) for n, a in inputs.items()]
         requested = [InferRequestedOutput(o) for o in outputs]
         attempt = 0
+        targets = self._targets()
+        # Each other Triton once, then `retry_unavailable` more tries (one Triton: as many retries of it).
+        tries_left = self.settings.retry_unavailable + len(targets) - 1
         with tracing.triton_call(model, request_id) as headers:  # a span + `traceparent` when tracing is on
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0.001:
                     raise UpstreamTimeout(f"request deadline expired before calling {model}")
+                target = targets[attempt % len(targets)]
                 try:
-                    result = await self._client().infer(
+                    result = await self._client(target).infer(
                         model,
                         infer_inputs,
                         model_version=version,
@@ -331,8 +409,15 @@ class TritonClient:
                     break
                 except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError) as e:
                     err = map_triton_error(e, model)
-                    if attempt < self.settings.retry_unavailable and _is_retryable(err):
+                    if attempt < tries_left and _is_retryable(err):
                         attempt += 1
+                        nxt = targets[attempt % len(targets)]
+                        if nxt != target:
+                            self._mark_down(target, err.message)
+                        if attempt < len(targets):  # a Triton not tried yet (another node's): at once
+                            log.warning("request_id=%s %s on %s: %s; failing over to %s",
+                                        request_id, model, target, err.message, nxt)
+                            continue
                         log.warning("request_id=%s %s: %s; retrying once", request_id, model, err.message)
                         await asyncio.sleep(self.settings.retry_backoff_s)
                         continue
@@ -344,7 +429,19 @@ class TritonClient:
         self.stats.received += sum(int(a.nbytes) for a in out.values())
         return out
 
-    def _stream_stub(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+    def _stream_stub(self, url: str | None = None) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        if url is not None:
+            self._loop_pools()
+            channels = self._stream_pools.get(url)
+            if channels is None:
+                creds, opts = channel_credentials(self.settings), channel_args(self.settings)
+                channels = [
+                    grpc.aio.secure_channel(url, creds, options=opts) if creds is not None
+                    else grpc.aio.insecure_channel(url, options=opts)
+                    for _ in range(max(1, self.settings.pool_size))
+                ]
+                self._stream_pools[url] = channels
+            return service_pb2_grpc.GRPCInferenceServiceStub(channels[next(self._next) % len(channels)])
         loop = asyncio.get_running_loop()
         if self._channels_loop is not loop:
             creds = channel_credentials(self.settings)
@@ -379,50 +476,84 @@ class TritonClient:
             yield request
             await asyncio.Event().wait()  # keep our side open until the call ends or is cancelled
 
+        targets = self._targets()
         with tracing.triton_call(model, request_id) as headers:
-            call = self._stream_stub().ModelStreamInfer(
-                requests(), timeout=left, metadata=tuple((headers or {}).items()) or None
-            )
-            try:
-                async for resp in call:
-                    if resp.error_message:
-                        err = map_stream_error(resp.error_message, model)
-                        log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
-                        raise err
-                    out = stream_outputs(resp.infer_response)
-                    self.stats.received += sum(int(a.nbytes) for a in out.values())
-                    final = resp.infer_response.parameters["triton_final_response"].bool_param
-                    yield out
-                    if final:
-                        break
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise UpstreamTimeout(f"Triton did not finish {model} before the request deadline") from None
-                raise map_triton_error(e, model) from None
-            finally:
-                call.cancel()
-                self.stats.calls += 1
-                self.stats.sent += sent
+            for i, target in enumerate(targets):
+                left = deadline - time.monotonic()
+                if left <= 0.001:
+                    raise UpstreamTimeout(f"request deadline expired before calling {model}")
+                call = self._stream_stub(target).ModelStreamInfer(
+                    requests(), timeout=left, metadata=tuple((headers or {}).items()) or None
+                )
+                answered = False
+                try:
+                    async for resp in call:
+                        if resp.error_message:
+                            err = map_stream_error(resp.error_message, model)
+                            log.warning("request_id=%s %s failed: %s", request_id, model, err.message)
+                            raise err
+                        out = stream_outputs(resp.infer_response)
+                        self.stats.received += sum(int(a.nbytes) for a in out.values())
+                        final = resp.infer_response.parameters["triton_final_response"].bool_param
+                        answered = True
+                        yield out
+                        if final:
+                            break
+                    return
+                except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise UpstreamTimeout(f"Triton did not finish {model} before the request deadline") from None
+                    err = map_triton_error(e, model)
+                    if not answered and i + 1 < len(targets) and _is_retryable(err):  # nothing sent on: fail over
+                        self._mark_down(target, err.message)
+                        log.warning("request_id=%s %s stream on %s: %s; failing over to %s",
+                                    request_id, model, target, err.message, targets[i + 1])
+                        continue
+                    raise err from None
+                finally:
+                    call.cancel()
+                    self.stats.calls += 1
+                    self.stats.sent += sent
 
     async def model_outputs(self, model: str, version: str = "") -> tuple[str, ...]:
         """Every output a model declares (Triton's model metadata), asked once per model and version."""
         key = (model, version)
         if key not in self._outputs:
-            meta = await self._client().get_model_metadata(model, version, as_json=True)
+            targets = self._targets()
+            for i, target in enumerate(targets):
+                try:
+                    meta = await self._client(target).get_model_metadata(model, version, as_json=True)
+                    break
+                except (InferenceServerException, grpc.RpcError):
+                    if i + 1 == len(targets):
+                        raise
+                    self._mark_down(target, f"metadata of {model}")
             self._outputs[key] = tuple(o["name"] for o in meta.get("outputs", []))
         return self._outputs[key]
 
     async def models_ready(self, models: Sequence[tuple[str, str]], timeout_s: float = 2.0) -> dict[str, bool]:
         """Readiness of each (model, version); a model is not ready when Triton cannot be reached."""
 
-        async def one(name: str, version: str) -> bool:
+        async def one(name: str, version: str, target: str | None) -> bool:
             try:
-                return bool(await asyncio.wait_for(self._client().is_model_ready(name, version), timeout=timeout_s))
+                ready = self._client(target).is_model_ready(name, version)
+                return bool(await asyncio.wait_for(ready, timeout=timeout_s))
             except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError):
                 return False
 
-        results = await asyncio.gather(*(one(n, v) for n, v in models))
-        return {f"{n}:{v}" if v else n: r for (n, v), r in zip(models, results)}
+        try:
+            targets = self._targets()
+        except UpstreamUnavailable:
+            targets = []
+        # With failover a model is ready when one Triton of the list has it ready (asked in order).
+        left, ready = list(models), set[tuple[str, str]]()
+        for target in targets:
+            results = await asyncio.gather(*(one(n, v, target) for n, v in left))
+            ready.update(m for m, ok in zip(left, results) if ok)
+            left = [m for m in left if m not in ready]
+            if not left:
+                break
+        return {f"{n}:{v}" if v else n: (n, v) in ready for n, v in models}
 
     async def close(self) -> None:
         """Close every channel of the pool."""
@@ -431,10 +562,18 @@ class TritonClient:
                 await c.close()
             except Exception:  # closing a channel of a finished loop: nothing left to release
                 log.debug("closing a Triton channel failed", exc_info=True)
-        for ch in self._channels:
+        for ch in [*self._channels, *(c for chs in self._stream_pools.values() for c in chs)]:
             try:
                 await ch.close()
             except Exception:
                 log.debug("closing a Triton stream channel failed", exc_info=True)
+        for c in (c for pool in self._pools.values() for c in pool):
+            try:
+                await c.close()
+            except Exception:
+                log.debug("closing a Triton channel failed", exc_info=True)
         self._clients, self._channels = [], []
-        self._loop = self._channels_loop = None
+        self._pools, self._stream_pools = {}, {}
+        self._loop = self._channels_loop = self._pools_loop = None
+        if self.directory is not None:
+            self.directory.close()
