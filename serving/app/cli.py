@@ -24,6 +24,10 @@ RAY_METRICS_PORT (8090), SERVE_CONFIG (deploy/serve_config.yaml), TRITON_LOG,
 RESTRICT_APIS=1 (with TRITON_ADMIN_KEY), TRITON_GRPC_TLS_CERT / _KEY / _CA (TLS to Triton),
 DRAIN_TIMEOUT (30), LOG_ENCODING (TEXT or JSON), OTEL_EXPORTER_OTLP_ENDPOINT (traces; OTEL_SERVICE_NAME,
 OTEL_TRACES_SAMPLER_ARG).
+
+With `--ray-address ADDRESS` (or RAY_ADDRESS) none of the local cluster above is started: the app
+and a Triton per node go onto that existing Ray cluster, and only they are removed on stop
+(serving.app.onray; REPLICAS_PER_NODE, WORKER_API_PORT, WORKER_GRPC_PORT).
 """
 
 from __future__ import annotations
@@ -230,6 +234,10 @@ def stop_with_parent() -> None:
 
 def run_serve(ns: argparse.Namespace) -> int:
     """Start Triton, Ray and the app; print the URLs; stay in the foreground until SIGINT/SIGTERM."""
+    if getattr(ns, "ray_address", None):  # an existing cluster: nothing of the local stack below
+        from serving.app.onray import run_on_cluster
+
+        return run_on_cluster(ns)
     # Token authentication between our cluster and this driver (Ray's token, ~/.ray/auth_token); Ray reads
     # the mode when its core module loads, hence before the import.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -488,5 +496,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ray-log",
         default=os.environ.get("RAY_LOG", str(REPO_ROOT / "build" / "logs" / "ray.log")),
         help="output of `ray start`, appended (env RAY_LOG); Ray's own logs: /tmp/ray/session_latest/logs",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="deploy onto this existing Ray cluster (GCS host:port, or auto) and start no Ray of its own: a Triton "
+        "on each node offering the resource vtfuse_triton, the API on every node hosting replicas; on stop only "
+        "those are removed (env RAY_ADDRESS)",
+    )
+    p.add_argument(
+        "--replicas-per-node",
+        type=int,
+        default=_env_int("REPLICAS_PER_NODE", 1),
+        help="with --ray-address: Ingress replicas per node running a Triton (env REPLICAS_PER_NODE)",
+    )
+    p.add_argument(
+        "--worker-api-port",
+        type=int,
+        default=_env_int("WORKER_API_PORT", 0) or None,
+        help="with --ray-address: HTTP port of the front door on nodes other than the head, for nodes sharing one "
+        "machine (default: API_PORT on every node; env WORKER_API_PORT)",
+    )
+    p.add_argument(
+        "--worker-grpc-port",
+        type=int,
+        default=_env_int("WORKER_GRPC_PORT", 0) or None,
+        help="with --ray-address: gRPC port on nodes other than the head (default: GRPC_PORT; env WORKER_GRPC_PORT)",
     )
     p.set_defaults(func=run_serve)
