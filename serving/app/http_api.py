@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 TASK_ROUTES = tuple(schemas.REQUEST_MODELS)
 KNOWN_ROUTES = frozenset(
-    (*TASK_ROUTES, "/", "/v1/models", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/redoc")
+    (*TASK_ROUTES, "/", "/v1/models", "/v1/cluster", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json",
+     "/redoc")
 )
 # The playground page (GET / and /static/*): plain files shipped as package data, nothing external.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -304,7 +305,8 @@ class ApiMiddleware:
 
         admitted = False
         try:
-            if route == "/v1/models":  # the model list is behind the key like the tasks (as gRPC ListModels)
+            # The model list (as gRPC ListModels) and the cluster's layout are behind the key like the tasks.
+            if route in ("/v1/models", "/v1/cluster"):
                 try:
                     check_api_key(self.api_keys, presented_key(headers))
                 except Unauthorized as err:
@@ -399,10 +401,12 @@ def create_api(
     admission: Admission | None = None,
     echo_request_id: bool = True,
     rate_limiter: RateLimiter | None = None,
+    cluster_status: Callable[[], Awaitable[Any]] | None = None,
 ) -> ASGIApp:
     """The HTTP API as an ASGI app (FastAPI wrapped in `ApiMiddleware`).
 
-    `admission` and `rate_limiter` are shared with the replica's gRPC methods when given.
+    `admission` and `rate_limiter` are shared with the replica's gRPC methods when given;
+    `cluster_status` answers `GET /v1/cluster` (default: serving.app.clusterinfo, read from Ray).
     """
     limits = args.limits
     admission = admission or Admission(limits.max_inflight)
@@ -512,6 +516,24 @@ def create_api(
     async def list_models() -> schemas.ModelsResponse:
         await pipeline.learn(None, listing=True)
         return models_response(pipeline, args.default_model)
+
+    async def ray_cluster_status() -> Any:
+        from serving.app.clusterinfo import cluster_status as read
+
+        async def ready() -> bool:
+            return all((await pipeline.ready(args.default_model)).values())
+
+        return await read(args.triton_url, ready)
+
+    from serving.app.clusterinfo import ClusterResponse
+
+    @app.get(
+        "/v1/cluster",
+        response_model=ClusterResponse,
+        summary="The Ray cluster's nodes, the API's replicas and front doors, and the Tritons, with their health",
+    )
+    async def cluster() -> Any:
+        return await (cluster_status or ray_cluster_status)()
 
     @app.get("/healthz", response_model=schemas.Health, summary="Liveness")
     async def healthz() -> schemas.Health:
