@@ -61,8 +61,11 @@ class TritonInfo(BaseModel):
     node_id: str = ""
     node_ip: str = ""
     grpc: str
+    http: str = ""
+    metrics: str = ""
     state: str
     restarts: int = 0
+    pid: int | None = None
     failure: str = ""
 
 
@@ -160,8 +163,8 @@ async def cluster_status(
     replicas, doors = serve_parts if serve_parts is not None else ([], [])
     if is_discovery_url(triton_url):
         tritons = [
-            TritonInfo(node_id=e.node_id, node_ip=e.node_ip, grpc=e.grpc, state=e.state, restarts=e.restarts,
-                       failure=e.failure)
+            TritonInfo(node_id=e.node_id, node_ip=e.node_ip, grpc=e.grpc, http=e.http, metrics=e.metrics,
+                       state=e.state, restarts=e.restarts, pid=e.pid, failure=e.failure)
             for e in (published.endpoints if published is not None else ())
         ]
     else:

@@ -11,8 +11,9 @@ cluster, usually the head), then
    EveryNode`, serving.app.proxy's middleware in each), `triton_url: ray:vtfuse_triton` (each
    replica calls its node's Triton and fails over to the others) and `replicas_per_node` Ingress
    replicas per such node, which Serve places with Ray's SPREAD strategy;
-4. keeps, every 2 s, one Triton per such node (a node that joins or rejoins gets one, a draining
-   node's is no longer chosen by replicas elsewhere), scales the Ingress up to `replicas_per_node`
+4. keeps, every 2 s, one Triton per such node (a node that joins or rejoins gets one; a draining
+   node's is no longer chosen by replicas elsewhere, and is stopped once no replica runs on that
+   node, so that Ray can let the drained node go), scales the Ingress up to `replicas_per_node`
    per node when nodes join, and when a node with a Triton hosts no replica while another hosts
    two or more (after a node loss, the lost replicas were started on the survivors), spreads them
    again with a rolling restart (Serve starts each new replica before it stops an old one);
@@ -199,6 +200,9 @@ def render_cluster_config(ns: argparse.Namespace, n_nodes: int) -> dict[str, Any
     ingress = ingress_of(cfg)
     if "autoscaling_config" not in ingress:
         ingress["num_replicas"] = max(1, ns.replicas_per_node * n_nodes)
+    # A restart that spreads the replicas again starts all the new ones before it stops old ones: no capacity dip,
+    # and Ray's SPREAD strategy places them together.
+    ingress.setdefault("max_surge_percent", 100)
     return cfg
 
 
@@ -227,14 +231,18 @@ def uneven(replicas_by_node: Counter[str], triton_nodes: set[str]) -> bool:
     return bool(empty) and any(c >= 2 for c in replicas_by_node.values())
 
 
-def ingress_replicas(client: Any) -> tuple[Counter[str], bool]:
-    """RUNNING Ingress replicas per node id, and whether every replica of the Ingress is RUNNING."""
+def all_replicas(client: Any, deployment: str | None = None) -> list[dict[str, Any]]:
+    """The app's replicas (of one deployment, or all) as Serve's controller lists them."""
     from serving.app.cli import APP_NAME
 
     details = client.get_serve_details()
-    app = (details.get("applications") or {}).get(APP_NAME) or {}
-    dep = (app.get("deployments") or {}).get("Ingress") or {}
-    replicas = dep.get("replicas") or []
+    deps = ((details.get("applications") or {}).get(APP_NAME) or {}).get("deployments") or {}
+    return [r for name, d in deps.items() if deployment in (None, name) for r in (d.get("replicas") or [])]
+
+
+def ingress_replicas(client: Any) -> tuple[Counter[str], bool]:
+    """RUNNING Ingress replicas per node id, and whether every replica of the Ingress is RUNNING."""
+    replicas = all_replicas(client, "Ingress")
     running = Counter(str(r.get("node_id")) for r in replicas if str(r.get("state")).endswith("RUNNING"))
     return running, bool(replicas) and sum(running.values()) == len(replicas)
 
@@ -338,6 +346,13 @@ class ClusterStack:
             if now - self.lost_since > CLUSTER_LOST_AFTER_S:
                 return f"the Ray cluster at {self.address} has not answered for {CLUSTER_LOST_AFTER_S:.0f} s"
             return None
+        if self.fleet.draining and self.client is not None:  # a drained node's Triton goes once its replicas have
+            try:
+                hosting = {str(r["node_id"]) for r in all_replicas(self.client)}
+                for node_id in self.fleet.draining - hosting:
+                    self.fleet.retire(node_id)
+            except Exception as e:
+                log.debug("Serve details not available: %s", e)
         ready = {e.node_id for e in self.fleet.ready()}
         if set_replicas(self.config, self.ns.replicas_per_node * len(ready)):
             log.info("more nodes with a Triton (%d): Ingress replicas raised to %d", len(ready),

@@ -189,6 +189,7 @@ class TritonFleet:
         self.nodes: dict[str, NodeRecord] = {}
         self.refused: dict[str, tuple[str, float]] = {}  # node id → (why, when)
         self.draining: set[str] = set()
+        self.retiring: dict[str, tuple[Any, float]] = {}  # node id → (its stop() call, when asked)
         self.owner = f"{socket.gethostname()} pid {os.getpid()}"
         self._actor_class: Any = None
 
@@ -254,7 +255,14 @@ class TritonFleet:
             except ValueError as e:  # the name is taken: another `vtfuse serve` runs one there
                 self.refused[node_id] = (f"node {ip} already runs a vtfuse Triton of another vtfuse serve: {e}", now)
                 log.error("%s", self.refused[node_id][0])
-        refs = {node_id: rec.handle.status.remote() for node_id, rec in self.nodes.items()}
+        for node_id, (ref, since) in list(self.retiring.items()):  # stopped, or given up on: let the node go
+            done, _ = ray.wait([ref], timeout=0)
+            if done or now - since > self.spec.settings.exit_timeout_s + 15:
+                log.info("the Triton of draining node %s stopped: the node can finish draining", node_id[:12])
+                self._forget(node_id)
+        refs = {
+            node_id: rec.handle.status.remote() for node_id, rec in self.nodes.items() if node_id not in self.retiring
+        }
         done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.status_timeout_s)
         done_set = set(done)
         for node_id, ref in refs.items():
@@ -275,9 +283,21 @@ class TritonFleet:
                 self._forget(node_id)
         self.publish()
 
+    def retire(self, node_id: str) -> None:
+        """Stop a draining node's Triton (its replicas have moved), without waiting: the node can then go idle.
+
+        Ray lets a drained node's raylet exit once nothing runs there, and the Triton actor would keep it.
+        """
+        rec = self.nodes.get(node_id)
+        if rec is None or node_id in self.retiring:
+            return
+        log.info("node %s is draining and hosts no replica: stopping its Triton", rec.ip)
+        self.retiring[node_id] = (rec.handle.stop.remote(), time.monotonic())
+
     def _forget(self, node_id: str) -> None:
         import ray
 
+        self.retiring.pop(node_id, None)
         rec = self.nodes.pop(node_id, None)
         if rec is not None:
             try:
@@ -292,7 +312,9 @@ class TritonFleet:
             st = rec.status or TritonEndpoint(node_id=node_id, node_ip=rec.ip, grpc="", state="starting")
             if rec.unreachable_since is not None and st.state == "ready":
                 st = replace(st, state="unreachable")
-            if node_id in self.draining and st.state in ("ready", "unreachable"):
+            if node_id in self.retiring:
+                st = replace(st, state="stopped")  # replicas elsewhere must not choose it any more
+            elif node_id in self.draining and st.state in ("ready", "unreachable"):
                 st = replace(st, state="draining")
             out.append(st)
         for node_id, (why, _) in self.refused.items():

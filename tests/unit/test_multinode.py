@@ -300,7 +300,10 @@ def test_the_cluster_config_puts_a_proxy_on_every_node_and_replicas_on_the_node_
     app = cfg["applications"][0]
     assert cfg["proxy_location"] == "EveryNode"
     assert app["args"]["triton_url"] == DISCOVERY_URL and app["args"]["triton_catalog"] is False
-    assert onray.ingress_of(cfg)["num_replicas"] == 6
+    assert onray.ingress_of(cfg)["num_replicas"] == 6 and onray.ingress_of(cfg)["max_surge_percent"] == 100
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(cfg)  # what Serve will be given
     env = app["runtime_env"]["env_vars"]
     assert env["PYTHONPATH"] == str(REPO_ROOT) and env["VTFUSE_API_KEYS"] == '["k1"]'
     assert env["VTFUSE_LIMITS_MAX_INFLIGHT"] == "32"
@@ -396,8 +399,8 @@ def test_the_cluster_listing_outside_ray_says_what_it_could_not_read(ckpt):
     r = c.get("/v1/cluster")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["tritons"] == [{"node_id": "", "node_ip": "", "grpc": args.triton_url, "state": "ready",
-                                "restarts": 0, "failure": ""}]
+    assert body["tritons"] == [{"node_id": "", "node_ip": "", "grpc": args.triton_url, "http": "", "metrics": "",
+                                "state": "ready", "restarts": 0, "pid": None, "failure": ""}]
     assert any(e.startswith("nodes:") for e in body["errors"])
     assert any(e.startswith("replicas:") for e in body["errors"])
 
