@@ -121,8 +121,8 @@ def join(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
 
 
 def triton_nodes(address: str) -> dict[str, str]:
-    """The nodes offering `vtfuse_triton`; ClusterError naming the address when there is none."""
-    nodes = TritonFleet.candidate_nodes()
+    """The nodes offering `vtfuse_triton` (id → address); ClusterError naming the address when there is none."""
+    nodes = {node_id: ip for node_id, (ip, _) in TritonFleet.candidate_nodes().items()}
     if not nodes:
         raise ClusterError(
             f"the Ray cluster at {address} has no alive node offering the resource {RESOURCE}: start the nodes that "

@@ -192,32 +192,33 @@ class TritonFleet:
         self.retiring: dict[str, tuple[Any, float]] = {}  # node id → (its stop() call, when asked)
         self.owner = f"{socket.gethostname()} pid {os.getpid()}"
         self._actor_class: Any = None
+        self._gcs: Any = None
 
     @staticmethod
-    def candidate_nodes() -> dict[str, str]:
-        """Alive nodes offering at least one `vtfuse_triton`: node id → address."""
+    def candidate_nodes() -> dict[str, tuple[str, float]]:
+        """Alive nodes offering at least one `vtfuse_triton`: node id → (address, its GPUs)."""
         import ray
 
         return {
-            n["NodeID"]: n.get("NodeManagerAddress", "")
+            n["NodeID"]: (n.get("NodeManagerAddress", ""), float(n.get("Resources", {}).get("GPU", 0)))
             for n in ray.nodes()
             if n.get("Alive") and float(n.get("Resources", {}).get(RESOURCE, 0)) >= 1
         }
 
-    @staticmethod
-    def draining_nodes() -> set[str]:
+    def draining_nodes(self) -> set[str]:
         """Nodes Ray is draining (`ray drain-node`, autoscaler scale-down or preemption)."""
         import ray
         from ray._raylet import GcsClient  # type: ignore[attr-defined]  # Serve reads drains the same way
 
         try:
-            gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
-            return set(gcs.get_draining_nodes(timeout=3))
+            if self._gcs is None:
+                self._gcs = GcsClient(address=ray.get_runtime_context().gcs_address)
+            return set(self._gcs.get_draining_nodes(timeout=3))
         except Exception as e:
             log.warning("could not read the draining nodes (%s)", e)
             return set()
 
-    def _new_actor(self, node_id: str) -> Any:
+    def _new_actor(self, node_id: str, gpus: float) -> Any:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -227,6 +228,9 @@ class TritonFleet:
             name=actor_name(node_id),
             namespace=NAMESPACE,
             num_cpus=0,  # Triton's threads are not Ray's to schedule; the resource makes it one per node
+            # The node's GPUs are its Triton's: Ray then sets CUDA_VISIBLE_DEVICES to them (with none it would
+            # hide every GPU from the server).
+            num_gpus=gpus,
             resources={RESOURCE: 1},
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             max_restarts=-1,  # the actor's process died on a live node: start it (and its Triton) again
@@ -243,14 +247,14 @@ class TritonFleet:
             log.warning("node %s (%s) left the cluster: its Triton is gone", self.nodes[node_id].ip, node_id[:12])
             self._forget(node_id)
         now = time.monotonic()
-        for node_id, ip in alive.items():
+        for node_id, (ip, gpus) in alive.items():
             if node_id in self.nodes or node_id in self.draining:
                 continue
             why = self.refused.get(node_id)
             if why is not None and now - why[1] < self.retry_refused_s:
                 continue
             try:
-                self.nodes[node_id] = NodeRecord(self._new_actor(node_id), ip)
+                self.nodes[node_id] = NodeRecord(self._new_actor(node_id, gpus), ip)
                 log.info("starting a Triton on node %s (%s)", ip, node_id[:12])
             except ValueError as e:  # the name is taken: another `vtfuse serve` runs one there
                 self.refused[node_id] = (f"node {ip} already runs a vtfuse Triton of another vtfuse serve: {e}", now)
