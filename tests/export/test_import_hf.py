@@ -333,8 +333,24 @@ def test_engines_are_triton_models_with_their_contract(fp32: Imported, name: str
     for role in ROLES[name]:
         _check_config(fp32.repo, name, role, "embedded")
     assert sorted(p.name for p in fp32.repo.iterdir()) == sorted(
-        [f"{n}_{r}" for n, roles in ROLES.items() for r in roles] + [REPOSITORY_MODELS]
+        [f"{n}_{r}" for n, roles in ROLES.items() for r in roles] + [f"{BLIP}_itm", REPOSITORY_MODELS]
     )
+
+
+def test_blip_retrieval_brings_its_itm_model_one_image_against_n_texts(fp32: Imported):
+    mdir = fp32.repo / f"{BLIP}_itm"
+    config = load_config(mdir / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 0
+    assert {i.name: (list(i.dims), i.optional) for i in config.input} == {
+        "PIXELS": ([1, 64, 64, 3], True), "IMAGE_FEATURES": ([1, 17, 48], True),
+        "INPUT_IDS": ([-1, -1], False), "ATTENTION_MASK": ([-1, -1], False),
+    }
+    assert [(o.name, list(o.dims)) for o in config.output] == [("ITM_LOGITS", [-1, 2])]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params == {"image_encoder": f"{BLIP}_image_encoder", "fusion": f"{BLIP}_fusion", "fusion_max_batch": "64"}
+    assert "ItmBroadcastModel" in (mdir / "1" / "model.py").read_text()
+    assert json.loads((mdir / "1" / "manifest.json").read_text())["role"] == "itm"
+    assert read_repository_models(fp32.repo)[BLIP].engines["itm"] == f"{BLIP}_itm"
 
 
 def test_the_command_prints_what_it_installed_as_json(fp32: Imported):
@@ -382,7 +398,7 @@ def test_the_repository_lists_every_imported_model_with_its_tasks(fp32: Imported
     models = json.loads((fp32.repo / REPOSITORY_MODELS).read_text())["models"]
     assert sorted(models) == [BLIP, VILT]
     assert models[BLIP]["tasks"] == ["match", "retrieve", "embed"] and models[VILT]["tasks"] == ["vqa"]
-    assert models[BLIP]["engines"] == {r: f"{BLIP}_{r}" for r in ROLES[BLIP]}
+    assert models[BLIP]["engines"] == {r: f"{BLIP}_{r}" for r in (*ROLES[BLIP], "itm")}
     assert models[VILT]["labels"] == list(VQA_LABELS)
     assert models[BLIP]["max_tokens"] == 48 and models[VILT]["max_tokens"] == 40
     assert models[BLIP]["embed_dim"] == 24
@@ -634,6 +650,8 @@ def test_libtorch_engines_are_torchscript_behind_ensembles_with_the_engines_name
         family_module(src.family.name).load_model(str(src.folder)), src.config, image_processing(src))}
     rng = np.random.default_rng(3)
     for role, triton_name in record.engines.items():
+        if role not in graphs:
+            continue  # a model the family brings beside its engines (`itm`): a Python BLS model on every target
         ensemble = load_config(libtorch.repo / triton_name / "config.pbtxt")
         behind = load_config(libtorch.repo / f"{triton_name}_libtorch" / "config.pbtxt")
         g = graphs[role]
