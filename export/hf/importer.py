@@ -88,6 +88,10 @@ ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "
             "libtorch": None}
 OPSET = 17
 ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
+# The decode loop of a generative model (NAME_generate, ONNX targets) runs its decoder on one intra-op thread: its
+# steps share the cores with the vision tower of the requests being prepared, and a second thread (spinning
+# between the step's many small ops) cost 15-30 % of BLIP-base captions/s at c=16 (loadtests/README.md, lever 44).
+DECODER_THREADS = 1
 # Copied next to import.json so each installed model says what it came from.
 SOURCE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 PYTHON_MODEL = {
@@ -498,7 +502,7 @@ def _install(
         header = _header(record.name, role, record.source, target)
         if role == GENERATE_ROLE:
             _install_generate(vdir, record, {m.role: paths[m.role] for m in members}, src, work, target)
-            config = generate_config(triton_name, target, ENGINE_THREADS)
+            config = generate_config(triton_name, target, ENGINE_THREADS if target == "torch" else DECODER_THREADS)
             (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
         else:
             config = engine_config(triton_name, g, target)
