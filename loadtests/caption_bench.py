@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -126,9 +127,10 @@ class CaptionBenchSettings:
     engine_threads: int = 2  # the served engines' intra-op threads
     sweep_rows: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     cache_positions: int = 11  # self-attention cache the sweep's rows hold (mid-caption of 20 new tokens)
-    sweep_min_time_s: float = 3.0
+    sweep_min_time_s: float = 4.5
+    decoder_threads: tuple[int, ...] = (1, 2)  # the decoder step is swept at these intra-op threads
     vision_window_s: float = 25.0  # each in-process vision arrangement runs this long
-    caption_reps: int = 2  # whole naive captions timed in-process (one thread)
+    caption_reps: int = 3  # whole naive captions timed in-process (one thread)
     stray: float = STRAY
     wait_quiet_s: float = 0.0  # before each measuring stage, wait up to this long for other work to leave the CPU
     variant: tuple[tuple[str, str], ...] = ()  # served repository settings (`variant_edit`), for the levers
@@ -423,6 +425,20 @@ def unbuilt_models(repository: Path) -> list[str]:
     return sorted(c.parent.name for c in repository.glob("*/config.pbtxt") if not any(c.parent.glob("*/manifest.json")))
 
 
+# The code that writes an imported generative model's graphs and configs: a change to it imports again.
+IMPORT_CODE = ("export/hf/importer.py", "export/hf/blip_caption.py", "export/hf/blip_vqa.py",
+               "export/hf/blip_decoder.py", "export/generate_model.py")
+
+
+def import_code_fingerprint() -> str:
+    """sha256 (16 hex digits) over IMPORT_CODE's files."""
+    h = hashlib.sha256()
+    for rel in IMPORT_CODE:
+        path = REPO_ROOT / rel
+        h.update(rel.encode() + (path.read_bytes() if path.exists() else b""))
+    return h.hexdigest()[:16]
+
+
 def ensure_import(checkpoint: Path, name: str, repository: Path, work_dir: Path, base: Path) -> dict[str, Any]:
     """A copy of the built repository with `checkpoint` imported fp32 as `name` (reused when the stamp matches)."""
     from export.hf.importer import import_hf
@@ -430,7 +446,7 @@ def ensure_import(checkpoint: Path, name: str, repository: Path, work_dir: Path,
     if not (base / "fusion" / "1" / "model.onnx").exists():
         raise RuntimeError(f"{base} is not built: run `make repository` first")
     stamp: dict[str, Any] = {"checkpoint": str(checkpoint), "fingerprint": bb._fingerprint(checkpoint), "name": name,
-             "precision": "fp32"}
+                             "precision": "fp32", "import_code": import_code_fingerprint()}
     stamp_path = repository / STAMP
     if stamp_path.exists() and (work_dir / "image_encoder.onnx").exists():
         old = json.loads(stamp_path.read_text())
@@ -461,11 +477,35 @@ def ensure_import(checkpoint: Path, name: str, repository: Path, work_dir: Path,
     return stamp | {"reused": False}
 
 
+# A bench variant of the generate model (`decoder_spinning=0`): ONNX Runtime's thread spinning off in its sessions.
+SPIN_OFF_MODEL_PY = '''"""Bench variant of the generate model: its ONNX Runtime sessions without thread spinning."""
+
+import onnxruntime as _ort
+
+_session = _ort.InferenceSession
+
+
+def _spin_off(path, sess_options=None, providers=None, **kwargs):
+    opts = sess_options or _ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return _session(path, opts, providers=providers, **kwargs)
+
+
+_ort.InferenceSession = _spin_off
+
+from serving.triton.python_models.generate import GenerateModel as TritonPythonModel  # noqa: E402,F401
+'''
+VARIANT_KEYS = ("image_instances", "image_threads", "decoder_threads", "max_rows", "prepare_workers",
+                "decoder_spinning", "vision_graph")
+
+
 def variant_edit(settings: tuple[tuple[str, str], ...], name: str) -> Callable[[str, object], None]:
     """Config edit of a served variant: `image_instances`, `image_threads` (the vision tower's instances and
-    intra-op threads), `decoder_threads`, `max_rows`, `prepare_workers` (the generate model's parameters)."""
+    intra-op threads), `decoder_threads`, `max_rows`, `prepare_workers` (the generate model's parameters);
+    `decoder_spinning` and `vision_graph` swap files instead (`served_repository`)."""
     wanted = dict(settings)
-    unknown = set(wanted) - {"image_instances", "image_threads", "decoder_threads", "max_rows", "prepare_workers"}
+    unknown = set(wanted) - set(VARIANT_KEYS)
     if unknown:
         raise ValueError(f"unknown variant settings: {', '.join(sorted(unknown))}")
 
@@ -490,11 +530,42 @@ def served_repository(s: CaptionBenchSettings) -> Path:
         return s.caption_repository
     from loadtests import servers
 
-    tag = "-".join(f"{k}{v}" for k, v in s.variant)
+    wanted = dict(s.variant)
+    tag = "-".join(f"{k}{Path(v).stem if k == 'vision_graph' else v}" for k, v in s.variant)
     dest = REPO_ROOT / "build" / "bench" / f"model_repository-caption-{tag}"
-    servers.variant_repository(s.caption_repository, dest, variant_edit(s.variant, s.caption_name))
+    swap: dict[str, dict[str, Path]] = {}
+    if wanted.get("decoder_spinning") == "0":
+        model_py = REPO_ROOT / "build" / "bench" / "generate_spin_off.py"
+        model_py.parent.mkdir(parents=True, exist_ok=True)
+        model_py.write_text(SPIN_OFF_MODEL_PY)
+        swap[f"{s.caption_name}_generate"] = {"model.py": model_py}
+    if "vision_graph" in wanted:
+        swap[f"{s.caption_name}_image_encoder"] = {"model.onnx": Path(wanted["vision_graph"])}
+    servers.variant_repository(s.caption_repository, dest, variant_edit(s.variant, s.caption_name), swap)
     shutil.copy2(s.caption_repository / "vtfuse_models.json", dest / "vtfuse_models.json")
     return dest
+
+
+def lever(s: CaptionBenchSettings, against: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
+    """`s.variant` against the served repository as imported (or as the `against` variant makes it): paired rounds
+    of served windows at c=16."""
+    variant = served_repository(s)
+    baseline = served_repository(replace(s, variant=against))
+    rounds = paired_rounds(s, {
+        "baseline": lambda name: served_window(s, baseline, name),
+        "variant": lambda name: served_window(s, variant, name),
+    }, "lever")
+    for r in rounds:
+        for side in ("baseline", "variant"):
+            r[side] = r["windows"][side]["captions_per_s"]
+    value, which = headline(rounds, s.stray, ("variant", "baseline"))
+    return {"variant": dict(s.variant), "baseline": dict(against), "variant_over_baseline": value, **which,
+            "rounds": [{"round": r["round"], "first": r["first"], "rerun": r["rerun"],
+                        "ratio": ratio(r["variant"], r["baseline"]),
+                        **{side: {k: r["windows"][side].get(k) for k in (
+                            "captions_per_s", "p50_ms", "completed", "errors", "rows_per_step", "foreign_cpu_share",
+                            "stack_cpu_s_per_caption", "contended_first_try")} for side in ("baseline", "variant")}}
+                       for r in rounds]}
 
 
 # -- in-process cost ------------------------------------------------------------------------------
@@ -530,9 +601,9 @@ def worker_job(job: dict[str, Any]) -> dict[str, Any]:
                 with torch.inference_mode():
                     t = time.perf_counter()
                     model.vision_model(pixel_values=enc["pixel_values"])
-                    vision = time.perf_counter() - t
+                    t_vision = time.perf_counter()
                     model.generate(**enc, min_new_tokens=n, max_new_tokens=n)
-                    return vision
+                    return t_vision - t, time.perf_counter() - t_vision  # the vision tower, the whole caption
     elif job["kind"] == "ort_vision":
         import onnxruntime as ort
 
@@ -560,9 +631,11 @@ def worker_job(job: dict[str, Any]) -> dict[str, Any]:
     while time.time() < window["end_at"] or len(times) < int(job.get("min_reps", 1)):
         t = time.perf_counter()
         out = run()
-        times.append(time.perf_counter() - t)
-        if job["kind"] == "torch_caption":
-            extra.append(float(out))
+        if job["kind"] == "torch_caption":  # a caption's time is generate()'s alone; the vision tower's beside it
+            extra.append(float(out[0]))
+            times.append(float(out[1]))
+        else:
+            times.append(time.perf_counter() - t)
     return {"times_s": [round(x, 4) for x in times], "vision_s": [round(x, 4) for x in extra],
             "cpu_s": round(time.process_time() - cpu0, 2)}
 
@@ -609,10 +682,16 @@ def run_workers(job: dict[str, Any], processes: int, window_s: float) -> dict[st
             "cpu_s": [r["cpu_s"] for r in results], "foreign_cpu_share": round(share, 3)}
 
 
-def decoder_sweep(folder: Path, rows: tuple[int, ...], positions: int, threads: int, min_time_s: float
-                  ) -> dict[str, Any]:
-    """The served decoder step (OnnxDecoderEngine, `threads` threads) per row count, `positions` cached, the full
-    cross K/V; and the cross-K/V projection of one sequence."""
+def decoder_sweep(folder: Path, rows: tuple[int, ...], positions: int, threads: int, min_time_s: float,
+                  passes: int = 3) -> dict[str, Any]:
+    """The served decoder step (OnnxDecoderEngine, `threads` threads) per row count, each row `positions` deep in its
+    cache and cross-attending to the full encoder length; and the cross-K/V projection of one sequence.
+
+    The inputs are laid out as the scheduler passes them: row-major slices of buffers of the largest row
+    count (the cross K/V in place, the self-attention cache a strided slice the engine makes contiguous).
+    Every row count is timed in each of `passes` interleaved passes and its figure is the median of them,
+    so a slow spell of this shared machine does not land on one row count alone.
+    """
     from serving.generation.engine import OnnxDecoderEngine
 
     eng = OnnxDecoderEngine(folder, threads)
@@ -620,35 +699,45 @@ def decoder_sweep(folder: Path, rows: tuple[int, ...], positions: int, threads: 
     rng = np.random.default_rng(0)
     spec = json.loads((folder / "checkpoint" / "generation.json").read_text())
     s = int(spec["max_cross_len"])
+    cap, max_pos = max(rows), int(spec["defaults"]["max_positions"])
     states = rng.standard_normal((1, s, sh.encoder_dim), dtype=np.float32)
+    cross_one = eng.cross_kv(states)
+    cross_buf = [np.ascontiguousarray(np.repeat(kv, cap, axis=0)) for kv in cross_one]
+    self_buf = [np.empty((cap, sh.heads, max_pos, sh.head_dim), np.float32) for _ in range(2 * sh.layers)]
+    for buf in self_buf:
+        buf[:, :, :positions] = rng.standard_normal((cap, sh.heads, positions, sh.head_dim), dtype=np.float32)
 
-    def timed(fn: Callable[[], Any]) -> float:
+    def timed(fn: Callable[[], Any], seconds: float) -> list[float]:
         fn()
         times: list[float] = []
-        end = time.perf_counter() + min_time_s
+        end = time.perf_counter() + seconds
         while len(times) < 3 or time.perf_counter() < end:
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return times
 
-    def step_ms(b: int) -> float:
-        cross = [np.ascontiguousarray(np.repeat(kv, b, axis=0)) for kv in cross_one]
-        past = [rng.standard_normal((b, sh.heads, positions, sh.head_dim), dtype=np.float32)
-                for _ in range(2 * sh.layers)]
+    def step(b: int) -> Any:
         ids = rng.integers(4, sh.vocab, (b, 1), dtype=np.int64)
         pos = np.full((b, 1), positions, np.int64)
         masks = np.ones((b, positions + 1), np.int64), np.ones((b, s), np.int64)
-        return timed(lambda: eng.step(ids, pos, *masks, past, cross)) * 1e3
+        return lambda: eng.step(ids, pos, *masks, [kv[:b, :, :positions] for kv in self_buf],
+                                [kv[:b, :, :s] for kv in cross_buf])
 
-    cross_one = eng.cross_kv(states)
+    per_pass: dict[int, list[float]] = {b: [] for b in rows}
+    for _ in range(passes):
+        for b in rows:
+            per_pass[b].append(statistics.median(timed(step(b), min_time_s / passes)) * 1e3)
     table = []
     for b in rows:
-        ms = step_ms(b)
-        table.append({"rows": b, "step_ms": round(ms, 2), "ms_per_row": round(ms / b, 2)})
-        log.info("   decoder step, %d rows: %.1f ms (%.1f ms a row)", b, ms, ms / b)
-    return {"cross_kv_ms": round(timed(lambda: eng.cross_kv(states)) * 1e3, 2), "rows": table,
-            "shape": sh.to_json(), "cross_len": s, "positions": positions, "threads": threads}
+        ms = statistics.median(per_pass[b])
+        table.append({"rows": b, "step_ms": round(ms, 2), "ms_per_row": round(ms / b, 2),
+                      "passes_ms": [round(x, 2) for x in per_pass[b]]})
+        log.info("   decoder step, %d rows: %.1f ms (%.1f ms a row; passes %s)", b, ms, ms / b,
+                 ", ".join(f"{x:.0f}" for x in per_pass[b]))
+    cross_ms = statistics.median(timed(lambda: eng.cross_kv(states), min_time_s)) * 1e3
+    return {"cross_kv_ms": round(cross_ms, 2), "rows": table, "shape": sh.to_json(), "cross_len": s,
+            "positions": positions, "threads": threads, "passes": passes}
 
 
 def onnx_weight_bytes(path: Path) -> dict[str, int]:
@@ -709,14 +798,21 @@ def cost(s: CaptionBenchSettings, repository: Path) -> dict[str, Any]:
              naive_caption["ms_per_token"])
     folder = repository / f"{s.caption_name}_generate" / "1"
 
-    def sweep_once() -> dict[str, Any]:
+    from serving.triton.model_config import load_config
+
+    served = int(load_config(folder.parent / "config.pbtxt").parameters["intra_op_threads"].string_value)
+
+    def sweep_once(threads: int) -> dict[str, Any]:
         fc = ForeignCpu()
         fc.start()
         t0 = time.perf_counter()
-        res = decoder_sweep(folder, s.sweep_rows, s.cache_positions, s.engine_threads, s.sweep_min_time_s)
+        res = decoder_sweep(folder, s.sweep_rows, s.cache_positions, threads, s.sweep_min_time_s)
         return res | {"foreign_cpu_share": round(fc.stop() / ((time.perf_counter() - t0) * (os.cpu_count() or 1)), 3)}
 
-    sweep = quiet_measure(s, sweep_once, "decoder sweep")
+    # The served thread count first (the cost model's), then the other one, for the levers.
+    sweeps = {n: quiet_measure(s, lambda: sweep_once(n), f"decoder sweep, {n} threads")  # noqa: B023 — at once
+              for n in dict.fromkeys((served, *s.decoder_threads))}
+    sweep = sweeps[served]
     sh = sweep["shape"]
     hidden = sh["heads"] * sh["head_dim"]
     weights = onnx_weight_bytes(folder / "decoder_step.onnx")
@@ -725,7 +821,7 @@ def cost(s: CaptionBenchSettings, repository: Path) -> dict[str, Any]:
     return {
         "vision_gflop": round(vision_gflop, 2), "vision_macs": count["macs"], "vision": arrangements,
         "naive_caption_one_thread": naive_caption,
-        "decoder": sweep,
+        "decoder": sweep, "decoder_by_threads": {str(n): w for n, w in sweeps.items()},
         "decoder_bytes": {"weights": weights["all"], "weights_read_per_step": weights["read_per_step"],
                           "cross_kv_per_row": cross_row, "self_kv_per_row_at_new_tokens": self_row,
                           "per_step_at_rows": {str(b): weights["read_per_step"] + b * (cross_row + self_row)
@@ -733,6 +829,40 @@ def cost(s: CaptionBenchSettings, repository: Path) -> dict[str, Any]:
         "cross_kv_gflop_per_sequence": round(2 * 2 * sh["layers"] * sweep["cross_len"] * hidden * sh["encoder_dim"]
                                              / 1e9, 2),
     }
+
+
+def vision_optimizer(s: CaptionBenchSettings, passes: int = 3) -> dict[str, Any]:
+    """ONNX Runtime's transformer optimizer (`vit` fusions) on the imported vision tower, in-process: what it fused,
+    the largest difference from the traced graph's features, and images/s of both graphs as the served encoder
+    runs (1 process × `engine_threads` threads), in `passes` interleaved passes."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    plain = s.work_dir / s.caption_name / "image_encoder.onnx"
+    fused = plain.with_name("image_encoder.optimized.onnx")
+    cfg = json.loads((s.caption_checkpoint / "config.json").read_text())["vision_config"]
+    model = optimize_model(str(plain), model_type="vit", num_heads=int(cfg.get("num_attention_heads", 12)),
+                           hidden_size=int(cfg.get("hidden_size", 768)), optimization_options=FusionOptions("vit"),
+                           opt_level=0, use_gpu=False)
+    model.save_model_to_file(str(fused))
+    side = int(cfg["image_size"])
+    px = np.random.default_rng(1).integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"PIXELS": px})[0]
+            for p in (plain, fused))
+    timed: dict[str, list[float]] = {"traced": [], "optimized": []}
+    for k in range(passes):
+        for name, path in (("traced", plain), ("optimized", fused))[:: 1 if k % 2 == 0 else -1]:
+            r = quiet_measure(s, lambda: run_workers({"kind": "ort_vision", "path": str(path),  # noqa: B023
+                                                      "threads": s.engine_threads, "side": side, "min_reps": 2},
+                                                     1, s.vision_window_s), name)
+            timed[name].append(r["per_s"])
+            log.info("   vision %s: %.3f images/s (foreign cpu %.2f)", name, r["per_s"], r["foreign_cpu_share"])
+    med = {k: statistics.median(v) for k, v in timed.items()}
+    return {"fused": {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v},
+            "max_abs_diff": float(np.abs(a - b).max()), "features_max_abs": float(np.abs(a).max()),
+            "images_per_s": timed, "optimized_over_traced": round(med["optimized"] / med["traced"], 4),
+            "graph": str(fused)}
 
 
 # -- servers and load -----------------------------------------------------------------------------
@@ -1076,7 +1206,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     out["targets"] = {k: {"target": f"{op} {goal}", "met": None if out[k] is None else
                           (out[k] >= goal if op == ">=" else out[k] <= goal)} for k, (op, goal) in TARGETS.items()}
     out.update({k: raw.get(k) for k in ("command", "commit", "machine", "versions", "started", "stage_seconds",
-                                        "cpu_busy_before_stage", "wall_s", "errors")})
+                                        "cpu_busy_before_stage", "wall_s", "errors", "stage_runs")})
     return out
 
 
@@ -1119,13 +1249,22 @@ STAGES = ("cost", "rounds", "stream", "vqa")
 
 
 class Run:
-    """One run: stages fill raw.json; summary.json and the plot are computed from it."""
+    """One run: stages fill raw.json; summary.json and the plot are computed from it.
+
+    With `only` some of the measuring stages, the others' results stay as an earlier run in `out` left them
+    in raw.json; `stage_runs` says which run measured each.
+    """
 
     def __init__(self, s: CaptionBenchSettings, out: Path, only: tuple[str, ...] = STAGES) -> None:
         self.s, self.out, self.only = s, out, only
         # blip_bench's stage runner: timings, failures recorded, the CPU's business before measuring stages.
         self.stager = bb.Run(replace(bb.BlipBenchSettings(), wait_quiet_s=s.wait_quiet_s), out)
-        self.raw: dict[str, Any] = {"settings": s.to_json()}
+        earlier = out / "raw.json"
+        keep = set(only) != set(STAGES) and earlier.exists()
+        self.raw: dict[str, Any] = json.loads(earlier.read_text()) if keep else {}
+        for stage in only:
+            self.raw.pop(stage, None)
+        self.raw["settings"] = s.to_json()
 
     def stage(self, name: str, fn: Callable[[], Any], measures: bool = False) -> Any:
         return self.stager.stage(name, fn, measures)
@@ -1162,8 +1301,13 @@ class Run:
                     s, repo, "caption-stream", stream=True, window_s=s.stream_window_s), "stream"), measures=True)
         if raw["imports"]["vqa"] and "vqa" in self.only:
             raw["vqa"] = self.stage("vqa", lambda: quiet_measure(s, lambda: vqa(s), "vqa"), measures=True)
-        raw.update(command=command, commit=git_commit(), machine=machine(), versions=versions(),
-                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+        commit = git_commit()
+        runs = raw.setdefault("stage_runs", {})
+        for stage in self.only:
+            if stage in raw:
+                runs[stage] = {"command": command, "commit": commit, "started": when, "variant": list(s.variant)}
+        raw.update(command=command, commit=commit, machine=machine(), versions=versions(), started=when,
                    stage_seconds=self.stager.timings, cpu_busy_before_stage=self.stager.busy_before,
                    errors=self.stager.errors, wall_s=round(time.time() - started, 1))
         write_json(self.out / "raw.json", raw)
@@ -1201,6 +1345,12 @@ def main(argv: list[str] | None = None) -> int:
                    "prepare_workers (a copy under build/bench/)")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each measuring stage, wait up to this many seconds for other work to leave the CPU")
+    p.add_argument("--lever", action="store_true",
+                   help="measure --variant against the imported repository (served windows only) into OUT/levers.json")
+    p.add_argument("--lever-vision-optimizer", action="store_true",
+                   help="ONNX Runtime's transformer optimizer on the vision tower, in-process, into OUT/levers.json")
+    p.add_argument("--against", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="--lever: the baseline's settings (default: the repository as imported)")
     p.add_argument("--rebuild", type=Path, metavar="DIR", help="rewrite DIR/summary.json from DIR/raw.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # one in-process timing job (JSON), for `cost`
     args = p.parse_args(args_in)
@@ -1216,7 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     s = CaptionBenchSettings.quick_run() if args.quick else CaptionBenchSettings()
     overrides: dict[str, Any] = {"wait_quiet_s": args.wait_quiet,
-                                 "variant": tuple(tuple(v.split("=", 1)) for v in args.variant)}
+                                 "variant": tuple((k, v) for k, v in (a.split("=", 1) for a in args.variant))}
     for key, value in (("rounds", args.rounds), ("window_s", args.window), ("warmup_s", args.warmup)):
         if value is not None:
             overrides[key] = value
@@ -1224,6 +1374,27 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (REPO_ROOT / ("build/caption-bench-quick" if args.quick else "loadtests/results/caption"))
     out.mkdir(parents=True, exist_ok=True)
     command = "PYTHONPATH=. python -m loadtests.caption_bench " + " ".join(shlex.quote(a) for a in args_in)
+    if args.lever_vision_optimizer:
+        res = vision_optimizer(s) | {"command": command, "commit": git_commit(),
+                                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = out / "levers.json"
+        write_json(path, (json.loads(path.read_text()) if path.exists() else {}) | {"vision_optimizer": res})
+        log.info("vision optimizer: %s, optimized ÷ traced %s, max abs diff %.2g", res["fused"],
+                 res["optimized_over_traced"], res["max_abs_diff"])
+        return 0
+    if args.lever:
+        if not s.variant:
+            p.error("--lever needs --variant")
+        against = tuple((k, v) for k, v in (a.split("=", 1) for a in args.against))
+        res = lever(s, against) | {"command": command, "commit": git_commit(),
+                                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        path = out / "levers.json"
+        levers = json.loads(path.read_text()) if path.exists() else {}
+        levers[" ".join(args.variant) + (f" against {' '.join(args.against)}" if args.against else "")] = res
+        write_json(path, levers)
+        log.info("lever %s: variant ÷ baseline %s (rounds %s)", " ".join(args.variant), res["variant_over_baseline"],
+                 [r["ratio"] for r in res["rounds"]])
+        return 0
     summary = Run(s, out, tuple(args.only)).run(command)
     log.info("summary: %s", out / "summary.json")
     for key in ("caption_vs_naive", "decode_rows_per_step_c16", "ttft_p50_s_c16", "ttft_p99_s_c16", "tpot_p50_ms_c16",
