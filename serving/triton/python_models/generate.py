@@ -227,6 +227,8 @@ class GenerateModel:
         pixels = self._pixels(call)
         ids, mask = self._prompts(call)
         if self.spec.task == "caption":
+            if ids is not None and ids.shape[0] != 1:
+                raise SchemaViolation(f"a caption starts from one prompt, not {ids.shape[0]}: send one PROMPT")
             given = list(ids[0, : int(mask[0].sum())]) if ids is not None and mask is not None else None
             prompts = [self.spec.decoder_prompt(given)]
         else:
