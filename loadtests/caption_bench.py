@@ -496,8 +496,35 @@ _ort.InferenceSession = _spin_off
 
 from serving.triton.python_models.generate import GenerateModel as TritonPythonModel  # noqa: E402,F401
 '''
+# A bench variant of the generate model (`gather_rows=N gather_wait_ms=T`): a decoder step waits (up to T ms after
+# the last one) while fewer than N rows are active or waiting, so that more rows share each step's weight reads.
+GATHER_MODEL_PY = '''"""Bench variant of the generate model: a step waits while fewer than {rows} rows could run."""
+
+import time
+
+from serving.generation import scheduler as _scheduler
+
+_step = _scheduler.DecodeScheduler.step
+
+
+def _gathered(self):
+    now = time.monotonic()
+    with self.lock:
+        rows = self.rows_used + sum(seq.decoder.rows for seq in self.waiting)
+    if self.active and rows < {rows} and now - getattr(self, "_last_step_at", 0.0) < {wait_ms} / 1e3:
+        time.sleep(0.002)
+        self.last_step_rows = self.last_step_tokens = 0
+        return []
+    self._last_step_at = now
+    return _step(self)
+
+
+_scheduler.DecodeScheduler.step = _gathered
+
+from serving.triton.python_models.generate import GenerateModel as TritonPythonModel  # noqa: E402,F401
+'''
 VARIANT_KEYS = ("image_instances", "image_threads", "decoder_threads", "max_rows", "prepare_workers",
-                "decoder_spinning", "vision_graph")
+                "decoder_spinning", "vision_graph", "gather_rows", "gather_wait_ms")
 
 
 def variant_edit(settings: tuple[tuple[str, str], ...], name: str) -> Callable[[str, object], None]:
@@ -539,6 +566,12 @@ def served_repository(s: CaptionBenchSettings) -> Path:
         model_py.parent.mkdir(parents=True, exist_ok=True)
         model_py.write_text(SPIN_OFF_MODEL_PY)
         swap[f"{s.caption_name}_generate"] = {"model.py": model_py}
+    if "gather_rows" in wanted:
+        model_py = REPO_ROOT / "build" / "bench" / f"generate_gather_{tag}.py"
+        model_py.parent.mkdir(parents=True, exist_ok=True)
+        model_py.write_text(GATHER_MODEL_PY.format(rows=int(wanted["gather_rows"]),
+                                                   wait_ms=float(wanted.get("gather_wait_ms", "400"))))
+        swap[f"{s.caption_name}_generate"] = {"model.py": model_py}
     if "vision_graph" in wanted:
         swap[f"{s.caption_name}_image_encoder"] = {"model.onnx": Path(wanted["vision_graph"])}
     servers.variant_repository(s.caption_repository, dest, variant_edit(s.variant, s.caption_name), swap)
@@ -564,7 +597,8 @@ def lever(s: CaptionBenchSettings, against: tuple[tuple[str, str], ...] = ()) ->
                         "ratio": ratio(r["variant"], r["baseline"]),
                         **{side: {k: r["windows"][side].get(k) for k in (
                             "captions_per_s", "p50_ms", "completed", "errors", "rows_per_step", "foreign_cpu_share",
-                            "stack_cpu_s_per_caption", "contended_first_try")} for side in ("baseline", "variant")}}
+                            "stack_cpu_s_per_caption", "cpu_by_process_s", "contended_first_try")}
+                           for side in ("baseline", "variant")}}
                        for r in rounds]}
 
 
@@ -911,10 +945,40 @@ def _scrape(url: str | None, model: str) -> dict[str, float]:
         return parse_metrics(r.read().decode(), model)
 
 
-def _stack_cpu() -> float:
-    """CPU seconds of this process's descendants (the servers it started), not its own."""
+def process_label(cmdline: list[str], comm: str) -> str:
+    """A short name for one server process: Triton's Python stub by its model, Ray's workers by their actor."""
+    joined = " ".join(cmdline)
+    if "triton_python_backend_stub" in joined and len(cmdline) > 1:
+        return "triton stub " + Path(cmdline[1]).parts[-3]  # <repository>/<model>/<version>/model.py
+    if comm.startswith("ray::") or (cmdline and cmdline[0].startswith("ray::")):
+        return (cmdline[0] if cmdline and cmdline[0].startswith("ray::") else comm).split(".")[0]
+    for key in ("tritonserver", "haproxy", "raylet", "gcs_server", "caption_app", "serve_app"):
+        if key in joined:
+            return key
+    return Path(cmdline[0]).name if cmdline else comm
+
+
+def _stack_cpu() -> tuple[float, dict[int, tuple[str, float]]]:
+    """CPU seconds of this process's descendants (the servers it started), not its own; and per process."""
     table = _proc_table()
-    return sum(table[p][1] for p in _descendants(table, os.getpid()) if p != os.getpid())
+    mine = [p for p in _descendants(table, os.getpid()) if p != os.getpid()]
+    per: dict[int, tuple[str, float]] = {}
+    for pid in mine:
+        try:
+            cmdline = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        per[pid] = (process_label(cmdline, comm), table[pid][1])
+    return sum(table[p][1] for p in mine), per
+
+
+def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per process label between two `_stack_cpu` snapshots, largest first."""
+    out: dict[str, float] = {}
+    for pid, (label, cpu) in after.items():
+        out[label] = out.get(label, 0.0) + cpu - before.get(pid, (label, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.01}
 
 
 async def caption_loop(url: str, path: str, bodies: list[bytes], concurrency: int, warmup_s: float, window_s: float,
@@ -1008,7 +1072,8 @@ async def caption_loop(url: str, path: str, bodies: list[bytes], concurrency: in
         "p99_ms": round(percentile(arr, 99), 1) if len(arr) else None,
         "latencies_ms": [round(float(x), 1) for x in arr[idx]] if len(arr) else [],
         "client_cpu_s": round(end["client_cpu"] - start["client_cpu"], 2),
-        "stack_cpu_s": round(end["stack_cpu"] - start["stack_cpu"], 2),
+        "stack_cpu_s": round(end["stack_cpu"][0] - start["stack_cpu"][0], 2),
+        "cpu_by_process_s": cpu_by_label(start["stack_cpu"][1], end["stack_cpu"][1]),
         "foreign_cpu_share": round(marks["foreign_cpu_s"] / (span * (os.cpu_count() or 1)), 3),
         "workers": dict(workers), "tokens": tokens,
     }
@@ -1153,7 +1218,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     def window_row(w: dict[str, Any]) -> dict[str, Any]:
         return {k: w.get(k) for k in ("name", "captions_per_s", "completed", "p50_ms", "p99_ms", "errors",
                                       "foreign_cpu_share", "client_cpu_s", "stack_cpu_s", "stack_cpu_s_per_caption",
-                                      "rows_per_step", "workers", "startup_s")}
+                                      "rows_per_step", "workers", "startup_s", "cpu_by_process_s",
+                                      "contended_first_try")}
 
     out: dict[str, Any] = {
         "caption_vs_naive": value,
@@ -1176,6 +1242,10 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "decode_rows_per_step_c16_detail": {
             "target": ">= 8.0", "steps": rows_delta.get(f"{ROWS_METRIC}_count"),
             "rows": rows_delta.get(f"{ROWS_METRIC}_sum"),
+            # rows per step = captions/s × tokens a caption ÷ steps/s: the decoder steps whenever it has a row
+            "steps_per_s": round(rows_delta.get(f"{ROWS_METRIC}_count", 0.0) / span, 3) if (
+                span := sum(w.get("window_s") or 0.0 for w in served_windows)) else None,
+            "captions_per_s": round(sum(w.get("completed") or 0 for w in served_windows) / span, 4) if span else None,
             "per_window": [w.get("rows_per_step") for w in served_windows],
             "stream_window": stream.get("rows_per_step"),
         },

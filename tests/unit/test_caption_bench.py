@@ -258,3 +258,16 @@ def test_a_contended_window_is_measured_again_once_it_is_quiet(monkeypatch):
     assert "contended_first_try" not in w
     assert cb.quiet_measure(cb.CaptionBenchSettings(), lambda: {"foreign_cpu_share": 0.9}, "w") == {
         "foreign_cpu_share": 0.9}  # without a quiet wait, as measured
+
+
+def test_server_processes_are_named_by_what_they_run():
+    stub = ["/x/triton_python_backend_stub", "/r/blip-cap-base_generate/1/model.py", "vtfuse1", "4194304"]
+    assert cb.process_label(stub, "triton_python_b") == "triton stub blip-cap-base_generate"
+    assert cb.process_label(["ray::ServeReplica:vtfuse:Ingress.handle"], "ray::ServeRepli") == \
+        "ray::ServeReplica:vtfuse:Ingress"
+    assert cb.process_label(["/venv/bin/python", "-m", "loadtests.baseline.caption_app"], "python") == "caption_app"
+    assert cb.process_label(["/usr/sbin/haproxy", "-f", "cfg"], "haproxy") == "haproxy"
+    assert cb.process_label([], "kworker") == "kworker"
+    before = {1: ("a", 1.0), 2: ("b", 5.0)}
+    after = {1: ("a", 3.0), 2: ("b", 5.0), 3: ("a", 0.5)}
+    assert cb.cpu_by_label(before, after) == {"a": 2.5}
