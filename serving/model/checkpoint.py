@@ -64,8 +64,11 @@ def save_checkpoint(ckpt: Checkpoint, out_dir: str | Path) -> Path:
     return out
 
 
-def load_checkpoint(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
-    """Load a checkpoint folder (the shipped `tiny` by default, or a user's own by path)."""
+def load_checkpoint(path: str | Path = DEFAULT_CHECKPOINT, with_decoder: bool = True) -> Checkpoint:
+    """Load a checkpoint folder (the shipped `tiny` by default, or a user's own by path).
+
+    `with_decoder=False` loads the towers alone (the torch target's engines copy only those weights).
+    """
     p = Path(path)
     if not (p / "model.safetensors").exists():
         raise FileNotFoundError(
@@ -75,7 +78,7 @@ def load_checkpoint(path: str | Path = DEFAULT_CHECKPOINT) -> Checkpoint:
     model = FusionModel(cfg)
     model.load_state_dict(load_file(str(p / "model.safetensors")), strict=True)
     decoder = None
-    if cfg.has_decoder:
+    if cfg.has_decoder and with_decoder:
         if not (p / DECODER_WEIGHTS).exists():
             raise FileNotFoundError(
                 f"{p}/config.json has a caption decoder but {DECODER_WEIGHTS} is missing: train it with `vtfuse train`"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,24 +110,31 @@ def serve_app(triton: TritonServer, otlp_receiver: OtlpReceiver) -> Iterator[Ser
                 stop_haproxy(Path(front_env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent)
 
 
-def run_side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str, client: httpx.Client) -> None:
+@contextmanager
+def side_app(serve_app: ServeApp, args: AppArgs, name: str, prefix: str, client: httpx.Client) -> Iterator[None]:
     """Deploy the vtfuse app with `args` as a second application under `prefix` on the session's Serve.
 
-    Returns once `client` reaches it. HAProxy takes a new route with its next configuration
-    reload, shortly after `serve.run` returns; a connection kept alive from before the reload
-    gets one more answer from the old HAProxy (old routes) and is closed after it, so the
-    routes are asked through `client` until every such connection of its pool has gone.
+    Enters once `client` reaches it, and deletes it on leaving, failure included: an application
+    left behind makes Serve's gRPC proxy refuse every call without `application` metadata.
+    HAProxy takes a new route with its next configuration reload, shortly after `serve.run`
+    returns; a connection kept alive from before the reload gets one more answer from the old
+    HAProxy (old routes) and is closed after it, so the routes are asked through `client` until
+    every such connection of its pool has gone.
     """
     from ray import serve
 
     from serving.app.builder import build_app
 
     serve.run(build_app(args), name=name, route_prefix=prefix)
-    deadline = time.monotonic() + 30
-    while prefix not in client.get(serve_app.http_url + "/-/routes", timeout=5).json():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{prefix} is not among the front door's routes 30 s after serve.run")
-        time.sleep(0.05)
+    try:
+        deadline = time.monotonic() + 30
+        while prefix not in client.get(serve_app.http_url + "/-/routes", timeout=5).json():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{prefix} is not among the front door's routes 30 s after serve.run")
+            time.sleep(0.05)
+        yield
+    finally:
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from PIL import Image
 from serving.app.settings import AppArgs, Limits
 from serving.procs import free_port
 from serving.shapes import world
-from tests.integration.conftest import run_side_app
+from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
@@ -191,11 +191,9 @@ def test_a_burst_of_garbage_does_not_take_the_service_down(http):
 
 def test_triton_unreachable_is_503_with_retry_after(serve_app, http):
     """A second app on the same Serve instance whose Triton address answers nothing."""
-    from ray import serve
 
     args = AppArgs(triton_url=f"127.0.0.1:{free_port()}", preprocess="inline", limits=Limits(request_timeout_s=5))
-    run_side_app(serve_app, args, "vtfuse-dead-triton", "/dead", http)
-    try:
+    with side_app(serve_app, args, "vtfuse-dead-triton", "/dead", http):
         t0 = time.monotonic()
         r = http.post("/dead/v1/vqa", json=GOOD)
         assert_json_error(r, 503, "upstream_unavailable")
@@ -203,17 +201,11 @@ def test_triton_unreachable_is_503_with_retry_after(serve_app, http):
         assert time.monotonic() - t0 < 5, "a down Triton must be refused fast, not at the deadline"
         assert_json_error(http.get("/dead/readyz"), 503, "upstream_unavailable")
         assert http.get("/dead/healthz").status_code == 200
-    finally:
-        serve.delete("vtfuse-dead-triton")
     assert http.post("/v1/vqa", json=GOOD).status_code == 200
 
 
 def test_expired_deadline_is_504(serve_app, http):
-    from ray import serve
 
     args = AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline", limits=Limits(request_timeout_s=0.001))
-    run_side_app(serve_app, args, "vtfuse-no-time", "/notime", http)
-    try:
+    with side_app(serve_app, args, "vtfuse-no-time", "/notime", http):
         assert_json_error(http.post("/notime/v1/vqa", json=GOOD), 504, "upstream_timeout")
-    finally:
-        serve.delete("vtfuse-no-time")

@@ -341,13 +341,12 @@ def test_match_on_a_caption_model_and_bad_grpc_parameters_are_refused(serve_app)
 
 def test_a_deadline_that_passes_is_a_504_and_frees_the_slot(serve_app):
     """A side app whose generation deadline is 0.1 s: a 500-token caption gets a JSON 504, and Triton drops it."""
-    from tests.integration.conftest import run_side_app
+    from tests.integration.conftest import side_app
 
     args = serve_app.args.model_copy(update={"limits": serve_app.args.limits.model_copy(
         update={"generation_timeout_s": 0.1})})
     data = _images(1, seed=62)[0]
-    with httpx.Client() as client:
-        run_side_app(serve_app, args, "generation-deadline", "/deadline", client)
+    with httpx.Client() as client, side_app(serve_app, args, "generation-deadline", "/deadline", client):
         before = _generate_metrics(serve_app)
         r = client.post(f"{serve_app.http_url}/deadline/v1/caption",
                         json={"model": CAPTION, "image": _b64(data), **LONG}, timeout=60)

@@ -11,7 +11,7 @@ import pytest
 
 from serving.shapes import world
 from tests.helpers import fresh_samples
-from tests.integration.conftest import run_side_app
+from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
@@ -200,21 +200,16 @@ def test_model_field_routes_to_a_served_model_or_version(http):
 
 def test_inline_composition_answers_like_the_preprocess_deployment(serve_app, http):
     """The shipped composition (preprocess in the ingress) as a side app on the same Serve instance."""
-    from ray import serve
-
     from serving.app.settings import AppArgs
 
-    run_side_app(serve_app, AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline"), "vtfuse-inline",
-                 "/inline", http)
-    try:
+    args = AppArgs(triton_url=serve_app.triton.url_grpc, preprocess="inline")
+    with side_app(serve_app, args, "vtfuse-inline", "/inline", http):
         for img, qa, _ in fresh_samples(6, seed=606):
             body = {"image": b64(img), "questions": [qa.question, "how many squares are there?"], "top_k": 2}
             a = http.post("/v1/vqa", json=body).json()["answers"]
             b = http.post("/inline/v1/vqa", json=body).json()["answers"]
             assert [x["answer"] for x in a] == [x["answer"] for x in b]
             assert [x["score"] for x in a] == pytest.approx([x["score"] for x in b], abs=1e-5)
-    finally:
-        serve.delete("vtfuse-inline")
 
 
 def test_probes_docs_and_request_ids(http):
@@ -225,6 +220,7 @@ def test_probes_docs_and_request_ids(http):
         "text_encoder": True,
         "fusion": True,
         "vqa": True,  # where one-question calls go (ModelSpec.vqa)
+        "caption": True,  # where captions are generated (ModelSpec.generate)
     }
     assert http.get("/docs").status_code == 200
     spec = http.get("/openapi.json").json()

@@ -28,7 +28,7 @@ from serving.app.settings import AppArgs, Limits
 from serving.proto import vtfuse_pb2 as pb
 from serving.proto import vtfuse_pb2_grpc as pb_grpc
 from serving.shapes import world
-from tests.integration.conftest import TEST_LIMITS, run_side_app
+from tests.integration.conftest import TEST_LIMITS, side_app
 
 pytestmark = pytest.mark.integration
 
@@ -223,7 +223,6 @@ def test_grpc_message_over_the_body_limit(serve_app):
 
 def test_rate_limit_per_key_through_serve(serve_app, http):
     """A side app with keys and 1 request/s, burst 3: the 4th quick call of a key is 429 `rate_limited`."""
-    from ray import serve
 
     args = AppArgs(
         triton_url=serve_app.triton.url_grpc,
@@ -231,8 +230,7 @@ def test_rate_limit_per_key_through_serve(serve_app, http):
         api_keys=["key-a", "key-b"],
         limits=Limits(rate_limit_rps=1.0, rate_limit_burst=3),
     )
-    run_side_app(serve_app, args, "vtfuse-ratelimit", "/rl", http)
-    try:
+    with side_app(serve_app, args, "vtfuse-ratelimit", "/rl", http):
         a = {"X-API-Key": "key-a"}
         codes = [http.post("/rl/v1/vqa", json=GOOD, headers=a).status_code for _ in range(4)]
         assert codes[:3] == [200, 200, 200] and codes[3] == 429, codes
@@ -242,8 +240,6 @@ def test_rate_limit_per_key_through_serve(serve_app, http):
         assert http.post("/rl/v1/vqa", json=GOOD, headers={"X-API-Key": "key-b"}).status_code == 200
         assert_error(http.post("/rl/v1/vqa", json=GOOD), 401, "unauthorized")
         _keys_and_rate_limit_through_the_python_clients(serve_app)
-    finally:
-        serve.delete("vtfuse-ratelimit")
 
 
 def _keys_and_rate_limit_through_the_python_clients(serve_app):

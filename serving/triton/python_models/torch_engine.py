@@ -74,7 +74,7 @@ class TorchEngineModel(TorchTensorsModel):
             mode=params.get("mode", "cuda_graphs"),
             max_batch=int(cfg.get("max_batch_size", 0)) or 1,
         )
-        model = load_checkpoint(ckpt_dir).model
+        model = load_checkpoint(ckpt_dir, with_decoder=False).model  # the towers' weights alone are copied
         role = params.get("role", args["model_name"])
         self.engine = TorchEngine(model, role, self.device, settings)
         self.input_names = [i["name"] for i in cfg["input"]]
