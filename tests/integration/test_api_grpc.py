@@ -154,7 +154,8 @@ def test_every_client_gives_the_same_typed_results(serve_app, client):
     assert isinstance(ref_match, MatchResult) and ref_match.best == 0
     assert isinstance(ref_ret, RetrieveResult) and ref_ret.best.text == true and ref_ret.best.index == 0
     assert isinstance(ref_emb, EmbedResult) and len(ref_emb.image_embeddings[0]) == len(ref_emb.text_embeddings[0])
-    assert ref_models.default == "tiny" and ref_models.get("tiny").tasks == ["vqa", "match", "retrieve", "embed"]
+    assert ref_models.default == "tiny" and ref_models.get("tiny").tasks == ["vqa", "match", "retrieve", "embed",
+                                                                                  "caption"]
     for name, (vqa, match, ret, emb, models) in runs.items():
         assert vqa.model == "tiny" and vqa.answer == ref_vqa.answer, name
         assert [t.answer for t in vqa.top_k] == [t.answer for t in ref_vqa.top_k], name

@@ -92,12 +92,13 @@ def test_models_lists_native_and_imported(serve_app):
         "image_encoder": "blip-test_image_encoder",
         "text_encoder": "blip-test_text_encoder",
         "fusion": "blip-test_fusion",
+        "itm": "blip-test_itm",  # the image encoder and fusion in one call, the image sent once
     }
     assert models["blip-test"]["precision"] == "fp32"
     assert models["blip-test"]["parity"]["fp32"]["fusion"]["ITM_LOGITS"]["max_abs"] <= 1e-4
     assert models["vilt-test"]["tasks"] == ["vqa"]
     assert models["vilt-test"]["architecture"] == "ViltForQuestionAnswering"
-    assert models["tiny"]["tasks"] == ["vqa", "match", "retrieve", "embed"]
+    assert models["tiny"]["tasks"] == ["vqa", "match", "retrieve", "embed", "caption"]
 
 
 def test_the_python_clients_list_models(serve_app):
