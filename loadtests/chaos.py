@@ -12,6 +12,8 @@ reports their figures. From the command line, against a running stack:
     python -m loadtests.chaos replica-kill --url http://127.0.0.1:8080 --clients 16
     python -m loadtests.chaos drain --clients 16          # starts (and SIGTERMs) a stack of its own
     python -m loadtests.chaos all --out build/chaos.json  # every drill on fresh stacks
+    python -m loadtests.chaos nodes --clients 8           # two Ray nodes here + `vtfuse serve --ray-address`:
+                                                          # a node SIGKILLed and rejoined, then one drained
 """
 
 from __future__ import annotations
@@ -709,10 +711,469 @@ def drill_drain(stack: ServeStack, clients: int = 16, api_key: str | None = None
     }
 
 
+# -- several Ray nodes on this machine: node loss and drain ----------------------------
+
+NODE_HEALTH_CONFIG = {  # how fast the GCS declares a dead raylet dead (Ray's defaults: ~15-30 s)
+    "health_check_initial_delay_ms": 1000,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+
+
+@dataclass
+class RayNode:
+    """One `ray start --block` in a session of its own, with its own ports and temp dir: the head or a worker."""
+
+    name: str
+    temp_dir: Path
+    head_address: str | None = None  # None: this node is the head
+    num_cpus: int = 1
+    resources: dict[str, float] = field(default_factory=lambda: {"vtfuse_triton": 1})
+    env: dict[str, str] = field(default_factory=dict)
+    gcs_port: int = field(default_factory=free_port)
+    manager_port: int = field(default_factory=free_port)  # the raylet's: how the GCS's node list names this node
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    seen_pids: set[int] = field(default_factory=set)
+
+    @property
+    def address(self) -> str:
+        """The cluster's GCS address (`ray.init`, `--ray-address`)."""
+        return self.head_address or f"127.0.0.1:{self.gcs_port}"
+
+    def command(self) -> list[str]:
+        """`ray start` with every port of this node its own (several nodes share the machine)."""
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}", f"--resources={json.dumps(self.resources)}",
+            f"--temp-dir={self.temp_dir}", f"--node-manager-port={self.manager_port}",
+            f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0",  # workers on ports the kernel picks: no clash between nodes
+        ]  # fmt: skip
+        if self.head_address is None:
+            cmd += [
+                "--head", f"--port={self.gcs_port}", "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}", f"--system-config={json.dumps(NODE_HEALTH_CONFIG)}",
+            ]  # fmt: skip
+        else:
+            cmd.append(f"--address={self.head_address}")
+        return cmd
+
+    def start(self) -> RayNode:
+        """Start the node (not waiting: see `LocalRayCluster.wait_nodes`)."""
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"ray-{self.name}.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                           if p), **self.env}
+        env.pop("RAY_ADDRESS", None)
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                self.command(), cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of this node: `ray start`, its raylet, agents and workers, and their Triton."""
+        if self.process is None:
+            return []
+        try:
+            root = psutil.Process(self.process.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        self.seen_pids.update(p.pid for p in procs)
+        return procs
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of the node at once (a machine lost); their pids."""
+        procs = self.processes()
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if self.process is not None:
+            self.process.wait(10)
+        return [p.pid for p in procs]
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM `ray start` (it stops what it started), then SIGKILL whatever of the node is left."""
+        if self.process is None:
+            return
+        self.processes()
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in self.seen_pids:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                psutil.Process(pid).kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+
+
+class LocalRayCluster:
+    """A head and workers on this machine (loopback), each a `RayNode` with the `vtfuse_triton` resource.
+
+    Never `ray stop` (it would stop every cluster of the machine): each node is stopped through its own
+    process group, and every process it ever had is SIGKILLed at the end.
+    """
+
+    def __init__(self, workers: int = 1, num_cpus: int = 1, tag: str = "nodes") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="vtn", dir="/tmp"))  # short: Ray's socket paths
+        self.num_cpus = num_cpus
+        self.tag = tag
+        self.head = RayNode(f"{tag}-head", self.root / "h", num_cpus=num_cpus)
+        self.workers: list[RayNode] = []
+        self._planned = workers
+        self._count = 0
+
+    @property
+    def address(self) -> str:
+        """The GCS address of the head."""
+        return self.head.address
+
+    def add_worker(self, env: dict[str, str] | None = None) -> RayNode:
+        """Start one more worker joining the head."""
+        self._count += 1
+        node = RayNode(f"{self.tag}-worker{self._count}", self.root / f"w{self._count}", self.address,
+                       self.num_cpus, env=env or {})
+        self.workers.append(node.start())
+        return node
+
+    def start(self, timeout_s: float = 120.0) -> LocalRayCluster:
+        """Start the head, then the workers; wait until every node is alive in the GCS."""
+        use_token_auth()
+        self.head.start()
+        wait_gcs(self.address, timeout_s)
+        for _ in range(self._planned):
+            self.add_worker()
+        self.wait_nodes(1 + self._planned, timeout_s)
+        return self
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """Alive nodes as the GCS lists them (`ray list nodes` would need the dashboard)."""
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+        gcs = GcsClient(address=self.address)
+        infos = gcs.get_all_node_info(timeout=5)
+        return [
+            {"node_id": nid.hex(), "name": info.node_name, "manager_port": info.node_manager_port}
+            for nid, info in infos.items()
+            if info.state == 0  # ALIVE
+        ]
+
+    def node_id(self, node: RayNode, timeout_s: float = 60.0) -> str:
+        """The Ray node id of `node` (once it has joined)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                for n in self.alive_nodes():
+                    if n["manager_port"] == node.manager_port:
+                        return str(n["node_id"])
+            time.sleep(0.5)
+        raise TimeoutError(f"node {node.name} did not join within {timeout_s:.0f} s: see {node.log_path}")
+
+    def wait_nodes(self, n: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Until `n` nodes are alive; TimeoutError naming the logs otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                alive = self.alive_nodes()
+                if len(alive) >= n:
+                    return alive
+            time.sleep(0.5)
+        raise TimeoutError(f"{n} Ray nodes not alive after {timeout_s:.0f} s: see {LOG_DIR}/ray-{self.tag}-*.log")
+
+    def stop(self) -> None:
+        """Every worker, then the head, each by its own process group; their temp dirs removed."""
+        for node in [*self.workers, self.head]:
+            with contextlib.suppress(Exception):
+                node.stop()
+        if not os.environ.get("VTFUSE_KEEP_RAY_TMP"):
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def use_token_auth() -> None:
+    """Token authentication for every node, this process's GCS clients and `vtfuse serve` (they inherit it).
+
+    Ray 2.60's `ray start --head` turns it on by itself where the user has a token (~/.ray/auth_token, which
+    `vtfuse serve` makes), while a joining `ray start` and a driver do not: left implicit, the worker would be
+    refused by its own head. The token is made when missing, as the one-machine stack does.
+    """
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    from serving.app.raycluster import ensure_auth_token
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _enable_token_auth()  # Ray caches the mode when it loads: refresh it in this process
+    ensure_auth_token()
+
+
+def wait_gcs(address: str, timeout_s: float) -> None:
+    """Until something accepts connections at the GCS address."""
+    from serving.app.raycluster import answers
+
+    deadline = time.monotonic() + timeout_s
+    while not answers(address, 1.0):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Ray GCS at {address} after {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
+def cluster_view(url: str, api_key: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """GET /v1/cluster through a front door."""
+    headers = {"X-API-Key": api_key} if api_key else {}
+    r = httpx.get(url + "/v1/cluster", headers=headers, timeout=timeout)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def ingress_by_node(view: dict[str, Any]) -> Counter[str]:
+    """RUNNING Ingress replicas per node id in a /v1/cluster answer."""
+    return Counter(r["node_id"] for r in view["replicas"] if r["deployment"] == "Ingress" and r["state"] == "RUNNING")
+
+
+def ready_tritons(view: dict[str, Any]) -> dict[str, str]:
+    """Node id → gRPC address of every ready Triton in a /v1/cluster answer."""
+    return {t["node_id"]: t["grpc"] for t in view["tritons"] if t["state"] == "ready"}
+
+
+def wait_view(url: str, check: Any, timeout_s: float, api_key: str | None = None) -> tuple[float, dict[str, Any]]:
+    """Poll /v1/cluster until `check(view)` holds: (seconds it took, the view). TimeoutError with the last view."""
+    t0 = time.monotonic()
+    view: dict[str, Any] = {}
+    while time.monotonic() - t0 < timeout_s:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            view = cluster_view(url, api_key)
+            if check(view):
+                return round(time.monotonic() - t0, 2), view
+        time.sleep(0.5)
+    raise TimeoutError(f"/v1/cluster did not show it within {timeout_s:.0f} s; last: {json.dumps(view)[:1500]}")
+
+
+def tally(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    """Requests sent, completed (200), shed (JSON 429/503 with Retry-After), failed (other JSON errors), lost."""
+    completed = sum(o.status == 200 and o.json_body for o in outcomes)
+    shed = sum(o.status in (429, 503) and o.json_body and o.retry_after for o in outcomes)
+    lost = sum(o.status == 0 or not o.json_body for o in outcomes)
+    return {"sent": len(outcomes), "completed": completed, "shed": shed,
+            "failed": len(outcomes) - completed - shed - lost, "lost": lost}
+
+
+def load_during(url: str, clients: int, actions: Any, api_key: str | None = None) -> list[Outcome]:
+    """Closed-loop load through `url` while `actions()` runs in a thread (started 3 s in, load stops 3 s after)."""
+
+    async def main() -> list[Outcome]:
+        stop = asyncio.Event()
+        task = asyncio.create_task(closed_loop(url, clients, stop, api_key=api_key))
+        await asyncio.sleep(3.0)
+        try:
+            await asyncio.to_thread(actions)
+        finally:
+            await asyncio.sleep(3.0)
+            stop.set()
+        return await task
+
+    return asyncio.run(main())
+
+
+def drill_node_kill(
+    url: str, cluster: LocalRayCluster, node: RayNode, clients: int = 8, rejoin: bool = True,
+    worker_env: dict[str, str] | None = None, api_key: str | None = None, window_s: float = 180.0,
+) -> dict[str, Any]:
+    """SIGKILL every process of `node` under load through `url` (another node's front door), then let it rejoin.
+
+    Measured: what the load saw (sent, completed, shed, lost), when the GCS declared the node dead,
+    when its replicas ran again elsewhere, and with `rejoin`, when a new node in its place had its
+    Triton ready and replicas again.
+    """
+    before = cluster_view(url, api_key)
+    replicas = sum(ingress_by_node(before).values())
+    victim = cluster.node_id(node)
+    fault: dict[str, Any] = {"node_id": victim, "replicas_before": dict(ingress_by_node(before))}
+    marks: dict[str, float] = {}
+
+    def act() -> None:
+        marks["kill"] = time.monotonic()
+        fault["killed_pids"] = len(node.kill())
+        cluster.workers.remove(node)
+        fault["node_dead_s"], _ = wait_view(
+            url, lambda v: not any(n["node_id"] == victim and n["alive"] for n in v["nodes"]), window_s, api_key)
+        fault["replicas_rescheduled_s"], view = wait_view(
+            url, lambda v: sum(ingress_by_node(v).values()) >= replicas and victim not in ingress_by_node(v),
+            window_s, api_key)
+        fault["node_dead_s"] = round(fault["node_dead_s"], 2)
+        fault["replicas_rescheduled_s"] = round(time.monotonic() - marks["kill"], 2)
+        fault["replicas_after_loss"] = dict(ingress_by_node(view))
+        marks["loss_over"] = time.monotonic()
+        if not rejoin:
+            return
+        new = cluster.add_worker(worker_env)
+        fault["rejoined_node"] = new.name
+        t0 = time.monotonic()
+        old = {n["node_id"] for n in view["nodes"]}
+
+        def back(v: dict[str, Any]) -> bool:
+            fresh = {n["node_id"] for n in v["nodes"] if n["alive"]} - old
+            return any(nid in ready_tritons(v) and ingress_by_node(v).get(nid, 0) >= 1 for nid in fresh)
+
+        _, view = wait_view(url, back, window_s, api_key)
+        fault["capacity_back_s"] = round(time.monotonic() - t0, 2)
+        fault["replicas_after_rejoin"] = dict(ingress_by_node(view))
+        fault["tritons_after_rejoin"] = len(ready_tritons(view))
+
+    outcomes = load_during(url, clients, act, api_key)
+    kill_at = marks["kill"]
+    loss = [o for o in outcomes if o.start < marks.get("loss_over", float("inf"))]
+    after = [o for o in outcomes if o.start >= marks.get("loss_over", float("inf"))]
+    return {
+        "drill": "node_kill",
+        "clients": clients,
+        **fault,
+        "during_loss": tally(loss),
+        "during_rejoin": tally(after),
+        **summarize(outcomes),
+        **recovery(outcomes, kill_at),
+    }
+
+
+def drill_node_drain(
+    url: str, cluster: LocalRayCluster, node: RayNode, clients: int = 8, deadline_s: int = 60,
+    api_key: str | None = None, window_s: float = 180.0,
+) -> dict[str, Any]:
+    """`ray drain-node` a node under load through `url`, wait until its replicas run elsewhere, then stop it."""
+    node_id = cluster.node_id(node)
+    before = cluster_view(url, api_key)
+    replicas = sum(ingress_by_node(before).values())
+    fault: dict[str, Any] = {"node_id": node_id, "replicas_before": dict(ingress_by_node(before))}
+    marks: dict[str, float] = {}
+
+    def act() -> None:
+        marks["drain"] = time.monotonic()
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "drain-node", f"--address={cluster.address}",
+               f"--node-id={node_id}", "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=vtfuse drain drill",
+               f"--deadline-remaining-seconds={deadline_s}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        fault["drain_command"] = " ".join(["ray", *cmd[3:]])
+        fault["drain_rc"] = r.returncode
+        if r.returncode != 0:
+            raise RuntimeError(f"ray drain-node failed: {r.stdout[-500:]} {r.stderr[-1500:]}")
+        fault["replicas_moved_s"], view = wait_view(
+            url, lambda v: sum(ingress_by_node(v).values()) >= replicas and node_id not in ingress_by_node(v),
+            window_s, api_key)
+        fault["replicas_after"] = dict(ingress_by_node(view))
+        fault["triton_state_while_draining"] = next(
+            (t["state"] for t in view["tritons"] if t["node_id"] == node_id), None)
+        # Once nothing runs there (vtfuse stops its Triton when its replicas have moved), Ray lets the drained
+        # node's raylet exit; a node that is still up after that is stopped, as the drain's deadline announced.
+        gone = lambda v: not any(n["node_id"] == node_id and n["alive"] for n in v["nodes"])  # noqa: E731
+        try:
+            fault["node_left_s"], _ = wait_view(url, gone, 45, api_key)
+            fault["node_left_by_itself"] = True
+        except TimeoutError:
+            fault["node_left_by_itself"] = False
+            node.kill()
+            fault["node_left_s"], _ = wait_view(url, gone, window_s, api_key)
+        fault["node_left_s"] = round(time.monotonic() - marks["drain"], 2)
+        node.kill()  # whatever of it is left
+        cluster.workers.remove(node)
+
+    outcomes = load_during(url, clients, act, api_key)
+    return {
+        "drill": "node_drain",
+        "clients": clients,
+        **fault,
+        "load": tally(outcomes),
+        **summarize(outcomes),
+    }
+
+
+@dataclass
+class ClusterServe:
+    """A `LocalRayCluster` and `vtfuse serve --ray-address` on it: the head's and the workers' front doors."""
+
+    cluster: LocalRayCluster
+    stack: ServeStack
+    worker_api_port: int
+
+    @property
+    def head_url(self) -> str:
+        """The head node's front door."""
+        return self.stack.url
+
+    @property
+    def worker_url(self) -> str:
+        """The front door of the other nodes (one port for all of them on this machine)."""
+        return f"http://127.0.0.1:{self.worker_api_port}"
+
+    @classmethod
+    def start(cls, workers: int = 1, tag: str = "nodes", env: dict[str, str] | None = None,
+              start_timeout_s: float = 400.0) -> ClusterServe:
+        """The cluster, then `vtfuse serve --ray-address` on it, ready on the head's front door."""
+        cluster = LocalRayCluster(workers=workers, tag=tag)
+        worker_api_port, worker_grpc_port = free_port(), free_port()
+        stack = ServeStack(
+            args=("--ray-address", "", "--worker-api-port", str(worker_api_port),
+                  "--worker-grpc-port", str(worker_grpc_port)),
+            env={"VTFUSE_FRONT": "ray", **(env or {})},
+            tag=f"{tag}-serve",
+            start_timeout_s=start_timeout_s,
+        )
+        try:
+            cluster.start()
+            stack.args = ("--ray-address", cluster.address, *stack.args[2:])
+            stack.start()
+        except BaseException:
+            stack.stop(grace_s=60)
+            cluster.stop()
+            raise
+        return cls(cluster, stack, worker_api_port)
+
+    def wait_spread(self, timeout_s: float = 180.0) -> dict[str, Any]:
+        """Until every node runs a ready Triton and an Ingress replica, and each front door is ready; the view."""
+        n = 1 + len(self.cluster.workers)
+
+        def spread(v: dict[str, Any]) -> bool:
+            alive = {x["node_id"] for x in v["nodes"] if x["alive"]}
+            by_node = ingress_by_node(v)
+            return len(alive) == n and all(by_node.get(a, 0) >= 1 and a in ready_tritons(v) for a in alive)
+
+        _, view = wait_view(self.head_url, spread, timeout_s)
+        wait_ready(self.worker_url, timeout_s)
+        return view
+
+    def stop(self) -> None:
+        """`vtfuse serve` (SIGTERM: it removes the app and its Tritons), then every node by its process group."""
+        try:
+            self.stack.stop(grace_s=90)
+        finally:
+            self.cluster.stop()
+            self.stack.cleanup()
+
+
+def node_drills(clients: int = 8) -> list[dict[str, Any]]:
+    """Two nodes here and `vtfuse serve --ray-address`: the worker killed and rejoined, then drained; the figures."""
+    cs = ClusterServe.start()
+    try:
+        cs.wait_spread()
+        results = [drill_node_kill(cs.head_url, cs.cluster, cs.cluster.workers[0], clients)]
+        cs.wait_spread()
+        results.append(drill_node_drain(cs.head_url, cs.cluster, cs.cluster.workers[0], clients))
+        return results
+    finally:
+        cs.stop()
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: one drill (against --url) or `all` (each on a fresh stack); prints JSON."""
     p = argparse.ArgumentParser(prog="python -m loadtests.chaos", description=__doc__.split("\n\n")[0])
-    p.add_argument("drill", choices=["burst", "triton-kill", "replica-kill", "drain", "all"])
+    p.add_argument("drill", choices=["burst", "triton-kill", "replica-kill", "drain", "all", "nodes"])
     p.add_argument("--url", default="http://127.0.0.1:8080", help="a running stack's API (not for drain/all)")
     p.add_argument("--requests", type=int, default=400, help="burst size")
     p.add_argument("--clients", type=int, default=24)
@@ -732,6 +1193,8 @@ def main(argv: list[str] | None = None) -> int:
     elif ns.drill == "drain":
         with ServeStack(tag="drain") as stack:
             results.append(drill_drain(stack, ns.clients))
+    elif ns.drill == "nodes":  # a two-node Ray cluster of its own: node loss and drain
+        results.extend(node_drills(ns.clients))
     else:
         with ServeStack(tag="chaos") as stack:
             results.append(drill_burst(stack.url, ns.requests))
