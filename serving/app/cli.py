@@ -232,6 +232,32 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class StopSignals:
+    """What SIGINT/SIGTERM (or the parent's, ParentSignalWatch) ask of `vtfuse serve`.
+
+    `stop` at the first signal; `force` (skip the drain) at a second one REPEAT_SIGNAL_S or more later,
+    not a copy of the first. Called on the relay's or the parent watch's thread, never in a signal
+    handler (SignalRelay says why).
+    """
+
+    def __init__(self, stacks_after_s: float) -> None:
+        self.stop, self.force = threading.Event(), threading.Event()
+        self.stacks_after_s = stacks_after_s
+        self._first: float | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, signum: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = now
+                # A stop that hangs leaves every thread's stack in the log, before anyone kills it.
+                faulthandler.dump_traceback_later(self.stacks_after_s)
+            elif now - self._first >= REPEAT_SIGNAL_S:
+                self.force.set()
+            self.stop.set()
+
+
 def run_serve(ns: argparse.Namespace) -> int:
     """Start Triton, Ray and the app; print the URLs; stay in the foreground until SIGINT/SIGTERM."""
     if getattr(ns, "ray_address", None):  # an existing cluster: nothing of the local stack below
@@ -246,25 +272,11 @@ def run_serve(ns: argparse.Namespace) -> int:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    stop, force = threading.Event(), threading.Event()
-    first_signal: list[float] = []
-    signal_lock = threading.Lock()
-
-    def on_signal(signum: int) -> None:
-        """On the relay's or the parent watch's thread, never in a signal handler (SignalRelay says why)."""
-        with signal_lock:
-            now = time.monotonic()
-            if not first_signal:
-                first_signal.append(now)
-                # A stop that hangs leaves every thread's stack in the log, before anyone kills it.
-                faulthandler.dump_traceback_later(ns.drain_timeout + STOP_STACKS_AFTER_S)
-            elif now - first_signal[0] >= REPEAT_SIGNAL_S:
-                force.set()  # a second signal, not a copy of the first: skip the drain
-            stop.set()
-
-    relay = SignalRelay(on_signal)
+    signals = StopSignals(stacks_after_s=ns.drain_timeout + STOP_STACKS_AFTER_S)
+    stop, force = signals.stop, signals.force
+    relay = SignalRelay(signals)
     relay.install()
-    watch = ParentSignalWatch(on_signal)
+    watch = ParentSignalWatch(signals)
     if ns.stop_with_parent:
         stop_with_parent()
         watch.start()

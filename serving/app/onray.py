@@ -436,25 +436,13 @@ class ClusterStack:
 
 def run_on_cluster(ns: argparse.Namespace) -> int:
     """`vtfuse serve --ray-address`: deploy, keep, drain and remove (module doc); the exit code."""
-    from serving.app.cli import REPEAT_SIGNAL_S, STOP_STACKS_AFTER_S, drain, stop_with_parent
+    from serving.app.cli import STOP_STACKS_AFTER_S, StopSignals, drain, stop_with_parent
 
-    stop, force = threading.Event(), threading.Event()
-    first: list[float] = []
-    lock = threading.Lock()
-
-    def on_signal(signum: int) -> None:
-        with lock:
-            now = time.monotonic()
-            if not first:
-                first.append(now)
-                faulthandler.dump_traceback_later(ns.drain_timeout + STOP_STACKS_AFTER_S + ns.exit_timeout)
-            elif now - first[0] >= REPEAT_SIGNAL_S:
-                force.set()
-            stop.set()
-
-    relay = SignalRelay(on_signal)
+    signals = StopSignals(stacks_after_s=ns.drain_timeout + STOP_STACKS_AFTER_S + ns.exit_timeout)
+    stop, force = signals.stop, signals.force
+    relay = SignalRelay(signals)
     relay.install()
-    watch = ParentSignalWatch(on_signal)
+    watch = ParentSignalWatch(signals)
     if ns.stop_with_parent:
         stop_with_parent()
         watch.start()

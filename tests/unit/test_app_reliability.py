@@ -552,3 +552,25 @@ def test_every_limit_is_a_documented_setting():
     for name, f in Limits.model_fields.items():
         assert f.description and len(f.description) > 20, name
         assert f"`{name}`" in readme, f"limits.{name} is missing from serving/app/README.md"
+
+
+def test_stop_signals_force_only_on_a_second_signal_later(monkeypatch):
+    """The first signal stops (drain); a copy of it at once does not force; one REPEAT_SIGNAL_S later does."""
+    import faulthandler
+
+    from serving.app import cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    signals = cli.StopSignals(stacks_after_s=3600)
+    try:
+        signals(15)
+        assert signals.stop.is_set() and not signals.force.is_set()
+        clock[0] += cli.REPEAT_SIGNAL_S / 2
+        signals(2)  # the process group's copy of the same Ctrl-C
+        assert not signals.force.is_set()
+        clock[0] += cli.REPEAT_SIGNAL_S
+        signals(2)
+        assert signals.force.is_set()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
