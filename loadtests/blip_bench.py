@@ -1,6 +1,7 @@
-"""BLIP-base retrieval on this machine: imported engines' efficiency, and /v1/retrieve against a naive server.
+"""BLIP-base retrieval here: imported engines' efficiency, /v1/retrieve against a naive server, /v1/match's wire.
 
-Steps (each stage's failure is recorded in summary.json `errors`, the others still run):
+Steps (each stage's failure is recorded in summary.json `errors`, the others still run; summary.json
+is written after every measuring stage, so a run cut short keeps what it measured):
 
 1. a BLIP-base-shaped random `BlipForImageTextRetrieval` checkpoint (BlipConfig defaults:
    ViT-B/16 at 384 px, BERT-base text with cross-attention, 256-d ITC projections; a WordPiece
@@ -13,13 +14,25 @@ Steps (each stage's failure is recorded in summary.json `errors`, the others sti
    options) items/s × FLOPs/item (loadtests.flops, every dynamic axis fixed) ÷ the fp32 matmul
    ceiling, for the image encoder at batch 1 and 8 and the fusion at batch 16 × 35 tokens;
    the headline is the image encoder at its better batch;
-4. `blip_retrieve64_vs_naive`: p50 latency of one image × 64 shapes-world captions (`top_k` 5),
-   sequential requests after one warm-up, through /v1/retrieve of the served stack (Triton on
-   the repository + the Ray Serve app as deploy/serve_config.yaml composes it) and through the
-   naive server (loadtests/baseline/blip_app.py: FastAPI + transformers, every caption through
-   the ITM head, 2 uvicorn workers × 1 torch thread). ratio = naive p50 ÷ served p50; the top
-   index of both answers is compared on every request;
-5. summary.json (figures, settings, commit, machine, command, stage timings) and a p50 plot.
+4. `blip_retrieve64_vs_naive` / `blip_retrieve64_all_vs_naive`: p50 latency of one image × 64
+   shapes-world captions (`top_k` 5), sequential requests after one warm-up, through /v1/retrieve of
+   the served stack (Triton on the repository + the Ray Serve app as deploy/serve_config.yaml
+   composes it) with the default shortlist (16: ITC shortlist, ITM on those) and, on a fresh
+   Triton + app (so the response cache holds none of the images), with `shortlist: "all"` (ITM on
+   every caption: the exact ranking); and through the naive server (loadtests/baseline/blip_app.py:
+   FastAPI + transformers, every caption through the ITM head, 2 uvicorn workers × 1 torch thread).
+   ratio = naive p50 ÷ served p50. `blip_retrieve64_top5_same_order` / `..._top5_overlap` /
+   `..._top1_agreement`: shortlist 16 against the exact ranking (shortlist "all"), request by request;
+   the top index of the served and naive answers is compared on every request too;
+5. `blip_match64_before_over_after`: one image × 64 texts, sequential after a warm-up, straight to
+   Triton with the app's own gRPC client (serving.triton.client) and the tensors the app sends
+   (decoded and tokenized in-process as the app does): after = `NAME_itm` with the pixels once and
+   the 64 token rows (today's /v1/match); before = `NAME_image_encoder`, then `NAME_fusion` with the
+   image features repeated for every row (the pipeline before b852799); the two paths alternate on
+   the same images, on a Triton with the response cache off. Bytes per request: numpy nbytes of every
+   input of each Triton call plus the outputs returned (the tensor payload, not gRPC framing). The
+   same images also go through /v1/match of the served app (default shortlist session) end to end;
+6. summary.json (figures, settings, commit, machine, command, stage timings) and a p50 plot.
 
 `--quick` uses tests.hf.checkpoints.build_blip's tiny sizes (64 px, 2 layers) in build/*-quick
 paths, so the whole tool runs in a few minutes; its figures say nothing about speed.
@@ -30,6 +43,7 @@ paths, so the whole tool runs in a few minutes; its figures say nothing about sp
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import gc
@@ -47,7 +61,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +77,8 @@ NAME = "blip-base"
 BASE_REPO = REPO_ROOT / "model_repository"
 TARGET_RATIO = 5.0
 SHORTLIST = 16  # the served ITC shortlist for 64 captions at top_k 5 (serving.app.router.shortlist_size)
+ENGINE_MAX_BATCH = 64  # the app's engine_max_batch (serving.app.settings): rows per engine request at most
+MB = 1e6  # bytes in the reported megabytes (decimal, as the commit that moved the features off the wire counts)
 STAMP = "blip_bench_import.json"  # in the bench repository: what was imported, so a rerun can reuse it
 
 
@@ -80,9 +96,11 @@ class BlipBenchSettings:
     captions: int = 64
     top_k: int = 5
     image_side: int = 256  # rendered scene side; both servers resize it to the model's 384
-    requests: int = 3  # timed sequential requests per server
+    requests: int = 10  # timed sequential requests per server (shortlist 16, shortlist "all", naive)
     warmups: int = 1
-    naive_budget_s: float = 540.0  # timed naive requests are cut to fit this (never below 1)
+    naive_budget_s: float = 2400.0  # timed naive requests are cut to fit this (never below 1): 10 at ~182 s
+    match_requests: int = 10  # timed sequential /v1/match-shaped requests per path (after, before, the app)
+    match_texts: int = 64
     image_batches: tuple[int, ...] = (1, 8)
     fusion_batch: int = 16
     fusion_tokens: int = 35
@@ -102,7 +120,8 @@ class BlipBenchSettings:
         return cls(
             quick=True, name="blip-quick", checkpoint=b / "blip-quick-random",
             repository=b / "model_repository-blip-quick", work_dir=b / "blip-bench-onnx-quick",
-            engine_min_time_s=0.3, matmul_n=2048, matmul_reps=2, naive_budget_s=120.0,
+            engine_min_time_s=0.3, matmul_n=2048, matmul_reps=2, naive_budget_s=120.0, requests=3,
+            match_requests=3,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -219,16 +238,121 @@ def compare_tops(served: list[dict[str, Any]], naive: list[dict[str, Any]],
     return out | {"requests": rows}
 
 
+def top_indices(results: list[list[dict[str, Any]]]) -> list[list[int]]:
+    """The ranked indices of each /v1/retrieve answer (its `results`, best first)."""
+    return [[int(r["index"]) for r in res] for res in results]
+
+
+def topk_agreement(approx: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int = 5) -> dict[str, Any]:
+    """How a ranking's top k (shortlist 16) agrees with the exact ranking's (shortlist "all"), request by request.
+
+    Per request: whether the two top-k index lists are equal in order, how many indices the two top-k
+    sets share, whether the top 1 is the same. Over the requests: the share equal in order, the mean
+    overlap (indices, and as a share of k), the share with the same top 1.
+    """
+    rows: list[dict[str, Any]] = []
+    same = top1 = overlaps = 0
+    for a_all, e_all in zip(approx, exact):
+        a, e = [int(i) for i in a_all][:k], [int(i) for i in e_all][:k]
+        row: dict[str, Any] = {"same_order": a == e, "overlap": len(set(a) & set(e)),
+                               "same_top1": bool(a and e and a[0] == e[0]), "approx": a, "exact": e}
+        same, top1, overlaps = same + row["same_order"], top1 + row["same_top1"], overlaps + row["overlap"]
+        rows.append(row)
+    n = len(rows)
+    overlap = overlaps / n if n else None
+    return {
+        "k": k, "compared": n,
+        "same_order": same, "same_order_share": round(same / n, 4) if n else None,
+        "mean_overlap": None if overlap is None else round(overlap, 4),
+        "mean_overlap_share": None if overlap is None else round(overlap / k, 4),
+        "same_top1": top1, "same_top1_share": round(top1 / n, 4) if n else None,
+        "requests": rows,
+    }
+
+
+def tensor_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    """numpy nbytes of every tensor of one Triton call's inputs (or outputs)."""
+    return sum(int(np.asarray(a).nbytes) for a in tensors.values())
+
+
+def payload(calls: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]) -> dict[str, int]:
+    """Tensor payload of one request's Triton calls, each given as (inputs sent, outputs returned): bytes each way.
+
+    gRPC and protobuf framing are not counted (a few hundred bytes a call beside these megabytes).
+    """
+    sent = sum(tensor_bytes(i) for i, _ in calls)
+    received = sum(tensor_bytes(o) for _, o in calls)
+    return {"calls": len(calls), "sent": sent, "received": received, "total": sent + received}
+
+
+def fusion_feeds(image_features: np.ndarray, ids: np.ndarray, mask: np.ndarray,
+                 max_rows: int) -> list[dict[str, np.ndarray]]:
+    """The fusion requests /v1/match sent before `NAME_itm` (b852799's parent, Pipeline._texts_through_fusion):
+    one image's features repeated for every text row, with its ids and mask, split into requests of at
+    most `max_rows` rows as Pipeline.infer splits them (min(engine_max_batch, the fusion's max_batch_size))."""
+    from serving.app.router import chunks
+
+    n = ids.shape[0]
+    feats = image_features if image_features.shape[0] == n else np.repeat(image_features, n, axis=0)
+    feed = {"IMAGE_FEATURES": feats, "INPUT_IDS": ids, "ATTENTION_MASK": mask}
+    return [{k: v[sl] for k, v in feed.items()} for sl in chunks(n, max_rows)]
+
+
+def itm_probability(logits: np.ndarray) -> np.ndarray:
+    """ITM logits (N, 2) → probability of "match" per row (softmax, index 1), as the app scores them."""
+    x = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return (e[:, 1] / e.sum(axis=1))
+
+
+def as_match(r: RetrieveRequest) -> RetrieveRequest:
+    """A /v1/match body (image, texts) from a /v1/retrieve one."""
+    return replace(r, body={k: v for k, v in r.body.items() if k in ("model", "image", "texts")})
+
+
+def with_shortlist(r: RetrieveRequest, shortlist: int | str | None) -> RetrieveRequest:
+    """The same /v1/retrieve body with `shortlist` set (None: the default, the field left out)."""
+    return r if shortlist is None else replace(r, body=r.body | {"shortlist": shortlist})
+
+
+def compare(lat: dict[str, Any], shortlists: list[list[int]] | None, k: int) -> dict[str, Any]:
+    """The comparisons of the retrieve answers the latency stages got so far (each needs both of its sides)."""
+    out: dict[str, Any] = {}
+    res = {side: (lat.get(side) or {}).get("results") for side in ("served", "served_all", "naive")}
+    if res["served"] is not None and res["naive"] is not None:
+        out["top_index"] = compare_tops(res["served"], res["naive"], shortlists)
+    if res["served_all"] is not None and res["naive"] is not None:
+        out["top_index_all"] = compare_tops(res["served_all"], res["naive"])
+    if res["served"] is not None and res["served_all"] is not None:
+        out["shortlist_agreement"] = topk_agreement(top_indices(res["served"]), top_indices(res["served_all"]), k)
+    return out
+
+
+_BULKY = ("results", "scores", "probabilities_after")  # per-request answers: the comparisons keep what matters of them
+
+
+def _public(d: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: (_public(v) if isinstance(v, dict) else v) for k, v in (d or {}).items() if k not in _BULKY}
+
+
+def _mb(n: float | None) -> float | None:
+    return None if n is None else round(n / MB, 3)
+
+
 def summarize(raw: dict[str, Any], settings: BlipBenchSettings, command: str, started: float,
               errors: dict[str, str], timings: dict[str, float]) -> dict[str, Any]:
-    """summary.json: the two figures with what each is computed from, settings, provenance."""
+    """summary.json: the figures with what each is computed from, settings, provenance."""
     eng = raw.get("engines") or {}
     rows = eng.get("rows") or []
     image_rows = [r for r in rows if r["engine"] == "image_encoder"]
     head = max(image_rows, key=lambda r: r["efficiency"]) if image_rows else None
     lat = raw.get("latency") or {}
-    served, naive = lat.get("served") or {}, lat.get("naive") or {}
+    served, served_all, naive = (_public(lat.get(k)) for k in ("served", "served_all", "naive"))
     r = ratio(naive.get("p50_ms"), served.get("p50_ms"))
+    r_all = ratio(naive.get("p50_ms"), served_all.get("p50_ms"))
+    agree = lat.get("shortlist_agreement") or {}
+    m = raw.get("match") or {}
+    after, before = m.get("after") or {}, m.get("before") or {}
     return {
         "blip_engine_efficiency": head["efficiency"] if head else None,
         "blip_engine_efficiency_detail": {
@@ -238,16 +362,39 @@ def summarize(raw: dict[str, Any], settings: BlipBenchSettings, command: str, st
             "definition": "in-process ONNX Runtime items/s × FLOPs/item ÷ fp32 matmul ceiling (loadtests.flops)",
         },
         "blip_retrieve64_vs_naive": r,
+        "blip_retrieve64_all_vs_naive": r_all,
         "blip_retrieve64_same_top": (f"{top['same_top']}/{top['compared']}" if (top := lat.get("top_index")) else None),
+        "blip_retrieve64_top5_same_order": agree.get("same_order_share"),
+        "blip_retrieve64_top5_overlap": agree.get("mean_overlap_share"),
+        "blip_retrieve64_top1_agreement": agree.get("same_top1_share"),
         "blip_retrieve64_vs_naive_detail": {
             "target": f">= {TARGET_RATIO}",
             "reached": None if r is None else r >= TARGET_RATIO,
             "served_p50_ms": served.get("p50_ms"),
+            "served_all_p50_ms": served_all.get("p50_ms"),
             "naive_p50_ms": naive.get("p50_ms"),
             "served": served,
+            "served_all": served_all,
             "naive": naive,
             "top_index": lat.get("top_index"),
+            "top_index_all": lat.get("top_index_all"),
         },
+        "blip_retrieve64_shortlist_detail": {
+            "definition": f"shortlist {SHORTLIST} (the default) against shortlist \"all\" (ITM on every caption: "
+                          f"the exact ranking), same requests: top-{settings.top_k} index lists equal in order, "
+                          f"mean overlap of the top-{settings.top_k} sets ÷ {settings.top_k}, same top 1",
+            **agree,
+        } if agree else None,
+        "blip_match64_before_over_after": ratio(before.get("p50_ms"), after.get("p50_ms")),
+        "blip_match64_after_mb": _mb((after.get("payload") or {}).get("total")),
+        "blip_match64_before_mb": _mb((before.get("payload") or {}).get("total")),
+        "blip_match64_detail": {
+            "definition": "one image × 64 texts straight to Triton with the app's gRPC client, the app's tensors; "
+                          "after: NAME_itm (pixels once + token rows); before: NAME_image_encoder, then NAME_fusion "
+                          "with the features repeated per row; ratio = before p50 ÷ after p50; MB = 1e6 bytes of "
+                          "tensor payload per request (numpy nbytes of every input sent and output returned)",
+            **_public(m),
+        } if m else None,
         "model": {"name": settings.name, "checkpoint": raw.get("checkpoint"), "import": raw.get("import")},
         "settings": settings.to_json() | {"shortlist": SHORTLIST},
         "command": command,
@@ -499,6 +646,31 @@ def engines(s: BlipBenchSettings, ckpt_cfg: dict[str, Any]) -> dict[str, Any]:
             "image_tokens": list(tw), "image_size": size}
 
 
+@dataclass(frozen=True)
+class AppTensors:
+    """What the app's preprocessing makes of one request: pixels (1, H, W, 3) uint8, ids and mask (N, L) int64."""
+
+    pixels: np.ndarray
+    ids: np.ndarray
+    mask: np.ndarray
+
+
+def app_tensors(s: BlipBenchSettings, reqs: list[RetrieveRequest]) -> list[AppTensors]:
+    """Decode and tokenize each request as the app does for an imported model (serving.app.models.ModelRuntime:
+    serving.families.imported.decode_for, tokenize_padded to a multiple of 16)."""
+    from serving.app.settings import Limits
+    from serving.families.imported import decode_for, load_plain_tokenizer, read_repository_models, tokenize_padded
+
+    record = read_repository_models(s.repository)[s.name]
+    tok = load_plain_tokenizer(record.checkpoint_dir(s.repository) / "tokenizer.json")
+    out = []
+    for r in reqs:
+        pixels = decode_for(record.image, base64.b64decode(r.body["image"]), Limits().max_pixels)[None]
+        ids, mask = tokenize_padded(tok, r.body["texts"], record.max_tokens)
+        out.append(AppTensors(pixels, ids, mask))
+    return out
+
+
 def itc_shortlists(s: BlipBenchSettings, reqs: list[RetrieveRequest]) -> list[list[int]]:
     """The served path's ITC shortlist of each request, from the same fp32 engines in-process (decode and
     tokenize as the app does: serving.families.imported, serving.app.router)."""
@@ -506,20 +678,14 @@ def itc_shortlists(s: BlipBenchSettings, reqs: list[RetrieveRequest]) -> list[li
 
     from loadtests.engine_bench import IN_PROCESS
     from serving.app.router import shortlist, shortlist_size
-    from serving.app.settings import Limits
-    from serving.families.imported import decode_for, load_plain_tokenizer, read_repository_models, tokenize_padded
 
-    record = read_repository_models(s.repository)[s.name]
-    tok = load_plain_tokenizer(record.checkpoint_dir(s.repository) / "tokenizer.json")
     opts = replace(IN_PROCESS, intra_threads=s.engine_threads).options()
     img = ort.InferenceSession(str(s.work_dir / "image_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
     txt = ort.InferenceSession(str(s.work_dir / "text_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
     out = []
-    for r in reqs:
-        pixels = decode_for(record.image, base64.b64decode(r.body["image"]), Limits().max_pixels)[None]
-        ids, mask = tokenize_padded(tok, r.body["texts"], record.max_tokens)
-        (img_emb,) = img.run(["IMAGE_EMBEDDING"], {"PIXELS": pixels})
-        (txt_emb,) = txt.run(["TEXT_EMBEDDING"], {"INPUT_IDS": ids, "ATTENTION_MASK": mask})
+    for r, t in zip(reqs, app_tensors(s, reqs)):
+        (img_emb,) = img.run(["IMAGE_EMBEDDING"], {"PIXELS": t.pixels})
+        (txt_emb,) = txt.run(["TEXT_EMBEDDING"], {"INPUT_IDS": t.ids, "ATTENTION_MASK": t.mask})
         k = shortlist_size(len(r.body["texts"]), int(r.body["top_k"]))
         out.append([int(i) for i in shortlist(img_emb[0], txt_emb, k)])
     return out
@@ -528,16 +694,21 @@ def itc_shortlists(s: BlipBenchSettings, reqs: list[RetrieveRequest]) -> list[li
 # -- servers --------------------------------------------------------------------------------------
 
 def post_all(url: str, reqs: list[RetrieveRequest], warmups: list[RetrieveRequest], timeout_s: float,
-             budget_s: float | None = None) -> dict[str, Any]:
-    """Warm-up requests, then the timed ones in sequence (cut to fit `budget_s` by the warm-up's duration)."""
+             budget_s: float | None = None, path: str = "/v1/retrieve") -> dict[str, Any]:
+    """Warm-up requests, then the timed ones in sequence (cut to fit `budget_s` by the warm-up's duration).
+
+    Keeps each answer: `results` (/v1/retrieve, best first) or `scores` (/v1/match).
+    """
     import httpx
+
+    field = "scores" if path == "/v1/match" else "results"
 
     def one(client: httpx.Client, r: RetrieveRequest) -> tuple[float, dict[str, Any]]:
         t = time.perf_counter()
-        resp = client.post(url + "/v1/retrieve", json=r.body)
+        resp = client.post(url + path, json=r.body)
         dt = (time.perf_counter() - t) * 1e3
         if resp.status_code != 200:
-            raise RuntimeError(f"{url}/v1/retrieve: HTTP {resp.status_code}: {resp.text[:300]}")
+            raise RuntimeError(f"{url}{path}: HTTP {resp.status_code}: {resp.text[:300]}")
         return dt, resp.json()
 
     with httpx.Client(timeout=timeout_s) as client:
@@ -552,31 +723,148 @@ def post_all(url: str, reqs: list[RetrieveRequest], warmups: list[RetrieveReques
         fc = ForeignCpu()
         fc.start()
         t0 = time.perf_counter()
-        lat, results = [], []
+        lat, answers = [], []
         for r in reqs[:n]:
             dt, body = one(client, r)
             lat.append(dt)
-            results.append(body["results"])
-            log.info("   %s: %.0f ms, top %s", url, dt, [x["index"] for x in body["results"]])
+            answers.append(body[field])
+            top = [x["index"] for x in body[field]] if field == "results" else f"{len(body[field])} scores"
+            log.info("   %s%s: %.0f ms, %s", url, path, dt, top)
         share = fc.stop() / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
     return {"p50_ms": p50(lat), "latencies_ms": [round(x, 1) for x in lat], "warmup_ms": [round(x, 1) for x in warm_ms],
             "requests_planned": planned, "requests_run": n, "foreign_cpu_share": round(share, 3),
-            "results": results}
+            field: answers}
 
 
-def served(s: BlipBenchSettings, reqs: list[RetrieveRequest], warm: list[RetrieveRequest]) -> dict[str, Any]:
+def served(s: BlipBenchSettings, reqs: list[RetrieveRequest], warm: list[RetrieveRequest],
+           shortlist: int | str | None = None, match: list[RetrieveRequest] | None = None,
+           match_warm: list[RetrieveRequest] | None = None) -> dict[str, Any]:
+    """/v1/retrieve (and, given `match`, then /v1/match) through a fresh Triton + Serve app: Triton's response
+    cache (on, as `vtfuse serve` runs it) holds none of the images at the start."""
     from loadtests import servers
 
     t = time.perf_counter()
-    with servers.triton(s.repository, "blip") as tr:
+    tag = "blip" if shortlist is None else f"blip-shortlist-{shortlist}"
+    with servers.triton(s.repository, tag) as tr:
         t_triton = time.perf_counter() - t
         env = {"VTFUSE_LIMITS_REQUEST_TIMEOUT_S": str(s.request_timeout_s)}
-        with servers.serve_app(tr.url_grpc, s.repository, "tiny", "blip", env=env) as app:
+        with servers.serve_app(tr.url_grpc, s.repository, "tiny", tag, env=env) as app:
             t_ready = time.perf_counter() - t
-            res = post_all(app.url, reqs, warm, s.request_timeout_s + 60)
-    return res | {"startup_s": {"triton": round(t_triton, 1), "triton_and_serve": round(t_ready, 1)},
+            res = post_all(app.url, [with_shortlist(r, shortlist) for r in reqs],
+                           [with_shortlist(r, shortlist) for r in warm], s.request_timeout_s + 60)
+            if match:
+                try:
+                    res["match_app"] = post_all(app.url, match, match_warm or [], s.request_timeout_s + 60,
+                                                path="/v1/match")
+                except Exception as e:  # noqa: BLE001 — the retrieve figures above stand; Run records this
+                    log.error("/v1/match through the app failed: %s", e)
+                    res["match_app_error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"
+    return res | {"shortlist": SHORTLIST if shortlist is None else shortlist,
+                  "startup_s": {"triton": round(t_triton, 1), "triton_and_serve": round(t_ready, 1)},
                   "composition": servers.shipped_serve_composition(),
                   "limits_override": {"request_timeout_s": s.request_timeout_s}}
+
+
+async def match_after(client: Any, engines: Mapping[str, str], t: AppTensors, timeout_s: float
+                      ) -> tuple[np.ndarray, list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]]:
+    """Today's /v1/match on an imported BLIP (Pipeline.match): one call to `NAME_itm`, the pixels once."""
+    feed = {"PIXELS": t.pixels, "INPUT_IDS": t.ids, "ATTENTION_MASK": t.mask}
+    out = await client.infer(engines["itm"], feed, ["ITM_LOGITS"], deadline=time.monotonic() + timeout_s)
+    return out["ITM_LOGITS"], [(feed, out)]
+
+
+async def match_before(client: Any, engines: Mapping[str, str], t: AppTensors, max_rows: int, timeout_s: float
+                       ) -> tuple[np.ndarray, list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]]:
+    """/v1/match before `NAME_itm` (b852799's parent): `NAME_image_encoder` asked for IMAGE_FEATURES, then
+    `NAME_fusion` with those features repeated for every text row (its requests concurrently, as Pipeline.infer)."""
+    deadline = time.monotonic() + timeout_s
+    image_in = {"PIXELS": t.pixels}
+    image_out = await client.infer(engines["image_encoder"], image_in, ["IMAGE_FEATURES"], deadline=deadline)
+    feeds = fusion_feeds(image_out["IMAGE_FEATURES"], t.ids, t.mask, max_rows)
+    outs = await asyncio.gather(*(client.infer(engines["fusion"], f, ["ITM_LOGITS"], deadline=deadline)
+                                  for f in feeds))
+    return np.concatenate([o["ITM_LOGITS"] for o in outs]), [(image_in, image_out), *zip(feeds, outs)]
+
+
+def _path_summary(lat: list[float], warm: list[float], payloads: list[dict[str, int]], wire: Any,
+                  calls_made: int) -> dict[str, Any]:
+    totals = [p["total"] for p in payloads]
+    return {
+        "p50_ms": p50(lat), "latencies_ms": [round(x, 1) for x in lat], "warmup_ms": [round(x, 1) for x in warm],
+        "requests_run": len(lat),
+        # The requests' token width can differ (the longest text rounded up to 16): the median request's payload.
+        "payload": sorted(payloads, key=lambda p: p["total"])[(len(payloads) - 1) // 2] if payloads else None,
+        "payload_total_bytes_per_request": totals,
+        "payload_mb_p50": _mb(statistics.median(totals)) if totals else None,
+        # The client's own count (serving.triton.client.WireStats, warm-ups included), over every call it made.
+        "client_wire_stats": {"calls": wire.calls, "sent": wire.sent, "received": wire.received,
+                              "requests": calls_made},
+    }
+
+
+async def _match_runs(s: BlipBenchSettings, url: str, engines: Mapping[str, str], max_rows: int,
+                      tensors: list[AppTensors], warm: list[AppTensors]) -> dict[str, Any]:
+    from serving.triton.client import TritonClient, TritonClientSettings
+
+    timeout = s.request_timeout_s
+    # One client per path, with the app's pool size (loadtests.servers.serve_app: 2): each counts its own bytes.
+    clients = {p: TritonClient(TritonClientSettings(url=url, pool_size=2)) for p in ("after", "before")}
+
+    async def run(path: str, t: AppTensors) -> tuple[float, np.ndarray, dict[str, int]]:
+        t0 = time.perf_counter()
+        if path == "after":
+            logits, calls = await match_after(clients[path], engines, t, timeout)
+        else:
+            logits, calls = await match_before(clients[path], engines, t, max_rows, timeout)
+        return (time.perf_counter() - t0) * 1e3, logits, payload(calls)
+
+    warm_ms: dict[str, list[float]] = {"after": [], "before": []}
+    for w in warm:
+        for path in ("after", "before"):
+            warm_ms[path].append((await run(path, w))[0])
+    lat: dict[str, list[float]] = {"after": [], "before": []}
+    pays: dict[str, list[dict[str, int]]] = {"after": [], "before": []}
+    diffs, probs_after = [], []
+    fc = ForeignCpu()
+    fc.start()
+    t0 = time.perf_counter()
+    for i, t in enumerate(tensors):
+        got = {}
+        for path in (("after", "before") if i % 2 == 0 else ("before", "after")):  # alternate who goes first
+            ms, logits, pay = await run(path, t)
+            lat[path].append(ms)
+            pays[path].append(pay)
+            got[path] = itm_probability(logits)
+        diffs.append(float(np.abs(got["after"] - got["before"]).max()))
+        probs_after.append(got["after"])
+        log.info("   match %d: after %.0f ms (%.2f MB), before %.0f ms (%.2f MB), |Δp| ≤ %.1e", i, lat["after"][-1],
+                 pays["after"][-1]["total"] / MB, lat["before"][-1], pays["before"][-1]["total"] / MB, diffs[-1])
+    share = fc.stop() / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+    n_calls = len(tensors) + len(warm)
+    out = {p: _path_summary(lat[p], warm_ms[p], pays[p], clients[p].stats, n_calls) for p in ("after", "before")}
+    return out | {"itm_probability_max_abs_diff": max(diffs, default=None), "foreign_cpu_share": round(share, 3),
+                  "order": "alternating, after first on even requests", "probabilities_after": probs_after}
+
+
+def match_direct(s: BlipBenchSettings, reqs: list[RetrieveRequest], warm: list[RetrieveRequest]) -> dict[str, Any]:
+    """Step 5: the two /v1/match paths straight to a Triton whose response cache is off (the two paths take the
+    same images in turn: with the cache on, the second would be answered the image features from it)."""
+    from loadtests import servers
+    from serving.families.imported import read_repository_models
+
+    record = read_repository_models(s.repository)[s.name]
+    fusion_max = record.max_batch.get("fusion")
+    max_rows = min(ENGINE_MAX_BATCH, fusion_max or ENGINE_MAX_BATCH)
+    tensors, warm_t = app_tensors(s, reqs), app_tensors(s, warm)
+    t = time.perf_counter()
+    with servers.triton(s.repository, "blip-match", response_cache_mb=0) as tr:
+        startup = time.perf_counter() - t
+        res = asyncio.run(_match_runs(s, tr.url_grpc, record.engines, max_rows, tensors, warm_t))
+    return res | {"texts": s.match_texts, "token_width": sorted({int(x.ids.shape[1]) for x in tensors}),
+                  "pixels_shape": list(tensors[0].pixels.shape) if tensors else None,
+                  "fusion_rows_per_request": max_rows, "fusion_max_batch": fusion_max,
+                  "engines": {k: record.engines.get(k) for k in ("itm", "image_encoder", "fusion")},
+                  "triton_startup_s": round(startup, 1), "response_cache": "off"}
 
 
 @contextlib.contextmanager
@@ -608,13 +896,14 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
     d = summary["blip_retrieve64_vs_naive_detail"]
     labels, values, points = [], [], []
-    for key, label in (("served", "vtfuse (Triton + Ray Serve)"), ("naive", "naive (FastAPI + transformers)")):
+    for key, label in (("served", f"vtfuse, shortlist {SHORTLIST}"), ("served_all", 'vtfuse, shortlist "all"'),
+                       ("naive", "naive (FastAPI + transformers)")):
         if d[key].get("p50_ms") is not None:
             labels.append(label)
             values.append(d[key]["p50_ms"] / 1e3)
             points.append([x / 1e3 for x in d[key]["latencies_ms"]])
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    bars = ax.bar(labels, values, color=["tab:blue", "tab:gray"][: len(values)])
+    bars = ax.bar(labels, values, color=["tab:blue", "tab:cyan", "tab:gray"][: len(values)])
     for i, pts in enumerate(points):
         ax.scatter([i] * len(pts), pts, color="black", s=12, zorder=3)
     for b, v in zip(bars, values):
@@ -624,8 +913,10 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     r = summary.get("blip_retrieve64_vs_naive")
     size = summary["model"]["checkpoint"] or {}
     side = (size.get("vision") or {}).get("image_size")
+    r_all = summary.get("blip_retrieve64_all_vs_naive")
     ax.set_title(f"{summary['model']['name']} ({side} px): 1 image × 64 captions, /v1/retrieve"
-                 + (f" — ratio {r:.1f}×" if r else ""), fontsize=10)
+                 + (f" — naive ÷ served {r:.1f}×" if r else "") + (f", all {r_all:.1f}×" if r_all else ""),
+                 fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -658,6 +949,13 @@ class Run:
             self.timings[name] = round(time.perf_counter() - t, 1)
             log.info("   %s took %.0f s", name, self.timings[name])
 
+    def write(self, command: str, started: float) -> dict[str, Any]:
+        """summary.json from what the stages measured so far."""
+        summary = summarize(self.raw, self.s, command, started, self.errors, self.timings)
+        summary["cpu_busy_before_stage"] = self.busy_before
+        write_json(self.out / "summary.json", summary)
+        return summary
+
     def run(self, command: str) -> dict[str, Any]:
         started = time.time()
         s = self.s
@@ -669,26 +967,45 @@ class Run:
             gc.collect()
             reqs = make_requests(s.requests, s.seed, s.captions, s.top_k, s.image_side, s.name)
             warm = make_requests(s.warmups, s.seed + 1000, s.captions, s.top_k, s.image_side, s.name)
+            # /v1/match: images and texts of their own (none of them in the response cache of the retrieve runs).
+            mreqs = [as_match(r) for r in make_requests(s.match_requests, s.seed + 2000, s.match_texts, s.top_k,
+                                                        s.image_side, s.name)]
+            mwarm = [as_match(r) for r in make_requests(s.warmups, s.seed + 3000, s.match_texts, s.top_k,
+                                                        s.image_side, s.name)]
             lat: dict[str, Any] = {"requests": [{"true_index": r.true_index, "side": r.side,
                                                  "texts": len(r.body["texts"])} for r in reqs]}
+            self.raw["latency"] = lat
             shortlists = self.stage("shortlists", lambda: itc_shortlists(s, reqs))
             gc.collect()
-            lat["served"] = self.stage("served", lambda: served(s, reqs, warm), measures=True)
+            lat["served"] = self.stage("served", lambda: served(s, reqs, warm, None, mreqs, mwarm), measures=True)
+            if lat["served"] and "match_app_error" in lat["served"]:
+                self.errors["match_app"] = lat["served"].pop("match_app_error")
+            self.write(command, started)
+            lat["served_all"] = self.stage("served_all", lambda: served(s, reqs, warm, "all"), measures=True)
+            lat |= compare(lat, shortlists, s.top_k)
+            self.write(command, started)
+            self.raw["match"] = self.stage("match", lambda: match_direct(s, mreqs, mwarm), measures=True)
+            self._match_app_check()
+            self.write(command, started)
             lat["naive"] = self.stage("naive", lambda: naive(s, reqs, warm), measures=True)
-            if lat["served"] and lat["naive"]:
-                lat["top_index"] = compare_tops(lat["served"].pop("results"), lat["naive"].pop("results"),
-                                                shortlists)
-            self.raw["latency"] = lat
-        summary = summarize(self.raw, s, command, started, self.errors, self.timings)
-        summary["cpu_busy_before_stage"] = self.busy_before
-        write_json(self.out / "summary.json", summary)
-        if summary["blip_retrieve64_vs_naive_detail"]["served_p50_ms"] is not None or \
-                summary["blip_retrieve64_vs_naive_detail"]["naive_p50_ms"] is not None:
+            lat |= compare(lat, shortlists, s.top_k)
+        summary = self.write(command, started)
+        if any(summary["blip_retrieve64_vs_naive_detail"][k] is not None
+               for k in ("served_p50_ms", "served_all_p50_ms", "naive_p50_ms")):
             self.stage("plot", lambda: plot(summary, self.out / "retrieve64_p50.png"))
-            summary["stage_seconds"] = self.timings
-            summary["wall_s"] = round(time.time() - started, 1)
-            write_json(self.out / "summary.json", summary)
+            summary = self.write(command, started)
         return summary
+
+    def _match_app_check(self) -> None:
+        """The app's /v1/match scores against the direct `NAME_itm` call's on the same requests (same tensors?)."""
+        m = self.raw.get("match")
+        app = ((self.raw.get("latency") or {}).get("served") or {}).get("match_app") or {}
+        if not m or not app.get("scores"):
+            return
+        diffs = [float(np.abs(np.asarray(a, dtype=np.float64) - d).max())
+                 for a, d in zip(app["scores"], m["probabilities_after"])]
+        m["app_scores_vs_after_max_abs_diff"] = max(diffs, default=None)
+        m["app_p50_ms"] = app.get("p50_ms")
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -700,8 +1017,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny BLIP (tests.hf.checkpoints.build_blip sizes)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default loadtests/results/blip, --quick build/blip-bench-quick)")
-    p.add_argument("--requests", type=int, help="timed requests per server (default 3)")
-    p.add_argument("--naive-budget", type=float, help="seconds the timed naive requests may take (default 540)")
+    p.add_argument("--requests", type=int,
+                   help="timed /v1/retrieve requests per side: shortlist 16, shortlist all, naive (default 10)")
+    p.add_argument("--match-requests", type=int, help="timed /v1/match-shaped requests per path (default 10)")
+    p.add_argument("--naive-budget", type=float, help="seconds the timed naive requests may take (default 2400)")
     p.add_argument("--wait-quiet", type=float, default=0.0,
                    help="before each measuring stage, wait up to this many seconds for other work to leave the CPU")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -712,6 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     s = BlipBenchSettings.quick_run() if args.quick else BlipBenchSettings()
     if args.requests:
         s = replace(s, requests=args.requests)
+    if args.match_requests:
+        s = replace(s, match_requests=args.match_requests)
     if args.naive_budget:
         s = replace(s, naive_budget_s=args.naive_budget)
     s = replace(s, wait_quiet_s=args.wait_quiet)
@@ -723,9 +1044,16 @@ def main(argv: list[str] | None = None) -> int:
     log.info("summary: %s", out / "summary.json")
     log.info("   blip_engine_efficiency   %s (%s)", summary["blip_engine_efficiency"],
              summary["blip_engine_efficiency_detail"]["headline"])
-    log.info("   blip_retrieve64_vs_naive %s (served p50 %s ms, naive p50 %s ms)", summary["blip_retrieve64_vs_naive"],
-             summary["blip_retrieve64_vs_naive_detail"]["served_p50_ms"],
-             summary["blip_retrieve64_vs_naive_detail"]["naive_p50_ms"])
+    d = summary["blip_retrieve64_vs_naive_detail"]
+    log.info("   blip_retrieve64_vs_naive %s, _all_ %s (served p50 %s ms, shortlist all %s ms, naive p50 %s ms)",
+             summary["blip_retrieve64_vs_naive"], summary["blip_retrieve64_all_vs_naive"], d["served_p50_ms"],
+             d["served_all_p50_ms"], d["naive_p50_ms"])
+    log.info("   shortlist 16 vs all: top-5 same order %s, top-5 overlap %s, top-1 %s",
+             summary["blip_retrieve64_top5_same_order"], summary["blip_retrieve64_top5_overlap"],
+             summary["blip_retrieve64_top1_agreement"])
+    log.info("   blip_match64_before_over_after %s (after %s MB, before %s MB a request)",
+             summary["blip_match64_before_over_after"], summary["blip_match64_after_mb"],
+             summary["blip_match64_before_mb"])
     if summary["errors"]:
         log.error("failed stages: %s", ", ".join(summary["errors"]))
         return 1

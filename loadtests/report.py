@@ -41,7 +41,16 @@ Keys (numbers; `null` where a setup failed, the reason under `errors`):
   Triton's rows per decoder step over those windows, time to first token and per output token of
   streamed captions at c=16, and 8 questions ÷ 1 on one image through /v1/vqa. `make bench` measures
   them last; `python -m loadtests.bench --only caption` measures them alone and puts them into an
-  existing summary.json (`caption_detail` says which run they come from).
+  existing summary.json (`caption_detail` says which run they come from);
+- `blip_retrieve64_vs_naive`, `blip_retrieve64_all_vs_naive`, `blip_retrieve64_top5_same_order`,
+  `blip_retrieve64_top5_overlap`, `blip_retrieve64_top1_agreement`, `blip_match64_before_over_after`,
+  `blip_match64_after_mb`, `blip_match64_before_mb`: BLIP-base retrieval (loadtests/blip_bench.py, run on
+  its own, its summary in `blip/`): one image × 64 captions through /v1/retrieve with the default
+  shortlist (16) and with `shortlist: "all"`, each ÷ the naive server's p50; shortlist 16's top 5
+  against the exact ranking (shortlist "all"); /v1/match's Triton calls before and after `NAME_itm`
+  (p50 ratio, tensor MB per request). `python -m loadtests.report --blip loadtests/results/blip/summary.json`
+  puts them into an existing summary.json (`blip_detail` says which run they come from), and a
+  summary that `make bench` writes takes them from `blip/summary.json` of its results folder.
 """
 
 from __future__ import annotations
@@ -72,10 +81,15 @@ TARGETS = {
     "caption_vs_naive": (">=", 1.6),
     "decode_rows_per_step_c16": (">=", 8.0),
     "vqa_gen_8q_over_1q": ("<=", 3.0),
+    "blip_retrieve64_vs_naive": (">=", 5.0),
 }
 # The figures of loadtests/caption_bench.py's summary that summary.json carries.
 CAPTION_KEYS = ("caption_vs_naive", "decode_rows_per_step_c16", "ttft_p50_s_c16", "ttft_p99_s_c16", "tpot_p50_ms_c16",
                 "tpot_p99_ms_c16", "vqa_gen_8q_over_1q")
+# The figures of loadtests/blip_bench.py's summary that summary.json carries.
+BLIP_KEYS = ("blip_retrieve64_vs_naive", "blip_retrieve64_all_vs_naive", "blip_retrieve64_top5_same_order",
+             "blip_retrieve64_top5_overlap", "blip_retrieve64_top1_agreement", "blip_match64_before_over_after",
+             "blip_match64_after_mb", "blip_match64_before_mb")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -222,6 +236,43 @@ def caption_figures(cap: dict[str, Any] | None, source: str = "caption/summary.j
     return {k: cap.get(k) for k in CAPTION_KEYS} | {"caption_detail": detail}
 
 
+def blip_figures(blip: dict[str, Any] | None, source: str = "blip/summary.json") -> dict[str, Any]:
+    """The headline figures of a blip_bench summary, and `blip_detail`: what they come from and which run."""
+    if not blip:
+        return {k: None for k in BLIP_KEYS} | {"blip_detail": None}
+    d = blip.get("blip_retrieve64_vs_naive_detail") or {}
+    sides = {k: d.get(k) or {} for k in ("served", "served_all", "naive")}
+    sl = blip.get("blip_retrieve64_shortlist_detail") or {}
+    m = blip.get("blip_match64_detail") or {}
+    after, before = m.get("after") or {}, m.get("before") or {}
+    shares = [v.get("foreign_cpu_share") for v in sides.values()] + [m.get("foreign_cpu_share")]
+    detail = {
+        "source": source, "commit": blip.get("commit"), "measured_at": blip.get("started"),
+        "wall_s": blip.get("wall_s"), "quick": (blip.get("settings") or {}).get("quick"),
+        **{f"{k}_p50_ms": v.get("p50_ms") for k, v in sides.items()},
+        **{f"{k}_requests": v.get("requests_run") for k, v in sides.items()},
+        "same_top_served_vs_naive": blip.get("blip_retrieve64_same_top"),
+        "top5_same_order": f"{sl['same_order']}/{sl['compared']}" if sl else None,
+        "top5_mean_overlap": sl.get("mean_overlap"),
+        "top1_same": f"{sl['same_top1']}/{sl['compared']}" if sl else None,
+        "match_after_p50_ms": after.get("p50_ms"), "match_before_p50_ms": before.get("p50_ms"),
+        "match_requests": after.get("requests_run"),
+        "match_after_payload": after.get("payload"), "match_before_payload": before.get("payload"),
+        "match_app_p50_ms": m.get("app_p50_ms"),
+        "match_itm_probability_max_abs_diff": m.get("itm_probability_max_abs_diff"),
+        "foreign_cpu_share_max": max([x for x in shares if x is not None], default=None),
+        "errors": blip.get("errors"),
+    }
+    return {k: blip.get(k) for k in BLIP_KEYS} | {"blip_detail": detail}
+
+
+def _blip_run(bench: Any) -> dict[str, Any] | None:
+    """blip_bench's own summary in the bench's results folder (`blip/summary.json`), where there is one."""
+    out = getattr(bench, "out", None)
+    path = Path(out) / "blip" / "summary.json" if out is not None else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
 def _targets(out: dict[str, Any], keys: Any) -> dict[str, Any]:
     return {k: {"target": f"{TARGETS[k][0]} {TARGETS[k][1]}", "met": None if out.get(k) is None else
                 (out[k] >= TARGETS[k][1] if TARGETS[k][0] == ">=" else out[k] <= TARGETS[k][1])} for k in keys}
@@ -232,6 +283,16 @@ def merge_caption(summary_path: Path, cap: dict[str, Any], source: str) -> dict[
     s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     s.update(caption_figures(cap, source))
     s.setdefault("targets", {}).update(_targets(s, [k for k in TARGETS if k in CAPTION_KEYS]))
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(s, indent=2) + "\n")
+    return s
+
+
+def merge_blip(summary_path: Path, blip: dict[str, Any], source: str) -> dict[str, Any]:
+    """Put a blip_bench run's figures into an existing summary.json (the other figures stay as measured)."""
+    s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    s.update(blip_figures(blip, source))
+    s.setdefault("targets", {}).update(_targets(s, [k for k in TARGETS if k in BLIP_KEYS]))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(s, indent=2) + "\n")
     return s
@@ -354,6 +415,7 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
         "batching_speedup_tiny": speedup,
         "retrieve64_over_vqa1": reuse,
         **caption_figures(raw.get("caption")),
+        **blip_figures(_blip_run(bench)),
         "machine": machine(),
         "versions": versions(),
         "commit": git_commit(),
@@ -437,6 +499,25 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("vqa_gen_8q_over_1q", "BLIP-base VQA (generated answers), 8 questions ÷ 1 on one image through /v1/vqa",
      "the image is encoded once; each question adds its pass through the question encoder (whose "
      "cross-attention projects the 577 image tokens again, ~16 GFLOP) and its decoder row"),
+    ("blip_retrieve64_vs_naive", "BLIP-base, 1 image × 64 captions, `top_k` 5, sequential: naive FastAPI + "
+     "transformers (ITM on every caption) p50 ÷ /v1/retrieve p50 with the default shortlist (16)",
+     "served: one image encode (111 GFLOP), 64 captions through the text encoder, ITM on the 16 shortlisted "
+     "(24 GFLOP a row); naive: the vision tower once per caption (64 × 111 GFLOP) in one torch thread"),
+    ("blip_retrieve64_all_vs_naive", "the same with `shortlist: \"all\"` (ITM on all 64 captions: the exact ranking)",
+     "ITM on 64 rows instead of 16: 4× the fusion work, the rest as with shortlist 16"),
+    ("blip_retrieve64_top5_same_order", "share of those requests whose top 5 with shortlist 16 equals the exact "
+     "top 5, in order", "the ITC shortlist of 16 misses captions ITM would rank in the top 5 (random weights: "
+     "ITC and ITM heads that were never trained to agree)"),
+    ("blip_retrieve64_top5_overlap", "mean share of the exact top 5 that shortlist 16's top 5 holds", "as above"),
+    ("blip_retrieve64_top1_agreement", "share of those requests with the exact top 1", "as above"),
+    ("blip_match64_before_over_after", "BLIP-base, 1 image × 64 texts, /v1/match's Triton calls straight from the "
+     "app's gRPC client, p50: image encoder + fusion with the features repeated per text (before) ÷ `NAME_itm` "
+     "(after)", "the fusion's 64 rows (24 GFLOP each) dominate both; before adds 113 MB of repeated features "
+     "through gRPC and the Python backend's IPC"),
+    ("blip_match64_after_mb", "tensor MB per request to and from Triton, after: the pixels once + 64 token rows to "
+     "`NAME_itm`, 64 ITM logit pairs back", "the 384 × 384 × 3 pixels; the features stay inside Triton"),
+    ("blip_match64_before_mb", "the same, before: pixels → image features back, then the features × 64 rows + "
+     "token rows → logits", "the image features (577 × 768 fp32, 1.77 MB) once back and 64 times out"),
 )
 
 
@@ -516,6 +597,32 @@ def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") 
         if cd.get("vqa_one_question_median_s"):
             extra["vqa_gen_8q_over_1q"] = (f"median {cd['vqa_eight_questions_median_s']:.3g} ÷ "
                                            f"{cd['vqa_one_question_median_s']:.3g} s; {run}")
+    bd = s.get("blip_detail") or {}
+    if bd:
+        run = (f"blip_bench run at `{str(bd.get('commit') or '?')[:12]}` on {bd.get('measured_at')}"
+               f"{' (QUICK: not speeds)' if bd.get('quick') else ''}")
+
+        def sec(ms: float | None) -> str:
+            return _fmt(None if ms is None else ms / 1e3)
+
+        naive = f"{sec(bd.get('naive_p50_ms'))} s ({bd.get('naive_requests')} requests)"
+        extra["blip_retrieve64_vs_naive"] = (
+            f"p50 {naive} ÷ {sec(bd.get('served_p50_ms'))} s ({bd.get('served_requests')}); same top caption as "
+            f"naive {bd.get('same_top_served_vs_naive')}; {run}")
+        extra["blip_retrieve64_all_vs_naive"] = (
+            f"p50 {naive} ÷ {sec(bd.get('served_all_p50_ms'))} s ({bd.get('served_all_requests')}); {run}")
+        extra["blip_retrieve64_top5_same_order"] = f"{bd.get('top5_same_order')} requests; {run}"
+        extra["blip_retrieve64_top5_overlap"] = f"mean {_fmt(bd.get('top5_mean_overlap'))} of 5; {run}"
+        extra["blip_retrieve64_top1_agreement"] = f"{bd.get('top1_same')} requests; {run}"
+        extra["blip_match64_before_over_after"] = (
+            f"p50 {sec(bd.get('match_before_p50_ms'))} ÷ {sec(bd.get('match_after_p50_ms'))} s, "
+            f"{bd.get('match_requests')} requests each, the paths alternating; /v1/match through the app "
+            f"p50 {sec(bd.get('match_app_p50_ms'))} s; {run}")
+        for key, side in (("blip_match64_after_mb", "after"), ("blip_match64_before_mb", "before")):
+            pay = bd.get(f"match_{side}_payload") or {}
+            if pay:
+                extra[key] = (f"{pay['calls']} Triton call{'s' if pay['calls'] != 1 else ''}: "
+                              f"{_fmt(pay['sent'] / 1e6)} MB sent + {_fmt(pay['received'] / 1e6)} MB returned; {run}")
     lines = [
         f"Measured by `make bench` at commit `{str(s.get('commit', '?'))[:12]}` on {s.get('measured_at')} "
         f"({s.get('bench_seconds')} s; other work on the cores ≤ {_fmt(s.get('foreign_cpu_share_max'))} of them "
@@ -550,7 +657,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Print (or write into loadtests/README.md) the figures of a summary.json.")
     p.add_argument("summary", type=Path, nargs="?", default=README.parent / "results" / "summary.json")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's figures block")
+    p.add_argument("--blip", type=Path, metavar="BLIP_SUMMARY",
+                   help="first put the figures of this blip_bench summary.json (loadtests/results/blip/summary.json) "
+                        "into the summary (the other figures stay)")
     args = p.parse_args(argv)
+    if args.blip:
+        try:
+            source = str(args.blip.resolve().relative_to(args.summary.resolve().parent))
+        except ValueError:
+            source = str(args.blip)
+        merge_blip(args.summary, json.loads(args.blip.read_text()), source)
     if args.update_readme:
         return 0 if update_readme(args.summary) else 1
     sys.stdout.write(markdown(json.loads(args.summary.read_text()), str(args.summary)))
