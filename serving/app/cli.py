@@ -232,6 +232,25 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def triton_settings(ns: argparse.Namespace, **overrides: Any) -> TritonSettings:
+    """tritonserver's settings from `vtfuse serve`'s flags: the local one, or each node's on a Ray cluster."""
+    tls = bool(ns.triton_tls_cert)
+    fields: dict[str, Any] = dict(
+        repository=Path(ns.repository).resolve(),
+        http_port=ns.triton_http_port,
+        grpc_port=ns.triton_grpc_port,
+        metrics_port=ns.triton_metrics_port,
+        exit_timeout_s=ns.exit_timeout,
+        restrict_apis=ns.restrict_apis,
+        grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
+        grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
+        # Triton's OpenTelemetry trace mode, exporting to the same OTLP/HTTP endpoint as the API.
+        extra_args=triton_trace_args(endpoint, sampling_ratio(), TRITON_SERVICE_NAME) if (endpoint := otlp_endpoint())
+        else (),
+    )
+    return TritonSettings(**(fields | overrides))
+
+
 class StopSignals:
     """What SIGINT/SIGTERM (or the parent's, ParentSignalWatch) ask of `vtfuse serve`.
 
@@ -297,20 +316,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         app_args["triton_tls"] = True
         app_args["triton_tls_root_cert"] = str(Path(ns.triton_tls_ca or ns.triton_tls_cert).resolve())
     schema = ServeDeploySchema.model_validate(config)
-    settings = TritonSettings(
-        repository=Path(ns.repository).resolve(),
-        http_port=ns.triton_http_port,
-        grpc_port=ns.triton_grpc_port,
-        metrics_port=ns.triton_metrics_port,
-        host=ns.triton_host,
-        exit_timeout_s=ns.exit_timeout,
-        restrict_apis=ns.restrict_apis,
-        grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
-        grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
-        # Triton's OpenTelemetry trace mode, exporting to the same OTLP/HTTP endpoint as the API.
-        extra_args=triton_trace_args(endpoint, sampling_ratio(), TRITON_SERVICE_NAME) if (endpoint := otlp_endpoint())
-        else (),
-    )
+    settings = triton_settings(ns, host=ns.triton_host)
     # Triton stays our child; the supervisor restarts it if it dies (the API answers 503 meanwhile).
     supervisor = TritonSupervisor(settings, log_path=Path(ns.triton_log))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)

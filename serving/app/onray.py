@@ -42,9 +42,7 @@ from typing import Any
 from serving.app.raycluster import address_file, answers
 from serving.paths import REPO_ROOT
 from serving.procs import ParentSignalWatch, PortInUse, SignalRelay, check_ports_free
-from serving.tracing import TRITON_SERVICE_NAME, otlp_endpoint, sampling_ratio, triton_trace_args
 from serving.triton.directory import DISCOVERY_URL, RESOURCE
-from serving.triton.launcher import TritonSettings
 from serving.triton.pernode import NodeTritonSpec, TritonFleet
 
 log = logging.getLogger(__name__)
@@ -269,20 +267,10 @@ def _serve_running() -> bool:
 
 def node_spec(ns: argparse.Namespace) -> NodeTritonSpec:
     """Each node's Triton settings from the flags (ports are preferences; see serving.triton.pernode)."""
-    tls = bool(ns.triton_tls_cert)
-    settings = TritonSettings(
-        repository=Path(ns.repository).resolve(),
-        http_port=ns.triton_http_port,
-        grpc_port=ns.triton_grpc_port,
-        metrics_port=ns.triton_metrics_port,
-        exit_timeout_s=ns.exit_timeout,
-        restrict_apis=ns.restrict_apis,
-        restricted_value=os.environ.get("TRITON_ADMIN_KEY", ""),
-        grpc_tls_cert=Path(ns.triton_tls_cert).resolve() if tls else None,
-        grpc_tls_key=Path(ns.triton_tls_key).resolve() if tls and ns.triton_tls_key else None,
-        extra_args=triton_trace_args(endpoint, sampling_ratio(), TRITON_SERVICE_NAME) if (endpoint := otlp_endpoint())
-        else (),
-    )
+    from serving.app.cli import triton_settings
+
+    # The admin key travels with the settings: the actor runs on a node whose environment may lack it.
+    settings = triton_settings(ns, restricted_value=os.environ.get("TRITON_ADMIN_KEY", ""))
     return NodeTritonSpec(settings, str(Path(ns.triton_log).resolve().parent))
 
 
