@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 
 SUMMARY_KEYS = (
     "engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_http_tiny",
-    "vs_naive_http_small", "vs_naive_grpc_tiny", "int8_gain_small", "repeat_image_speedup_small", "avg_batch_c32",
-    "batching_speedup_tiny", "retrieve64_over_vqa1",
+    "vs_naive_http_small", "grpc_raw_over_naive_http_tiny", "int8_gain_small", "repeat_image_speedup_small",
+    "avg_batch_c32", "batching_speedup_tiny", "retrieve64_over_vqa1",
 )
 
 

@@ -271,3 +271,32 @@ def test_server_processes_are_named_by_what_they_run():
     before = {1: ("a", 1.0), 2: ("b", 5.0)}
     after = {1: ("a", 3.0), 2: ("b", 5.0), 3: ("a", 0.5)}
     assert cb.cpu_by_label(before, after) == {"a": 2.5}
+
+
+def test_the_caption_rows_limits_are_computed_from_the_run():
+    """"What limits it" of the caption rows comes from the run's own CPU and rates, never from typed-in figures."""
+    from loadtests import report
+
+    def rnd(i: int, kept: bool, served: float, naive: float) -> dict:
+        windows = {"served": {"stack_cpu_s_per_caption": served}, "naive": {"stack_cpu_s_per_caption": naive}}
+        return {"round": i, "ratio": 1.0, "rerun": not kept, "kept": kept, "windows": windows}
+
+    cap = {
+        "caption_vs_naive_detail": {"rounds": [
+            rnd(0, True, 1.8, 2.4), rnd(1, True, 2.0, 2.6), rnd(2, False, 0.1, 9.0)
+        ]},
+        "cost_model": {"vision_gflop": 110.97, "vision": [
+            {"kind": "ort_vision", "processes": 2, "threads": 1, "per_s": 2.0},
+            {"kind": "torch_vision", "processes": 2, "threads": 1, "per_s": 1.6},
+            {"kind": "ort_vision", "processes": 1, "threads": 2, "per_s": 1.0},
+        ]},
+        "decode_rows_per_step_c16_detail": {"steps_per_s": 9.0, "captions_per_s": 1.1},
+    }
+    costs = report.caption_costs(cap)
+    assert costs["served_cpu_s_per_caption"] == 1.9 and costs["naive_cpu_s_per_caption"] == 2.5  # kept rounds only
+    limits = report.caption_limits(costs | {"vision_gflop": 110.97})
+    assert limits["caption_vs_naive"].startswith("CPU per caption: served 1.9 core-s against the naive 2.5")
+    assert "(111 GFLOP an image) 1 and 1.25 (2 cores at 2 and 1.6 images/s)" in limits["caption_vs_naive"]
+    assert "1.1 captions a second enter" in limits["decode_rows_per_step_c16"] and "9 steps a second" in limits[
+        "decode_rows_per_step_c16"]
+    assert report.caption_limits({}) == {}  # a run without them keeps the rows' static text

@@ -230,7 +230,7 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
                                                                             warmup_s=2))
     s = report.summary(bench, 0.0)
     for key in ("engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_http_tiny",
-                "vs_naive_http_small", "vs_naive_grpc_tiny", "int8_gain_small", "repeat_image_speedup_small",
+                "vs_naive_http_small", "grpc_raw_over_naive_http_tiny", "int8_gain_small", "repeat_image_speedup_small",
                 "avg_batch_c32", "batching_speedup_tiny", "retrieve64_over_vqa1", "machine", "versions", "commit"):
         assert key in s
     assert s["engine_efficiency"] == pytest.approx(1e10 * 20 / 2e11, abs=1e-4)
@@ -241,8 +241,8 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     assert s["details"]["served_over_engine_http"]["at_engines_batch"] == pytest.approx(16 / 19, abs=1e-4)
     assert s["engine_efficiency_int8"] is None  # fp32 engines: no int8 ceiling needed
     assert s["offered_load"]["windows_per_c32_run"] == 3
-    assert s["vs_naive_grpc_tiny"] == pytest.approx(4.0)
-    detail = dict(s["vs_naive_grpc_tiny_detail"])
+    assert s["grpc_raw_over_naive_http_tiny"] == pytest.approx(4.0)
+    detail = dict(s["grpc_raw_over_naive_http_tiny_detail"])
     assert detail.pop("precision").startswith("fp32 engines vs naive fp32")  # like with like
     assert detail == pytest.approx(
         {"triton_grpc": 50, "naive": 200, "triton_grpc_p50": 25, "naive_p50": 100, "triton_grpc_rps": 1000,
@@ -257,7 +257,7 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     assert s["batching_speedup_tiny"] == pytest.approx(2.5)
     assert s["retrieve64_over_vqa1"] == pytest.approx(30 / 12.5, abs=1e-4)
     assert s["targets"]["vs_naive_http_small"]["met"] is True and s["targets"]["vs_naive_http_tiny"]["met"] is True
-    assert s["targets"]["vs_naive_p99_tiny_under_half"]["met"] is True  # 50 ms < 200 ms / 2
+    assert s["targets"]["grpc_p99_under_half_naive_http_p99_tiny"]["met"] is True  # 50 ms < 200 ms / 2
 
 
 def test_served_over_engine_divides_by_the_better_in_process_arrangement():
