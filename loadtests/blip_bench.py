@@ -243,31 +243,43 @@ def top_indices(results: list[list[dict[str, Any]]]) -> list[list[int]]:
     return [[int(r["index"]) for r in res] for res in results]
 
 
-def topk_agreement(approx: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int = 5) -> dict[str, Any]:
+def topk_agreement(approx: Sequence[Sequence[int]], exact: Sequence[Sequence[int]], k: int = 5,
+                   shortlists: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
     """How a ranking's top k (shortlist 16) agrees with the exact ranking's (shortlist "all"), request by request.
 
     Per request: whether the two top-k index lists are equal in order, how many indices the two top-k
     sets share, whether the top 1 is the same. Over the requests: the share equal in order, the mean
     overlap (indices, and as a share of k), the share with the same top 1.
+
+    With `shortlists` (the ITC shortlist each approximate answer re-ranked): how many of the exact top k
+    the shortlist holds, and whether the approximate top k starts with exactly those, in the exact order
+    (what re-ranking the shortlist by the same ITM scores gives: a difference is then the shortlist's).
     """
     rows: list[dict[str, Any]] = []
     same = top1 = overlaps = 0
-    for a_all, e_all in zip(approx, exact):
-        a, e = [int(i) for i in a_all][:k], [int(i) for i in e_all][:k]
+    for i, (a_all, e_all) in enumerate(zip(approx, exact)):
+        a, e = [int(x) for x in a_all][:k], [int(x) for x in e_all][:k]
         row: dict[str, Any] = {"same_order": a == e, "overlap": len(set(a) & set(e)),
                                "same_top1": bool(a and e and a[0] == e[0]), "approx": a, "exact": e}
+        if shortlists is not None and i < len(shortlists):
+            held = [x for x in e if x in set(shortlists[i])]
+            row["exact_in_shortlist"] = len(held)
+            row["consistent_with_shortlist"] = a[:len(held)] == held
         same, top1, overlaps = same + row["same_order"], top1 + row["same_top1"], overlaps + row["overlap"]
         rows.append(row)
     n = len(rows)
     overlap = overlaps / n if n else None
-    return {
+    out: dict[str, Any] = {
         "k": k, "compared": n,
         "same_order": same, "same_order_share": round(same / n, 4) if n else None,
         "mean_overlap": None if overlap is None else round(overlap, 4),
         "mean_overlap_share": None if overlap is None else round(overlap / k, 4),
         "same_top1": top1, "same_top1_share": round(top1 / n, 4) if n else None,
-        "requests": rows,
     }
+    if rows and all("exact_in_shortlist" in r for r in rows):
+        out["mean_exact_in_shortlist"] = round(sum(r["exact_in_shortlist"] for r in rows) / n, 4)
+        out["differences_explained_by_shortlist"] = all(r["consistent_with_shortlist"] for r in rows)
+    return out | {"requests": rows}
 
 
 def tensor_bytes(tensors: Mapping[str, np.ndarray]) -> int:
@@ -324,7 +336,8 @@ def compare(lat: dict[str, Any], shortlists: list[list[int]] | None, k: int) -> 
     if res["served_all"] is not None and res["naive"] is not None:
         out["top_index_all"] = compare_tops(res["served_all"], res["naive"])
     if res["served"] is not None and res["served_all"] is not None:
-        out["shortlist_agreement"] = topk_agreement(top_indices(res["served"]), top_indices(res["served_all"]), k)
+        out["shortlist_agreement"] = topk_agreement(top_indices(res["served"]), top_indices(res["served_all"]), k,
+                                                    shortlists)
     return out
 
 

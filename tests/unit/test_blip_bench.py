@@ -285,7 +285,7 @@ def _full_raw():
         "served": {"p50_ms": 9000.0, "requests_run": 1, "results": s16,
                    "match_app": {"p50_ms": 14000.0, "scores": [[0.1] * 64]}},
         "served_all": {"p50_ms": 18000.0, "requests_run": 1, "results": sall},
-        "naive": {"p50_ms": 180000.0, "requests_run": 1, "results": sall},
+        "naive": {"p50_ms": 180000.0, "requests_run": 1, "results": sall, "torch_threads": 1},
     }
     lat |= bb.compare(lat, [[1, 2, 3, 4, 5, 6]], 5)
     pay_after = {"calls": 1, "sent": 475_136, "received": 512, "total": 475_648}
@@ -401,3 +401,45 @@ def test_bench_summary_takes_the_blip_figures_from_its_results_folder(tmp_path):
     (tmp_path / "blip" / "summary.json").write_text(json.dumps(_blip_summary()))
     s = report.summary(bench, 0.0)
     assert s["blip_retrieve64_all_vs_naive"] == 10.0 and s["targets"]["blip_retrieve64_vs_naive"]["met"] is True
+
+
+def test_topk_agreement_explains_differences_by_the_itc_shortlist():
+    exact = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]]
+    # Request 0: 3 and 5 were not shortlisted; the rest keeps the exact order at the top. Request 1: 2 was
+    # shortlisted but ranked below a caption the exact ranking has lower: not the shortlist's doing.
+    approx = [[1, 2, 4, 8, 9], [1, 4, 2, 8, 9]]
+    out = bb.topk_agreement(approx, exact, 5, shortlists=[[1, 2, 4, 8, 9, 10], [1, 2, 4, 8, 9, 10]])
+    assert [r["exact_in_shortlist"] for r in out["requests"]] == [3, 3]
+    assert [r["consistent_with_shortlist"] for r in out["requests"]] == [True, False]
+    assert out["mean_exact_in_shortlist"] == 3.0 and out["differences_explained_by_shortlist"] is False
+    assert bb.topk_agreement(approx[:1], exact[:1], 5, [[1, 2, 4, 8, 9]])["differences_explained_by_shortlist"]
+    assert "differences_explained_by_shortlist" not in bb.topk_agreement(approx, exact, 5)
+
+
+def test_report_limits_of_the_blip_rows_come_from_the_run():
+    from loadtests import report
+
+    blip = _blip_summary()
+    blip["blip_engine_efficiency_detail"]["rows"] = [
+        {"engine": "image_encoder", "batch": 1, "gflop_per_item": 110.968, "efficiency": 0.7},
+        {"engine": "fusion", "batch": 16, "tokens": 35, "gflop_per_item": 24.062, "items_per_s": 8.0,
+         "efficiency": 0.7},
+    ]
+    blip["blip_match64_detail"] |= {"texts": 64, "pixels_shape": [1, 384, 384, 3]}
+    bd = report.blip_figures(blip)["blip_detail"]
+    # _full_raw's one request: exact top 5 [1, 2, 3, 5, 9], ITC shortlist [1..6] holds 1, 2, 3, 5, but shortlist
+    # 16 answered [1, 2, 3, 4, 5]: 4 above 5 is not what re-ranking by the exact scores gives.
+    assert bd["exact_top5_in_itc_shortlist_mean"] == 4 and bd["differences_explained_by_shortlist"] is False
+    assert bd["exact_top1_in_itc_shortlist"] == "1/1" and bd["match_pixel_bytes"] == 442_368
+    assert bd["match_feature_bytes"] == 1_800_000 - 512
+    lim = report.blip_limits(bd)
+    assert "(111 GFLOP)" in lim["blip_retrieve64_vs_naive"] and "1 torch thread" in lim["blip_retrieve64_vs_naive"]
+    assert "p50 +9 s for the 48 more rows (188 ms a row)" in lim["blip_retrieve64_all_vs_naive"]
+    assert "held 4 of the exact top 5" in lim["blip_retrieve64_top5_overlap"]
+    assert "8 s in-process" in lim["blip_match64_before_over_after"]
+    assert "(0.442 MB)" in lim["blip_match64_after_mb"].replace("uint8, ", "(")
+    text = report.markdown(report.blip_figures(blip) | {"commit": "c"})
+    assert lim["blip_match64_before_mb"] in text
+    # Without a BLIP run: the rows keep their words, no figures.
+    assert report.blip_limits({}) == {}
+    assert "captions of the exact top 5 that the ITC shortlist of 16 leaves out" in report.markdown({"commit": "c"})
