@@ -34,13 +34,13 @@ from typing import Any
 
 from export.check import PARITY_FILE
 from export.engine import ENGINES_FILE
+from export.engine_layout import ENGINE_THREADS
 from export.errors import InstallError, ParityError
 from export.onnx_export import CHECKPOINT_FILES, read_export_info, sha256_file
 from export.quantize import INT8_DIR, read_quantize_report
 from export.render_repo import (
     CAPTION_MODEL,
     COMMITTED_REPO,
-    ENGINE_THREADS,
     LIBTORCH_FILE,
     ORT_PARAMETER_MAP,
     TARGETS,

@@ -18,6 +18,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.engine_layout import ENGINE_THREADS
 from export.errors import RenderError
 from serving.families.imported import read_repository_models
 from serving.model.checkpoint import REPO_ROOT
@@ -36,12 +37,9 @@ ENGINE_BACKENDS = {
 # Python-backend engine parameters that have an ONNX Runtime backend equivalent; every other
 # parameter of a Python-backend engine is read by its model.py alone and is dropped.
 ORT_PARAMETER_MAP = {"intra_op_threads": "intra_op_thread_count", "inter_op_threads": "inter_op_thread_count"}
-# CPU threads per engine instance (each engine runs 2 instances), by precision, as measured on 2 cores
-# behind the public HTTP API (loadtests/README.md, levers 12, 39, 40): int8 1 (`small` 1.105× the
-# req/s of 2 threads, every window higher: two instances of 2 threads each contend for 2 cores);
-# fp32 2 (1 thread lost 7 % on `small`). The committed configs carry the int8 setting;
-# `vtfuse export install` sets the installed precision's.
-ENGINE_THREADS = {"int8": 1, "fp32": 2}
+# CPU threads per engine instance by precision (ENGINE_THREADS) come from the one table of instances
+# and threads, export/engine_layout.py, with the measurements. The committed configs carry the int8
+# row; `vtfuse export install` sets the installed precision's.
 # The `torch` target: engines stay Python-backend models, running PyTorch (torch_engine.py) on the
 # GPU Triton gives them (KIND_AUTO), else the CPU. Larger batches than the CPU engines take, with
 # no preferred sizes, so the dynamic batcher fills a GPU batch from whatever is queued.

@@ -54,8 +54,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from export.engine_layout import ENGINE_THREADS
 from export.onnx_export import default_onnx_dir
-from export.render_repo import ENGINE_THREADS
 from loadtests import engine_bench, flops, grpc_driver, http_driver, precision, repeat_image, servers
 from loadtests.common import REPO_ROOT, RunResult, Sample, make_corpus, uncontended, wait_quiet, write_json
 from serving import progress

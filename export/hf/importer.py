@@ -40,6 +40,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from export.engine_layout import engine_layout
 from export.errors import InstallError, ParityError
 from export.generate_model import generate_config, write_version_folder
 from export.hf import parity
@@ -87,14 +88,8 @@ DEFAULT_PRECISION = {"embedded": "int8", "onnxruntime": "fp32", "tensorrt": "fp3
 ARTEFACT = {"embedded": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan", "torch": None,
             "libtorch": None}
 OPSET = 17
-ENGINE_THREADS = 2  # intra-op threads per engine instance (the CPU machine's cores)
-# The decode loop of a generative model (NAME_generate, ONNX targets) runs its decoder on one intra-op thread: its
-# steps share the cores with the vision tower of the requests being prepared, and a second thread (spinning
-# between the step's many small ops) cost 15-30 % of BLIP-base captions/s at c=16 (loadtests/README.md, lever 44).
-DECODER_THREADS = 1
-# Its vision tower (NAME_image_encoder, embedded target) runs as 2 instances of 1 thread: two images at once in their
-# own processes; measured +11-22 % captions/s at c=16 over 1 instance of 2 threads (lever 47).
-GENERATION_VISION_INSTANCES = 2
+# Instances and threads of every engine: export/engine_layout.py, the table tiny's engines use too (with the
+# measurements: a generative model's vision tower 2 × 1 and its decoder 1 thread beside the decode loop).
 # Copied next to import.json so each installed model says what it came from.
 SOURCE_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 PYTHON_MODEL = {
@@ -130,8 +125,14 @@ def export_graph(graph: EngineGraph, path: Path) -> Path:
     return path
 
 
-def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.ModelConfig:
-    """config.pbtxt of one imported engine for a target (embedded: Python backend over ONNX Runtime)."""
+def engine_config(triton_name: str, graph: EngineGraph, target: str, precision: str = "fp32",
+                  generative: bool = False) -> mc.ModelConfig:
+    """config.pbtxt of one imported engine for a target (embedded: Python backend over ONNX Runtime).
+
+    Instances and threads on the CPU targets come from the engine layout table (`precision`; a
+    generative model's own row for its vision tower); GPU instances stay one a device.
+    """
+    layout = engine_layout(precision, graph.role, generative)
     c = mc.ModelConfig(name=triton_name, max_batch_size=graph.max_batch_size)
     for t in graph.inputs:
         c.input.append(mc.ModelInput(name=t.name, data_type=mc.DataType.Value(f"TYPE_{t.dtype}"), dims=list(t.dims)))
@@ -152,15 +153,17 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
     if target == "embedded":
         c.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
-        c.parameters["intra_op_threads"].string_value = str(ENGINE_THREADS)
+        group.count = layout.instances
+        c.parameters["intra_op_threads"].string_value = str(layout.threads)
     elif target == "torch":
         # The GPU Triton gives the instance (KIND_AUTO), else the CPU; the parameters are hf_torch_engine.py's.
         c.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_AUTO
-        for key, value in {**TORCH_ENGINE_PARAMETERS, "role": graph.role, "torch_threads": str(ENGINE_THREADS)}.items():
+        for key, value in {**TORCH_ENGINE_PARAMETERS, "role": graph.role, "torch_threads": str(layout.threads)}.items():
             c.parameters[key].string_value = value
     elif target == "libtorch":  # the ensemble in front of NAME_<role>_libtorch (_install_libtorch_model)
-        return engine_ensemble_config(engine_config(triton_name, graph, "embedded"), triton_name)
+        return engine_ensemble_config(engine_config(triton_name, graph, "embedded", precision, generative),
+                                      triton_name)
     else:
         backend, platform, filename = ENGINE_BACKENDS[target]
         c.backend, c.platform, c.default_model_filename = backend, platform, filename
@@ -168,7 +171,7 @@ def engine_config(triton_name: str, graph: EngineGraph, target: str) -> mc.Model
             group.kind = mc.ModelInstanceGroup.KIND_GPU
         else:
             group.kind = mc.ModelInstanceGroup.KIND_AUTO
-            c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(ENGINE_THREADS)
+            c.parameters[ORT_PARAMETER_MAP["intra_op_threads"]].string_value = str(layout.threads)
     return c
 
 
@@ -454,6 +457,13 @@ def _install_generate(vdir: Path, record: ImportRecord, paths: dict[str, Path], 
                          spec, work / TOKENIZER_FILE)
 
 
+def _engine_precision(record: ImportRecord, role: str) -> str:
+    """The precision one engine is installed in: int8 imports keep a family's INT8_ROLES only in int8."""
+    if record.precision != "int8":
+        return "fp32"
+    return "int8" if role in getattr(family_module(record.family), "INT8_ROLES", (role,)) else "fp32"
+
+
 def _install_extras(repo: Path, record: ImportRecord, extras: dict[str, tuple[mc.ModelConfig, str]],
                     src: HfSource) -> None:
     """A family's Triton models that are not engines (Python BLS models): config, model.py, record, manifest."""
@@ -505,13 +515,12 @@ def _install(
         header = _header(record.name, role, record.source, target)
         if role == GENERATE_ROLE:
             _install_generate(vdir, record, {m.role: paths[m.role] for m in members}, src, work, target)
-            config = generate_config(triton_name, target, ENGINE_THREADS if target == "torch" else DECODER_THREADS)
+            decoder = engine_layout("fp32") if target == "torch" else engine_layout("fp32", "decoder", generative=True)
+            config = generate_config(triton_name, target, decoder.threads)
             (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
         else:
-            config = engine_config(triton_name, g, target)
-            if record.generation and role == "image_encoder" and target == "embedded":
-                config.instance_group[0].count = GENERATION_VISION_INSTANCES
-                config.parameters["intra_op_threads"].string_value = "1"
+            config = engine_config(triton_name, g, target, _engine_precision(record, g.role),
+                                   generative=bool(record.generation))
             (mdir / "config.pbtxt").write_text(header + text_format.MessageToString(config))
         if target == "libtorch":
             _install_libtorch_model(repo, triton_name, g, paths[g.role], header)

@@ -328,6 +328,28 @@ def _check_config(repo: Path, name: str, role: str, target: str) -> None:
         assert cfg.parameters["intra_op_thread_count"].string_value
 
 
+def _check_layout(repo: Path, model: str, precision: str) -> None:
+    """Instances and threads as tiny's engines of that precision have them (export/engine_layout.py)."""
+    from export.engine_layout import ENGINE_LAYOUT
+
+    cfg = load_config(repo / model / "config.pbtxt")
+    want = ENGINE_LAYOUT[precision]
+    assert [g.count for g in cfg.instance_group] == [want.instances], model
+    assert cfg.parameters["intra_op_threads"].string_value == str(want.threads), model
+
+
+def test_imported_engines_have_the_instances_and_threads_of_tinys(fp32: Imported):
+    from export.engine_layout import ENGINE_LAYOUT
+    from export.render_repo import COMMITTED_REPO
+
+    tiny = load_config(COMMITTED_REPO / "image_encoder" / "config.pbtxt")  # committed: the int8 row
+    assert [g.count for g in tiny.instance_group] == [ENGINE_LAYOUT["int8"].instances]
+    assert tiny.parameters["intra_op_threads"].string_value == str(ENGINE_LAYOUT["int8"].threads)
+    for name, roles in ROLES.items():
+        for role in roles:
+            _check_layout(fp32.repo, f"{name}_{role}", "fp32")
+
+
 @pytest.mark.parametrize("name", [BLIP, VILT])
 def test_engines_are_triton_models_with_their_contract(fp32: Imported, name: str):
     for role in ROLES[name]:
@@ -424,6 +446,7 @@ def test_default_precision_is_int8_where_its_checks_pass(default_precision: Impo
             ops = {n.op_type for n in onnx.load(str(vdir / "model.onnx")).graph.node}
             quantized = bool(ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
             assert quantized == (res["precision"] == "int8"), f"{name}_{role}: ops {sorted(ops)}"
+            _check_layout(default_precision.repo, f"{name}_{role}", res["precision"])
     assert default_precision.results["vilt-q"]["precision"] == "int8"  # answers agree on every parity case
 
 

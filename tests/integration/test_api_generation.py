@@ -402,3 +402,18 @@ def test_tiny_caption_streams_over_http_and_grpc(serve_app):
         got = list(pb_grpc.VtfuseStub(ch).CaptionStream(pb.CaptionRequest(image=data), timeout=60))
     assert "".join(e.delta for e in got) == got[-1].result.caption == whole["caption"]
     assert list(got[-1].result.token_ids) == whole["token_ids"]
+
+
+def test_generative_imports_take_their_layout_from_the_one_table(test_repository):
+    """The vision tower 2 × 1 and the decoder 1 thread (measured beside the decode loop); the rest as tiny's fp32."""
+    from export.engine_layout import ENGINE_LAYOUT, GENERATION_LAYOUT
+    from export.render_repo import load_config
+
+    vision = load_config(test_repository / f"{CAPTION}_image_encoder" / "config.pbtxt")
+    assert [g.count for g in vision.instance_group] == [GENERATION_LAYOUT["image_encoder"].instances]
+    assert vision.parameters["intra_op_threads"].string_value == str(GENERATION_LAYOUT["image_encoder"].threads)
+    generate = load_config(test_repository / GENERATE / "config.pbtxt")
+    assert generate.parameters["intra_op_threads"].string_value == str(GENERATION_LAYOUT["decoder"].threads)
+    question = load_config(test_repository / f"{VQA}_question_encoder" / "config.pbtxt")
+    assert [g.count for g in question.instance_group] == [ENGINE_LAYOUT["fp32"].instances]
+    assert question.parameters["intra_op_threads"].string_value == str(ENGINE_LAYOUT["fp32"].threads)
