@@ -89,7 +89,11 @@ def join(address: str, timeout_s: float = JOIN_TIMEOUT_S) -> None:
             f"(`ray start --head --resources '{{\"{RESOURCE}\": 1}}'`) or pass its GCS address (`ray status` prints it)"
         )
     import ray
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
+    # As `ray start --head` does: with RAY_AUTH_MODE unset and this user's token at hand, send it (a head started
+    # by the same user turned token authentication on by itself; one without it ignores the token).
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     result: dict[str, BaseException | None] = {}
 
     def init() -> None:

@@ -158,3 +158,29 @@ def test_stop_removes_the_app_and_its_tritons_and_leaves_the_cluster_up(nodes):
     assert not left, f"Tritons left running: {[p.pid for p in left]}"
     with pytest.raises(httpx.HTTPError):  # Serve, which it started, is gone with its front doors
         httpx.get(nodes.head_url + "/healthz", timeout=5)
+
+
+def test_a_head_that_turned_token_auth_on_by_itself_is_joined_without_settings(monkeypatch):
+    """`ray start --head` turns token auth on where the user has a token; a driver with RAY_AUTH_MODE unset joins."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    chaos.use_token_auth()  # the user's token exists (the one-machine vtfuse serve makes it)
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    root = Path(tempfile.mkdtemp(prefix="vta", dir="/tmp"))
+    head = chaos.RayNode("auth-head", root / "h").start()
+    try:
+        chaos.wait_gcs(head.address, 120)
+        code = ("import sys, ray; from serving.app.onray import join; join(sys.argv[1]); "
+                "print('nodes', len(ray.nodes()))")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        done = subprocess.run([sys.executable, "-c", code, head.address], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=chaos.REPO_ROOT)
+        assert done.returncode == 0 and done.stdout.strip().endswith("nodes 1"), done.stderr[-2000:]
+    finally:
+        head.stop()
+        shutil.rmtree(root, ignore_errors=True)
