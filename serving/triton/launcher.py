@@ -148,6 +148,9 @@ def server_environment(install: TritonInstall, extra: dict[str, str] | None = No
     return env
 
 
+MIN_RECV_PING_INTERVAL_MS = 5_000  # below the client's keepalive_time_ms
+
+
 def build_command(settings: TritonSettings, install: TritonInstall) -> list[str]:
     """The tritonserver command line for these settings."""
     cmd = [
@@ -165,6 +168,10 @@ def build_command(settings: TritonSettings, install: TritonInstall) -> list[str]
         "--strict-readiness=true",
         f"--exit-timeout-secs={settings.exit_timeout_s}",
         f"--log-verbose={settings.log_verbose}",
+        # The API's Triton client pings every 10 s, between calls too (serving/triton/client.py, to notice a dead
+        # server): accept one every 5 s without data, or Triton's default (one in 5 min, 2 strikes) answers with
+        # GOAWAY too_many_pings and drops the connection, calls in flight included.
+        f"--grpc-http2-min-recv-ping-interval-without-data={MIN_RECV_PING_INTERVAL_MS}",
         f"--backend-config=python,shm-region-prefix-name={settings.shm_prefix}",
         # Small default regions: many Python models on a small machine add up.
         "--backend-config=python,shm-default-byte-size=4194304",

@@ -574,3 +574,20 @@ def test_stop_signals_force_only_on_a_second_signal_later(monkeypatch):
         assert signals.force.is_set()
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+def test_triton_accepts_the_clients_keepalive_pings():
+    """The client pings every keepalive_time_ms between calls; Triton must allow that or it sends GOAWAY."""
+    import yaml
+
+    from serving.model.checkpoint import REPO_ROOT
+    from serving.triton.client import TritonClientSettings
+    from serving.triton.launcher import TritonSettings, build_command
+
+    flag = "--grpc-http2-min-recv-ping-interval-without-data="
+    local = [a for a in build_command(TritonSettings(), INSTALL) if a.startswith(flag)]
+    assert len(local) == 1 and int(local[0].removeprefix(flag)) < TritonClientSettings().keepalive_time_ms
+    docs = list(yaml.safe_load_all((REPO_ROOT / "deploy/k8s/base/triton-deployment.yaml").read_text()))
+    args = next(c["args"] for d in docs if d and d.get("kind") == "Deployment"
+                for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
+    assert local[0] in args  # the Kubernetes Triton accepts them too
