@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from serving.procs import free_port, port_taken
+from serving.procs import PortInUse, free_port, port_taken
 from serving.triton.directory import RESOURCE, TritonEndpoint, publish, unpublish
-from serving.triton.launcher import TritonSettings, is_ready
+from serving.triton.launcher import TritonSettings, TritonStartError, is_ready
 from serving.triton.supervisor import TritonSupervisor
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ def node_settings(spec: NodeTritonSpec, host: str, taken: Any = port_taken) -> T
     return replace(s, host=host, http_port=wanted[0], grpc_port=wanted[1], metrics_port=wanted[2])
 
 
+PORT_RETRIES = 3  # fresh free ports after a clash with another node's Triton on the same machine
+
+
 class NodeTriton:
     """The actor body (made a Ray actor by `TritonFleet`): one supervised tritonserver on this node."""
 
@@ -118,7 +121,7 @@ class NodeTriton:
         """Start the server, then live as long as it should (it is this thread's child: see the module doc)."""
         assert self.supervisor is not None
         try:
-            self.supervisor.start()
+            self._start_on_free_ports()
             log.info("Triton of node %s ready: gRPC %s", self.node_ip, self.supervisor.server.url_grpc)
         except Exception as e:
             self.failure = f"tritonserver did not start on node {self.node_ip}: {e}"[:2000]
@@ -126,6 +129,27 @@ class NodeTriton:
         finally:
             self._ready.set()
         self._stop.wait()
+
+    def _start_on_free_ports(self, retries: int = PORT_RETRIES) -> None:
+        """Start the supervisor; where a port it chose was taken meanwhile, again on fresh free ports.
+
+        Nodes sharing a machine choose their ports at the same moment: the other node's Triton can take
+        one between this node's check and its bind (a stranger then answers on it, or the bind fails).
+        """
+        for attempt in range(retries + 1):
+            assert self.supervisor is not None
+            try:
+                self.supervisor.start()
+                return
+            except (PortInUse, TritonStartError):
+                s = self.settings
+                clash = any(port_taken(s.host, p) for p in (s.http_port, s.grpc_port, s.metrics_port))
+                if attempt == retries or not clash:
+                    raise
+                self.settings = replace(s, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+                log.warning("Triton ports of node %s were taken meanwhile: trying %s", self.node_ip,
+                            (self.settings.http_port, self.settings.grpc_port, self.settings.metrics_port))
+                self.supervisor = TritonSupervisor(self.settings, log_path=self.log_path)
 
     def status(self) -> dict[str, Any]:
         """This node's Triton as a TritonEndpoint dict (state: starting, ready, restarting, failed, stopped)."""

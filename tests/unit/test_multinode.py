@@ -416,3 +416,44 @@ def test_client_module_keeps_its_signatures():
     assert params == ["self", "model", "inputs", "outputs", "deadline", "request_id", "version"]
     assert list(inspect.signature(client_mod.TritonClient.stream).parameters) == [
         "self", "model", "inputs", "deadline", "request_id"]
+
+
+def test_a_node_triton_whose_ports_another_node_took_starts_on_fresh_ones(monkeypatch, tmp_path):
+    """Two nodes on one machine chose the same free ports: the one that lost the race starts on new ones."""
+    import socket
+
+    from serving.procs import PortInUse
+    from serving.triton import pernode
+    from serving.triton.launcher import TritonSettings
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    started: list[tuple[int, int, int]] = []
+
+    class FakeSupervisor:
+        def __init__(self, settings: TritonSettings, log_path=None) -> None:
+            self.settings = settings
+
+        def start(self) -> None:
+            s = self.settings
+            started.append((s.http_port, s.grpc_port, s.metrics_port))
+            if taken in started[-1]:
+                raise PortInUse(f"port {taken} (Triton HTTP) is in use", [taken])
+
+    monkeypatch.setattr(pernode, "TritonSupervisor", FakeSupervisor)
+    node = pernode.NodeTriton.__new__(pernode.NodeTriton)  # the actor body without Ray
+    node.node_ip, node.log_path = "127.0.0.1", tmp_path / "t.log"
+    node.settings = TritonSettings(host="127.0.0.1", http_port=taken, grpc_port=1, metrics_port=2)
+    node.supervisor = FakeSupervisor(node.settings)
+    try:
+        node._start_on_free_ports()
+        assert len(started) == 2 and taken not in started[1] and node.settings.http_port == started[1][0]
+        # out of retries, the clash is the error
+        node.settings = TritonSettings(host="127.0.0.1", http_port=taken, grpc_port=1, metrics_port=2)
+        node.supervisor = FakeSupervisor(node.settings)
+        with pytest.raises(PortInUse):
+            node._start_on_free_ports(retries=0)
+    finally:
+        holder.close()
