@@ -1137,13 +1137,19 @@ class ClusterServe:
         return cls(cluster, stack, worker_api_port)
 
     def wait_spread(self, timeout_s: float = 180.0) -> dict[str, Any]:
-        """Until every node runs a ready Triton and an Ingress replica, and each front door is ready; the view."""
+        """Until every node runs a ready Triton and an Ingress replica, and each front door is ready; the view.
+
+        A front door is ready when Serve calls its proxy HEALTHY (a proxy is STARTING for a while after a node
+        gets its first replica, longer on a busy machine) and the worker's answers /readyz.
+        """
         n = 1 + len(self.cluster.workers)
 
         def spread(v: dict[str, Any]) -> bool:
             alive = {x["node_id"] for x in v["nodes"] if x["alive"]}
             by_node = ingress_by_node(v)
-            return len(alive) == n and all(by_node.get(a, 0) >= 1 and a in ready_tritons(v) for a in alive)
+            doors = {d["node_id"] for d in v["front_doors"] if d["status"] == "HEALTHY"}
+            return len(alive) == n and alive <= doors and all(
+                by_node.get(a, 0) >= 1 and a in ready_tritons(v) for a in alive)
 
         _, view = wait_view(self.head_url, spread, timeout_s)
         wait_ready(self.worker_url, timeout_s)
