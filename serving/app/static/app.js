@@ -238,7 +238,7 @@ async function setImage(blob, name) {
   draw();
 }
 
-// A shapes-world scene (SPEC §3), rendered here so the page works offline.
+// A shapes-world scene (1–4 coloured circles, squares and triangles), rendered here so the page works offline.
 function randomScene() {
   const rnd = (a, b) => a + Math.random() * (b - a);
   const pick = xs => xs[Math.floor(Math.random() * xs.length)];
@@ -279,7 +279,7 @@ function renderScene(scene, side) {
   return c;
 }
 
-// A few of the questions SPEC §3 allows about a scene (the ones the model was trained on).
+// A few of the question kinds the shapes world asks about a scene (the ones the model was trained on).
 function sceneQuestions(scene) {
   const count = (shape, color) => scene.objects.filter(o => (!shape || o.shape === shape) && (!color || o.color === color)).length;
   const out = [];
