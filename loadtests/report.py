@@ -409,24 +409,24 @@ def _targets(out: dict[str, Any], keys: Any) -> dict[str, Any]:
                 (out[k] >= TARGETS[k][1] if TARGETS[k][0] == ">=" else out[k] <= TARGETS[k][1])} for k in keys}
 
 
-def merge_caption(summary_path: Path, cap: dict[str, Any], source: str) -> dict[str, Any]:
-    """Put a caption_bench run's figures into an existing summary.json (the other figures stay as measured)."""
+def _merge(summary_path: Path, figures: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Put one bench's figures (and their targets) into an existing summary.json; the other figures stay."""
     s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    s.update(caption_figures(cap, source))
-    s.setdefault("targets", {}).update(_targets(s, [k for k in TARGETS if k in CAPTION_KEYS]))
+    s.update(figures)
+    s.setdefault("targets", {}).update(_targets(s, [k for k in TARGETS if k in keys]))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(s, indent=2) + "\n")
     return s
+
+
+def merge_caption(summary_path: Path, cap: dict[str, Any], source: str) -> dict[str, Any]:
+    """Put a caption_bench run's figures into an existing summary.json (the other figures stay as measured)."""
+    return _merge(summary_path, caption_figures(cap, source), CAPTION_KEYS)
 
 
 def merge_blip(summary_path: Path, blip: dict[str, Any], source: str) -> dict[str, Any]:
     """Put a blip_bench run's figures into an existing summary.json (the other figures stay as measured)."""
-    s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    s.update(blip_figures(blip, source))
-    s.setdefault("targets", {}).update(_targets(s, [k for k in TARGETS if k in BLIP_KEYS]))
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(s, indent=2) + "\n")
-    return s
+    return _merge(summary_path, blip_figures(blip, source), BLIP_KEYS)
 
 
 def summary(bench: Any, started: float) -> dict[str, Any]:
