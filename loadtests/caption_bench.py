@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from loadtests import blip_bench as bb
+from loadtests.census import process_label
 from loadtests.common import (
     CDF_POINTS,
     REPO_ROOT,
@@ -82,6 +83,7 @@ from loadtests.common import (
     wait_quiet,
     write_json,
 )
+from loadtests.rounds import STRAY, headline, strayed
 from serving.shapes import world
 
 log = logging.getLogger("loadtests.caption_bench")
@@ -89,7 +91,6 @@ log = logging.getLogger("loadtests.caption_bench")
 TARGETS = {"caption_vs_naive": (">=", 1.6), "decode_rows_per_step_c16": (">=", 8.0),
            "vqa_gen_8q_over_1q": ("<=", 3.0)}
 STAMP = "caption_bench_import.json"  # in each bench repository: what was imported, so a rerun can reuse it
-STRAY = 0.25  # a round whose side is this far from that side's median is run again once
 CONTENDED = 0.10  # share of all cores other processes may take during a window before it is measured again
 ROWS_METRIC = "vtfuse_generate_step_rows"
 TTFT_METRIC = "vtfuse_generate_time_to_first_token_seconds"
@@ -164,36 +165,6 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or not b:
         return None
     return round(a / b, 4)
-
-
-def strayed(rounds: list[dict[str, float]], tolerance: float = STRAY, sides: tuple[str, ...] = ("served", "naive")
-            ) -> list[int]:
-    """Indices of the rounds where either side's rate is more than `tolerance` (relative) from that side's median."""
-    out = []
-    medians = {side: statistics.median(r[side] for r in rounds) for side in sides} if rounds else {}
-    for i, r in enumerate(rounds):
-        if any(medians[s] and abs(r[s] - medians[s]) > tolerance * medians[s] for s in sides):
-            out.append(i)
-    return out
-
-
-def headline(rounds: list[dict[str, Any]], tolerance: float = STRAY, sides: tuple[str, str] = ("served", "naive")
-             ) -> tuple[float | None, dict[str, Any]]:
-    """The median ratio (lower middle of an even count) over the rounds that do not stray, and which were kept.
-
-    `rounds` are the final rounds (a re-run already in place of its first try), each with the two
-    sides' rates; a round that strays after its re-run is left out (`kept` false). None when no round
-    has both sides.
-    """
-    full = [r for r in rounds if r.get(sides[0]) and r.get(sides[1])]
-    if not full:
-        return None, {"kept": [], "left_out": []}
-    out_idx = set(strayed([{s: r[s] for s in sides} for r in full], tolerance, sides))
-    kept = [r for i, r in enumerate(full) if i not in out_idx] or full
-    ratios = sorted((r[sides[0]] / r[sides[1]], k) for k, r in enumerate(kept))
-    value, k = ratios[(len(ratios) - 1) // 2]
-    return round(value, 4), {"kept": [r["round"] for r in kept], "left_out": [full[i]["round"] for i in sorted(out_idx)]
-                             if len(kept) < len(full) else [], "median_round": kept[k]["round"]}
 
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$")
@@ -912,19 +883,6 @@ def served_stack(s: CaptionBenchSettings, repository: Path, tag: str) -> Iterato
         yield tr, app
 
 
-def wait_workers(url: str, workers: int, timeout_s: float) -> list[int]:
-    """Poll /healthz on fresh connections until `workers` distinct worker pids have answered (all have loaded)."""
-    seen: set[int] = set()
-    end = time.monotonic() + timeout_s
-    while len(seen) < workers and time.monotonic() < end:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-            seen.add(int(json.loads(r.read())["pid"]))
-        time.sleep(0.2)
-    if len(seen) < workers:
-        raise RuntimeError(f"{url}: {len(seen)} of {workers} workers answered within {timeout_s:.0f} s")
-    return sorted(seen)
-
-
 @contextlib.contextmanager
 def naive_server(s: CaptionBenchSettings, tag: str) -> Iterator[Any]:
     from loadtests import servers
@@ -934,7 +892,7 @@ def naive_server(s: CaptionBenchSettings, tag: str) -> Iterator[Any]:
            "--name", s.caption_name, "--port", str(port), "--workers", str(s.naive_workers),
            "--threads", str(s.naive_threads)]
     with servers.spawn(cmd, "/healthz", port, f"naive-{tag}", timeout=600) as h:
-        wait_workers(h.url, s.naive_workers, 600)
+        servers.wait_workers(h.url, s.naive_workers, 600)
         yield h
 
 
@@ -943,19 +901,6 @@ def _scrape(url: str | None, model: str) -> dict[str, float]:
         return {}
     with urllib.request.urlopen(url, timeout=10) as r:
         return parse_metrics(r.read().decode(), model)
-
-
-def process_label(cmdline: list[str], comm: str) -> str:
-    """A short name for one server process: Triton's Python stub by its model, Ray's workers by their actor."""
-    joined = " ".join(cmdline)
-    if "triton_python_backend_stub" in joined and len(cmdline) > 1:
-        return "triton stub " + Path(cmdline[1]).parts[-3]  # <repository>/<model>/<version>/model.py
-    if comm.startswith("ray::") or (cmdline and cmdline[0].startswith("ray::")):
-        return (cmdline[0] if cmdline and cmdline[0].startswith("ray::") else comm).split(".")[0]
-    for key in ("tritonserver", "haproxy", "raylet", "gcs_server", "caption_app", "serve_app"):
-        if key in joined:
-            return key
-    return Path(cmdline[0]).name if cmdline else comm
 
 
 def _stack_cpu() -> tuple[float, dict[int, tuple[str, float]]]:

@@ -32,25 +32,6 @@ def test_ratio():
     assert cb.ratio(None, 2.0) is None and cb.ratio(1.0, None) is None and cb.ratio(1.0, 0.0) is None
 
 
-def test_a_round_strays_when_either_side_is_over_25_percent_from_its_median():
-    rounds = [{"served": 1.0, "naive": 1.0}, {"served": 1.1, "naive": 0.9}, {"served": 1.0, "naive": 1.3},
-              {"served": 0.7, "naive": 1.0}, {"served": 1.24, "naive": 1.0}]
-    # medians: served 1.0, naive 1.0: round 2's naive is 30 % over, round 3's served 30 % under; 1.24 is within
-    assert cb.strayed(rounds) == [2, 3]
-    assert cb.strayed(rounds, tolerance=0.5) == []
-    assert cb.strayed([]) == []
-
-
-def test_headline_is_the_median_round_ratio_over_the_kept_rounds():
-    rounds = [{"round": r, "served": s, "naive": 1.0} for r, s in enumerate([1.5, 1.6, 1.4, 1.55, 3.0])]
-    value, which = cb.headline(rounds)
-    assert which["left_out"] == [4] and which["kept"] == [0, 1, 2, 3]  # 3.0 strays from the median 1.55
-    assert value == 1.5 and which["median_round"] == 0  # an even count: the lower middle, a real round
-    value, which = cb.headline(rounds[:3])
-    assert value == 1.5 and which["left_out"] == []
-    assert cb.headline([{"round": 0, "served": 1.0, "naive": None}]) == (None, {"kept": [], "left_out": []})
-
-
 def test_metrics_are_parsed_for_one_model_and_subtracted():
     before = cb.parse_metrics(METRICS, "m_generate")
     assert before["vtfuse_generate_step_rows_count"] == 10 and before["vtfuse_generate_tokens_total"] == 200
@@ -260,19 +241,6 @@ def test_a_contended_window_is_measured_again_once_it_is_quiet(monkeypatch):
         "foreign_cpu_share": 0.9}  # without a quiet wait, as measured
 
 
-def test_server_processes_are_named_by_what_they_run():
-    stub = ["/x/triton_python_backend_stub", "/r/blip-cap-base_generate/1/model.py", "vtfuse1", "4194304"]
-    assert cb.process_label(stub, "triton_python_b") == "triton stub blip-cap-base_generate"
-    assert cb.process_label(["ray::ServeReplica:vtfuse:Ingress.handle"], "ray::ServeRepli") == \
-        "ray::ServeReplica:vtfuse:Ingress"
-    assert cb.process_label(["/venv/bin/python", "-m", "loadtests.baseline.caption_app"], "python") == "caption_app"
-    assert cb.process_label(["/usr/sbin/haproxy", "-f", "cfg"], "haproxy") == "haproxy"
-    assert cb.process_label([], "kworker") == "kworker"
-    before = {1: ("a", 1.0), 2: ("b", 5.0)}
-    after = {1: ("a", 3.0), 2: ("b", 5.0), 3: ("a", 0.5)}
-    assert cb.cpu_by_label(before, after) == {"a": 2.5}
-
-
 def test_the_caption_rows_limits_are_computed_from_the_run():
     """"What limits it" of the caption rows comes from the run's own CPU and rates, never from typed-in figures."""
     from loadtests import report
@@ -300,3 +268,9 @@ def test_the_caption_rows_limits_are_computed_from_the_run():
     assert "1.1 captions a second enter" in limits["decode_rows_per_step_c16"] and "9 steps a second" in limits[
         "decode_rows_per_step_c16"]
     assert report.caption_limits({}) == {}  # a run without them keeps the rows' static text
+
+
+def test_cpu_is_summed_per_process_label():
+    before = {1: ("a", 1.0), 2: ("b", 5.0)}
+    after = {1: ("a", 3.0), 2: ("b", 5.0), 3: ("a", 0.5)}
+    assert cb.cpu_by_label(before, after) == {"a": 2.5}
