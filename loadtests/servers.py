@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -186,14 +187,32 @@ def spawn(cmd: list[str], ready_path: str, port: int, tag: str, timeout: float =
             _stop_group(proc)
 
 
+def wait_workers(url: str, workers: int, timeout_s: float) -> list[int]:
+    """Poll /healthz on fresh connections until `workers` distinct worker pids have answered (all have loaded)."""
+    seen: set[int] = set()
+    end = time.monotonic() + timeout_s
+    while len(seen) < workers and time.monotonic() < end:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+            seen.add(int(json.loads(r.read())["pid"]))
+        time.sleep(0.2)
+    if len(seen) < workers:
+        raise RuntimeError(f"{url}: {len(seen)} of {workers} workers answered within {timeout_s:.0f} s")
+    return sorted(seen)
+
+
 @contextlib.contextmanager
-def baseline(checkpoint: str, workers: int | None = None, threads: int = 1, precision: str = "fp32") -> Iterator[Http]:
-    """The naive FastAPI + PyTorch server on a free port (one worker per core by default); `precision`
-    int8 is PyTorch's dynamic quantisation of its Linear layers."""
+def baseline(checkpoint: str, workers: int | None = None, threads: int = 1, precision: str = "fp32",
+             balance: str = "reuseport") -> Iterator[Http]:
+    """The naive FastAPI + PyTorch server on a free port (one worker per core by default, each with its own
+    SO_REUSEPORT socket: loadtests/baseline/workers.py), once every worker answers; `precision` int8 is
+    PyTorch's dynamic quantisation of its Linear layers."""
     port = free_port()
+    n = workers or os.cpu_count() or 1
     cmd = [sys.executable, "-m", "loadtests.baseline", "--checkpoint", checkpoint, "--port", str(port),
-           "--workers", str(workers or os.cpu_count() or 1), "--threads", str(threads), "--precision", precision]
+           "--workers", str(n), "--threads", str(threads), "--precision", precision, "--balance", balance]
     with spawn(cmd, "/healthz", port, f"naive-{Path(checkpoint).name}-{precision}") as h:
+        if balance == "reuseport":  # uvicorn's shared socket cannot be asked for a given worker
+            wait_workers(h.url, n, 180)
         yield h
 
 

@@ -84,8 +84,8 @@ def _fuse(pixels: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, torch.T
 
 
 @app.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok", "precision": PRECISION}
+def healthz() -> dict[str, object]:
+    return {"status": "ok", "precision": PRECISION, "pid": os.getpid()}  # which worker: a benchmark waits for all
 
 
 @app.post("/v1/vqa")

@@ -60,8 +60,8 @@ class RetrieveIn(BaseModel):
 
 
 @app.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+def healthz() -> dict[str, object]:
+    return {"status": "ok", "pid": os.getpid()}  # which worker answered: a benchmark waits for every one
 
 
 def itm_probabilities(image: Any, texts: list[str]) -> list[float]:
@@ -94,22 +94,22 @@ def retrieve(req: RetrieveIn) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
+    from loadtests.baseline.workers import BALANCES, run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a BlipForImageTextRetrieval save_pretrained folder")
     p.add_argument("--name", default="blip", help="model name echoed when a request names none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8091)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="uvicorn workers (default: one per core)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--balance", choices=BALANCES, default="reuseport",
+                   help="reuseport: a socket per worker, the kernel spreads connections; shared: uvicorn's workers")
     args = p.parse_args(argv)
     os.environ["VTFUSE_BLIP_CHECKPOINT"] = str(args.checkpoint)
     os.environ["VTFUSE_BLIP_THREADS"] = str(args.threads)
     os.environ["VTFUSE_BLIP_NAME"] = args.name
-    uvicorn.run("loadtests.baseline.blip_app:app", host=args.host, port=args.port, workers=args.workers,
-                log_level="warning", access_log=False)
-    return 0
+    return run("loadtests.baseline.blip_app:app", args.host, args.port, args.workers, args.balance)
 
 
 if __name__ == "__main__":
