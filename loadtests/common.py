@@ -53,15 +53,18 @@ class Sample:
         return base64.b64encode(self.image).decode()
 
 
-def make_corpus(n: int = 64, seed: int = 0, sides: tuple[int, ...] = SIDES) -> list[Sample]:
-    """`n` renders of random scenes at varied sizes, half PNG half JPEG, each with a question and 8 captions."""
+def make_corpus(n: int = 64, seed: int = 0, sides: tuple[int, ...] = SIDES,
+                formats: tuple[str, ...] = ("JPEG", "PNG")) -> list[Sample]:
+    """`n` renders of random scenes at varied sizes, half PNG half JPEG (or all of the one format in `formats`),
+    each with a question and 8 captions."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         scene = world.random_scene(rng)
         side = rng.choice(sides)
         img = world.render(scene, side, supersample=rng.choice([1, 2]))
-        fmt = "JPEG" if rng.random() < 0.5 else "PNG"
+        fmt = "JPEG" if rng.random() < 0.5 else "PNG"  # drawn whatever `formats` says: the same scenes either way
+        fmt = fmt if fmt in formats else formats[0]
         data = world.encode(img, fmt, rng.randint(75, 95))
         qa = world.sample_question(scene, rng)
         captions = (world.caption(world.scene_items(scene), rng), *world.distractor_captions(scene, rng, 7))

@@ -67,6 +67,9 @@ class HttpTarget:
                  timeout_s: float = 60.0, connections: int = 64) -> None:
         self.url = url.rstrip("/")
         self.path, self.bodies, self.items = bodies(corpus, kind, model)
+        # /v1/vqa answers are checked against the scene's truth: a fast wrong server is not a fast server.
+        self.truth = [s.answer for s in corpus] if kind == "vqa" else None
+        self.checked = self.right = 0
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.connections = connections
         self.session: aiohttp.ClientSession | None = None
@@ -91,6 +94,9 @@ class HttpTarget:
             data = await r.read()
             if r.status >= 300:
                 raise HttpStatusError(r.status, data)
+        if self.truth is not None:
+            self.checked += 1
+            self.right += json.loads(data)["answers"][0]["answer"] == self.truth[i % len(self.truth)]
         return self.items
 
 
@@ -115,7 +121,10 @@ async def drive(
         else:
             res = await closed_loop(t.call, concurrency, duration_s, warmup_s, name=name, classify=classify)
     res.extra.update({"kind": kind, "path": t.path, "url": url, "items_per_request": t.items,
-                      "client_cpu_s": round(time.process_time() - cpu0, 2)})  # the load generator's own CPU
+                      "client_cpu_s": round(time.process_time() - cpu0, 2),  # the load generator's own CPU
+                      "driver": "aiohttp (python, one process)"})
+    if t.truth is not None:  # over the whole run, warm-up included
+        res.extra["answers"] = {"checked": t.checked, "right": t.right}
     return res
 
 

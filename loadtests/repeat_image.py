@@ -26,11 +26,11 @@ from loadtests.common import Sample, make_corpus
 from loadtests.grpc_driver import batch_counts, scrape
 
 
-def image_encoder_runs(metrics_url: str, settle_s: float = 0.3) -> float:
-    """Triton's nv_inference_count of image_encoder (cached answers are not counted), once two reads agree."""
+def image_encoder_runs(metrics_url: str, settle_s: float = 0.3, encoder: str = "image_encoder") -> float:
+    """Triton's nv_inference_count of the image encoder (cached answers are not counted), once two reads agree."""
 
     def read() -> float:
-        return batch_counts(scrape(metrics_url)).get("image_encoder", {}).get("nv_inference_count", 0.0)
+        return batch_counts(scrape(metrics_url)).get(encoder, {}).get("nv_inference_count", 0.0)
 
     last = read()
     for _ in range(20):
@@ -42,38 +42,58 @@ def image_encoder_runs(metrics_url: str, settle_s: float = 0.3) -> float:
     return last
 
 
-def sequences(url: str, images: list[Sample], questions: list[str], calls: int = 8,
-              metrics_url: str | None = None, model: str | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
-    """One sequence of `calls` one-question /v1/vqa requests per image; wall times and image_encoder runs."""
+def _call(kind: str, image: Sample, text: str) -> tuple[str, dict[str, Any]]:
+    """(path, body) of one call: a one-question /v1/vqa, or a one-text /v1/match (image–text matching)."""
+    if kind == "vqa":
+        return "/v1/vqa", {"image": image.image_b64, "questions": [text]}
+    if kind == "match":
+        return "/v1/match", {"image": image.image_b64, "texts": [text]}
+    raise ValueError(f"kind {kind!r}: use vqa or match")
+
+
+def _answer(kind: str, reply: dict[str, Any]) -> Any:
+    """What a user reads back: the answer, or the match score (rounded: the cache's and a fresh run's agree)."""
+    if kind == "vqa":
+        return reply["answers"][0]["answer"]
+    return round(float(reply["scores"][0]), 4)
+
+
+def sequences(url: str, images: list[Sample], texts: list[str], calls: int = 8,
+              metrics_url: str | None = None, model: str | None = None, timeout_s: float = 60.0,
+              kind: str = "vqa", encoder: str = "image_encoder") -> dict[str, Any]:
+    """One sequence of `calls` one-text requests (`kind` vqa: a question each; match: a caption each) per image;
+    wall times, what came back and how many times the image encoder (Triton model `encoder`) ran."""
     rows = []
     with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
-        warm = {"image": images[0].image_b64, "questions": [questions[0]]} | ({"model": model} if model else {})
-        client.post("/v1/vqa", json=warm).raise_for_status()  # connect and warm up outside the timing
+        path, warm = _call(kind, images[0], texts[0])
+        client.post(path, json=warm | ({"model": model} if model else {})).raise_for_status()  # outside the timing
         for i, s in enumerate(images[1:]):
-            before = image_encoder_runs(metrics_url) if metrics_url else None
+            before = image_encoder_runs(metrics_url, encoder=encoder) if metrics_url else None
             t0 = time.perf_counter()
             answers = []
             for k in range(calls):
-                body = {"image": s.image_b64, "questions": [questions[(i + k) % len(questions)]]}
-                r = client.post("/v1/vqa", json=body | ({"model": model} if model else {}))
+                path, body = _call(kind, s, texts[(i + k) % len(texts)])
+                r = client.post(path, json=body | ({"model": model} if model else {}))
                 r.raise_for_status()
-                answers.append(r.json()["answers"][0]["answer"])
+                answers.append(_answer(kind, r.json()))
             wall = time.perf_counter() - t0
             row: dict[str, Any] = {"side": s.side, "format": s.fmt, "wall_ms": round(1000 * wall, 2),
                                    "answers": answers}
             if metrics_url and before is not None:
-                row["image_encoder_runs"] = image_encoder_runs(metrics_url) - before
+                row["image_encoder_runs"] = image_encoder_runs(metrics_url, encoder=encoder) - before
             rows.append(row)
     walls = [r["wall_ms"] for r in rows]
-    out: dict[str, Any] = {"calls_per_sequence": calls, "sequences": rows, "median_wall_ms": statistics.median(walls)}
+    out: dict[str, Any] = {"kind": kind, "calls_per_sequence": calls, "sequences": rows,
+                           "median_wall_ms": statistics.median(walls)}
     if metrics_url:
         out["image_encoder_runs_per_sequence"] = [r["image_encoder_runs"] for r in rows]
     return out
 
 
-def corpus_for(n_sequences: int, seed: int = 808) -> tuple[list[Sample], list[str]]:
-    """`n_sequences` + 1 fresh images (the first only warms up) and a pool of distinct questions."""
-    pool = make_corpus(max(n_sequences + 1, 16), seed=seed)
+def corpus_for(n_sequences: int, seed: int = 808, side: int | None = None) -> tuple[list[Sample], list[str]]:
+    """`n_sequences` + 1 fresh images (the first only warms up; all `side` px where given) and a pool of distinct
+    questions."""
+    pool = make_corpus(max(n_sequences + 1, 16), seed=seed, **({"sides": (side,)} if side else {}))
     questions = list(dict.fromkeys(s.question for s in pool))
     return pool[: n_sequences + 1], questions
 
