@@ -57,6 +57,7 @@ Keys (numbers; `null` where a setup failed, the reason under `errors`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -64,10 +65,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from loadtests.common import RunResult, git_commit, machine, versions
+from loadtests.common import RunResult, git_commit, machine, versions, write_json
 from loadtests.engine_bench import at_batch
+from loadtests.rounds import STRAY, against_faster
 
 C = 32
 TARGETS = {
@@ -78,6 +81,7 @@ TARGETS = {
     "vs_naive_http_small": (">=", 1.5),
     "grpc_raw_over_naive_http_tiny": (">=", 2.0),
     "repeat_image_speedup_small": (">=", 2.5),
+    "repeat_image_speedup_blip": (">=", 2.5),
     "avg_batch_c32": (">=", 8.0),
     "batching_speedup_tiny": (">=", 2.0),
     "retrieve64_over_vqa1": ("<=", 4.0),
@@ -139,23 +143,62 @@ def _vs_naive(ours: RunResult | None, naive: RunResult | None, label: str) -> tu
     }
 
 
-def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None, dict[str, Any]]:
-    """The median over rounds of (public HTTP API ÷ naive server) in adjacent windows, and each round.
+NAIVE = ("naive_fp32", "naive_int8")  # step 7's naive sides: the faster one is divided by
 
-    A round counts when both its windows completed (`paired-serve-<preset>-r<r>`, `paired-naive-<preset>-r<r>`).
-    The details are the median round's own figures (as `_vs_naive` gives them) plus `paired`: every round.
-    """
-    rounds: list[tuple[int, float, dict[str, Any]]] = []
+
+def _window(runs: dict[str, RunResult], name: str) -> tuple[RunResult | None, bool]:
+    """A round's window: its re-run where there is one (marked), else its first try."""
+    again = _run(runs, f"{name}-rerun")
+    return (again, True) if again is not None else (_run(runs, name), f"{name}-rerun" in runs)
+
+
+def paired_rounds(runs: dict[str, RunResult], preset: str) -> list[dict[str, Any]]:
+    """Step 7's rounds of one preset: each side's final window (a re-run in place of its first try) and rate."""
+    rounds = []
+    prefix = f"paired-serve-{preset}-r"
     for name in sorted(runs):
-        prefix = f"paired-serve-{preset}-r"
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or name.endswith("-rerun"):
             continue
-        r = name[len(prefix):]
-        ratio, d = _vs_naive(_run(runs, name), _run(runs, f"paired-naive-{preset}-r{r}"), "serve_http")
-        if ratio is not None:
-            rounds.append((int(r), ratio, d))
-    return _median_round(rounds, lambda r, d: {"first": "serve" if r % 2 == 0 else "naive",
-                                                "serve_http_rps": d["serve_http_rps"], "naive_rps": d["naive_rps"]})
+        r = int(name[len(prefix):])
+        row: dict[str, Any] = {"round": r, "rerun": False, "windows": {}}
+        for side in ("serve", *NAIVE):
+            w, again = _window(runs, f"paired-{side.replace('_', '-')}-{preset}-r{r}")
+            row["rerun"] |= again
+            row["windows"][side] = w
+            row[side] = w.throughput_rps if w is not None else None
+        rounds.append(row)
+    return rounds
+
+
+def paired_ratio(runs: dict[str, RunResult], preset: str) -> tuple[float | None, dict[str, Any]]:
+    """Public HTTP API ÷ the faster naive server over step 7's rounds (loadtests/rounds.py has the rule).
+
+    The details are the median round's own figures (as `_vs_naive` gives them), `paired`: every round
+    (its ratio against the faster naive configuration, both naive rates, re-run or not, kept or not), and
+    `baseline`: which naive configuration that is, with each one's median rate over the kept rounds.
+    """
+    rounds = paired_rounds(runs, preset)
+    value, which = against_faster(rounds, "serve", NAIVE)
+    if value is None:
+        return None, {}
+    naive = which["baseline"]
+    by_round = {r["round"]: r for r in rounds}
+    median = by_round[which["median_round"]]
+    _, d = _vs_naive(median["windows"]["serve"], median["windows"][naive], "serve_http")
+    kept = set(which["kept"])
+    rows = [{"round": r["round"], "first": "serve" if r["round"] % 2 == 0 else "naive",
+             "ratio": _ratio(r["serve"], r[naive]), "serve_http_rps": _r2(r["serve"]),
+             **{f"{n}_rps": _r2(r[n]) for n in NAIVE}, "rerun": r["rerun"], "kept": r["round"] in kept}
+            for r in rounds]
+    return value, {**d, "paired": rows, "baseline": naive.replace("_", " "),
+                   "baseline_medians_rps": {k.replace("_", " "): v for k, v in which["baseline_medians"].items()},
+                   "median_round": which["median_round"], "left_out": which["left_out"],
+                   "rule": f"{len(rounds)} rounds; a side > {int(100 * STRAY)} % from its median: round run again "
+                           "once; still off: left out; median of the kept rounds"}
+
+
+def _r2(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
 
 
 def _median_round(
@@ -182,10 +225,12 @@ def paired_served_over_engine(
     rounds: list[tuple[int, float, dict[str, Any]]] = []
     prefix = f"paired_engine_{preset}_r"
     for key in sorted(raw):
-        if not key.startswith(prefix):
+        if not key.startswith(prefix) or key.endswith("_rerun"):
             continue
         r = int(key[len(prefix):])
-        ratio, d = _served_over_engine(_run(runs, f"paired-serve-{preset}-r{r}"), *raw[key].values())
+        engines = raw.get(f"{key}_rerun") or raw[key]  # a re-run round: its second try, both windows
+        serve, _ = _window(runs, f"paired-serve-{preset}-r{r}")
+        ratio, d = _served_over_engine(serve, *engines.values())
         if ratio is not None:
             rounds.append((r, ratio, d))
     return _median_round(rounds, lambda r, d: {"engines": "first" if r % 2 == 0 else "last", **{
@@ -193,12 +238,118 @@ def paired_served_over_engine(
                           "in_process_best_batch", "at_engines_batch")}})
 
 
+def _faster_naive(runs: dict[str, RunResult], preset: str) -> tuple[RunResult | None, dict[str, float | None]]:
+    """The faster of the sequential naive windows (fp32, int8) at c=32, and both rates."""
+    both = {p: _run(runs, f"naive-{p}-{preset}-c{C}") for p in ("fp32", "int8")}
+    rates = {f"naive {p}": _r2(r.throughput_rps) if r else None for p, r in both.items()}
+    done = [r for r in both.values() if r is not None]
+    return (max(done, key=lambda r: r.throughput_rps) if done else None), rates
+
+
+def _faster_name(rates: dict[str, float | None]) -> str:
+    done = {k: v for k, v in rates.items() if v is not None}
+    return max(done, key=lambda k: done[k]) if done else "none measured"
+
+
+# Who took the CPU in a window, by process label prefix (loadtests/census.py names them).
+CPU_GROUPS = (
+    ("triton_stubs", ("triton stub",)), ("tritonserver", ("tritonserver",)),
+    ("ingress_replicas", ("ray::ServeReplica",)), ("ray_proxy", ("ray::ProxyActor",)), ("haproxy", ("haproxy",)),
+    ("naive_server", ("naive server",)),
+)
+
+
+def cpu_split(run: RunResult | None) -> dict[str, Any] | None:
+    """CPU milliseconds per completed request in one window: each group, every other process, the load client."""
+    cpu = run.extra.get("cpu") if run is not None else None
+    if run is None or not cpu or not run.completed:
+        return None
+    # The census spans the whole call (warm-up too): per request over the requests of the whole call.
+    requests = run.completed * (cpu["window_s"] / run.duration_s) if run.duration_s else run.completed
+    out: dict[str, Any] = {"window": run.name}
+    grouped = 0.0
+    for key, prefixes in CPU_GROUPS:
+        v = sum(t for k, t in cpu["by_label"].items() if k.startswith(prefixes))
+        grouped += v
+        if v:
+            out[key] = round(1000 * v / requests, 2)
+    out["other_processes"] = round(1000 * (cpu["others_cpu_s"] - grouped) / requests, 2)
+    out["load_client"] = round(1000 * cpu["client_cpu_s"] / requests, 2)
+    return out
+
+
+def cpu_per_request(runs: dict[str, RunResult], d: dict[str, Any]) -> dict[str, Any] | None:
+    """`tiny`'s API and naive windows of the headline's median round (or the sequential ones): CPU ms per request."""
+    if d.get("median_round") is not None:
+        r = d["median_round"]
+        serve, _ = _window(runs, f"paired-serve-tiny-r{r}")
+        naive, _ = _window(runs, f"paired-{d['baseline'].replace(' ', '-')}-tiny-r{r}")
+    else:
+        serve, naive = _run(runs, f"serve-http-tiny-c{C}"), _faster_naive(runs, "tiny")[0]
+    out = {"serve_http": cpu_split(serve), "naive": cpu_split(naive)}
+    return out if any(out.values()) else None
+
+
+TRAFFIC_WAYS = (("aiohttp", "bench"), ("wrk", "bench"), ("aiohttp", "png96-256"))
+
+
+def traffic_check(runs: dict[str, RunResult]) -> dict[str, Any] | None:
+    """Step 7b: `tiny`'s API ÷ the faster naive server with each load generator and image mix, and their spread."""
+    rows = []
+    for driver, mix in TRAFFIC_WAYS:
+        sides = {side: _run(runs, f"traffic-{side}-tiny-{driver}-{mix}") for side in ("serve", "naive-fp32",
+                                                                                        "naive-int8")}
+        naive = [r for k, r in sides.items() if k != "serve" and r is not None]
+        if sides["serve"] is None or not naive:
+            continue
+        faster = max(naive, key=lambda r: r.throughput_rps)
+        rows.append({
+            "driver": driver, "images": mix, "ratio": _ratio(sides["serve"].throughput_rps, faster.throughput_rps),
+            "serve_http_rps": _r2(sides["serve"].throughput_rps),
+            **{f"{k.replace('-', '_')}_rps": _r2(r.throughput_rps) if r else None for k, r in sides.items()
+               if k != "serve"},
+            "baseline": "naive " + faster.name.split("-")[2],
+            "client_cpu_s": {k: (r.extra.get("cpu") or {}).get("client_cpu_s") for k, r in sides.items() if r},
+            "answers_right": {k: f"{a['right']}/{a['checked']}" for k, r in sides.items() if r
+                              and (a := r.extra.get("answers"))},
+        })
+    if not rows:
+        return None
+    ratios = [r["ratio"] for r in rows if r["ratio"]]
+    return {"rows": rows, "spread": _ratio(max(ratios), min(ratios)) if ratios else None}
+
+
+def traffic(s: Any) -> dict[str, str]:
+    """Which traffic each figure represents (the same words as loadtests/README.md)."""
+    http = (f"closed loop, {C} connections, {s.duration_s:g} s windows (`small` {s.small_duration_s:g} s) after "
+            f"{s.warmup_s:g} s warm-up; one aiohttp client process on the same cores; 64 shapes renders of 64-320 px, "
+            "half PNG half JPEG, base64 in JSON, one question each (/v1/vqa), every answer checked")
+    rounds = (f"; {s.paired_rounds} paired rounds, fresh servers each window; checked with wrk and with PNG renders "
+              "of 96-256 px (details.traffic_tiny)")
+    grpc = (f"closed loop, {C} concurrent calls, tritonclient gRPC asyncio (one process), raw encoded image bytes, "
+            f"the same 64 renders, {s.duration_s:g} s windows")
+    return {
+        "vs_naive_http_tiny": http + rounds, "vs_naive_http_small": http + rounds.split("; checked")[0],
+        "grpc_raw_over_naive_http_tiny": f"Triton: {grpc}; naive: {http}",
+        "served_over_engine_grpc": f"{grpc}; engines: in-process ONNX Runtime on synthetic inputs",
+        "served_over_engine_http": f"{http}; engines: in-process ONNX Runtime on synthetic inputs",
+        "int8_gain_small": grpc, "avg_batch_c32": grpc, "batching_speedup_tiny": grpc,
+        "repeat_image_speedup_small": "one client, 8 one-question /v1/vqa calls in a row on one image, "
+                                      f"{s.repeat_sequences} images",
+        "repeat_image_speedup_blip": "one client, 8 one-text /v1/match calls in a row on one 256 px image, "
+                                     f"{s.repeat_sequences} images",
+        "retrieve64_over_vqa1": "one client, one request at a time (c=1)",
+        "caption_*, decode_*, ttft_*, tpot_*, vqa_gen_*": "caption_detail (loadtests/caption_bench.py)",
+        "blip_*": "blip_detail (loadtests/blip_bench.py)",
+    }
+
+
 def _precision_of(raw: dict[str, Any], preset: str) -> str:
     return (raw.get("precision") or {}).get(preset, "fp32")
 
 
-def _repeat(raw: dict[str, Any]) -> tuple[float | None, dict[str, Any]]:
-    on, off = raw.get("repeat_image_small_on"), raw.get("repeat_image_small_off")
+def _repeat(raw: dict[str, Any], preset: str = "small") -> tuple[float | None, dict[str, Any]]:
+    on, off = raw.get(f"repeat_image_{preset}_on"), raw.get(f"repeat_image_{preset}_off")
     if not on or not off:
         return None, {}
     return _ratio(off["median_wall_ms"], on["median_wall_ms"]), {
@@ -397,10 +548,10 @@ def blip_limits(bd: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _blip_run(bench: Any) -> dict[str, Any] | None:
-    """blip_bench's own summary in the bench's results folder (`blip/summary.json`), where there is one."""
+def _folder_summary(bench: Any, name: str) -> dict[str, Any] | None:
+    """blip_bench's or caption_bench's own summary in the bench's results folder (`<name>/summary.json`), if any."""
     out = getattr(bench, "out", None)
-    path = Path(out) / "blip" / "summary.json" if out is not None else None
+    path = Path(out) / name / "summary.json" if out is not None else None
     return json.loads(path.read_text()) if path is not None and path.exists() else None
 
 
@@ -429,10 +580,16 @@ def merge_blip(summary_path: Path, blip: dict[str, Any], source: str) -> dict[st
     return _merge(summary_path, blip_figures(blip, source), BLIP_KEYS)
 
 
-def summary(bench: Any, started: float) -> dict[str, Any]:
-    """The summary of a finished Bench (loadtests.bench.Bench)."""
+def summary(bench: Any, started: float | None = None) -> dict[str, Any]:
+    """The summary of a finished Bench (loadtests.bench.Bench), or of one rebuilt from its files (`from_runs`).
+
+    When, where and what it ran on come from `raw["meta"]` (the bench writes it before this is called);
+    without it (unit tests), from now and this machine.
+    """
     runs: dict[str, RunResult] = bench.runs
     raw: dict[str, Any] = bench.raw
+    meta: dict[str, Any] = raw.get("meta") or {}
+    started = time.time() if started is None else started
     details: dict[str, Any] = {}
 
     def efficiency(engine: str, ceiling: str, per_s: str) -> float | None:
@@ -468,12 +625,14 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     grpc_tiny = _run(runs, f"triton-grpc-tiny-c{C}")
     http_tiny = _run(runs, f"serve-http-tiny-c{C}")
     tiny_p, small_p = _precision_of(raw, "tiny"), _precision_of(raw, "small")
-    naive_tiny = _run(runs, f"naive-{tiny_p}-tiny-c{C}")
-    naive_small = _run(runs, f"naive-{small_p}-small-c{C}")
-    fp32_tiny, fp32_small = _run(runs, f"naive-fp32-tiny-c{C}"), _run(runs, f"naive-fp32-small-c{C}")
-    # Like with like: the same precision on both sides, HTTP + JSON against HTTP + JSON.
+    # The naive server a user would write, in fp32 and with PyTorch's dynamic int8: every ratio divides by the faster.
+    naive_tiny, seq_tiny = _faster_naive(runs, "tiny")
+    naive_small, seq_small = _faster_naive(runs, "small")
     vht, d_vht = _vs_naive(http_tiny, naive_tiny, "serve_http")
     vhs, d_vhs = _vs_naive(http_small, naive_small, "serve_http")
+    for d, n in ((d_vht, seq_tiny), (d_vhs, seq_small)):
+        if d:
+            d["naive_sequential_rps"] = n
     # The paired rounds' median where there is one; the sequential windows' ratio stays beside it.
     # (quick runs pair `tiny` only: there `small` keeps the sequential figure)
     paired = {p: paired_ratio(runs, p) for p in ("tiny", "small")}
@@ -482,22 +641,13 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
     if paired["small"][0] is not None:
         vhs, d_vhs = paired["small"][0], {**paired["small"][1], "sequential": {"value": vhs, **d_vhs}}
     vgt, p99_tiny = _vs_naive(grpc_tiny, naive_tiny, "triton_grpc")
-    for d, p in ((d_vht, tiny_p), (d_vhs, small_p), (p99_tiny, tiny_p)):
+    if p99_tiny:
+        p99_tiny["naive_sequential_rps"] = seq_tiny
+    for d, p, seq in ((d_vht, tiny_p, seq_tiny), (d_vhs, small_p, seq_small), (p99_tiny, tiny_p, seq_tiny)):
         if d:
-            d["precision"] = f"{p} engines vs naive {'PyTorch dynamic int8' if p == 'int8' else 'fp32'}"
-    # History: the earlier keys, each against the fp32 naive server (mixed precision where the engines are int8).
-    history: dict[str, Any] = {}
-    for key, ours, naive, label in (
-        ("vs_naive_throughput_tiny", grpc_tiny, fp32_tiny, "triton_grpc"),
-        ("vs_naive_throughput_small_http", http_small, fp32_small, "serve_http"),
-        ("vs_naive_throughput_tiny_http", http_tiny, fp32_tiny, "serve_http"),
-    ):
-        value, d = _vs_naive(ours, naive, label)
-        history[key] = value
-        history[f"{key}_p99_ms"] = d or None
-    history["note"] = (f"against the fp32 naive server, engines {tiny_p} (tiny) / {small_p} (small); "
-                       "vs_naive_throughput_tiny is Triton gRPC against naive HTTP + JSON")
-    details["history"] = history
+            used = d.get("baseline") or _faster_name(seq)
+            d["precision"] = f"{p} engines ÷ the faster naive server ({used})"
+    details["cpu_per_request_ms_tiny"] = cpu_per_request(runs, d_vht)
 
     other = _run(runs, f"triton-grpc-small-{'fp32' if small_p == 'int8' else 'int8'}-c{C}")
     int8_gain = None
@@ -508,6 +658,7 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
                                       "fp32_rps": f32.throughput_rps, "int8_p99_ms": i8.p99_ms,
                                       "fp32_p99_ms": f32.p99_ms}
     repeat, details["repeat_image_speedup_small"] = _repeat(raw)
+    repeat_blip, details["repeat_image_speedup_blip"] = _repeat(raw, "blip")
     for front in ("haproxy", "ray"):  # the other front door, for comparison (serving/app/front.py)
         value, d = _vs_naive(_run(runs, f"serve-http-{front}-tiny-c{C}"), naive_tiny, "serve_http")
         if value is not None:
@@ -518,6 +669,10 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
         tb = grpc_tiny.extra.get("triton_batches", {})
         avg_batch = round(tb["engines_avg_batch"], 2) if tb.get("engines_avg_batch") else None
         details["avg_batch_c32"] = {m: v for m, v in tb.get("models", {}).items()}
+    if raw.get("ceiling") and raw.get("ceiling_int8"):
+        details["int8_gemm_over_fp32_gemm"] = _ratio(raw["ceiling_int8"].get("ops_per_s"),
+                                                     raw["ceiling"].get("flops_per_s"))
+    details["traffic_tiny"] = traffic_check(runs)
 
     nobatch = _run(runs, f"triton-grpc-tiny-nobatch-c{C}")
     speedup = _ratio(grpc_tiny.throughput_rps, nobatch.throughput_rps) if grpc_tiny and nobatch else None
@@ -542,17 +697,18 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
         "grpc_raw_over_naive_http_tiny_detail": p99_tiny or None,
         "int8_gain_small": int8_gain,
         "repeat_image_speedup_small": repeat,
+        "repeat_image_speedup_blip": repeat_blip,
         "avg_batch_c32": avg_batch,
         "batching_speedup_tiny": speedup,
         "retrieve64_over_vqa1": reuse,
-        **caption_figures(raw.get("caption")),
-        **blip_figures(_blip_run(bench)),
-        "machine": machine(),
-        "versions": versions(),
-        "commit": git_commit(),
+        **caption_figures(_folder_summary(bench, "caption")),
+        **blip_figures(_folder_summary(bench, "blip")),
+        "machine": meta.get("machine") or machine(),
+        "versions": meta.get("versions") or versions(),
+        "commit": meta.get("commit") or git_commit(),
         "quick": bench.s.quick,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "bench_seconds": round(time.time() - started, 1),
+        "measured_at": meta.get("measured_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "bench_seconds": meta["bench_seconds"] if "bench_seconds" in meta else round(time.time() - started, 1),
         "repositories": raw.get("repositories"),
         "precision": raw.get("precision"),
         "engine_overrides": raw.get("engine_overrides"),
@@ -565,7 +721,9 @@ def summary(bench: Any, started: float) -> dict[str, Any]:
         ),
         "offered_load": {"mode": "closed", "concurrency": C, "duration_s": bench.s.duration_s,
                          "small_duration_s": bench.s.small_duration_s, "warmup_s": bench.s.warmup_s,
-                         "windows_per_c32_run": bench.s.repeats, "kept": "median throughput"},
+                         "windows_per_c32_run": bench.s.repeats, "kept": "median throughput",
+                         "paired_rounds": bench.s.paired_rounds, "stray": bench.s.stray},
+        "traffic": traffic(bench.s),
     }
     out["targets"] = _targets(out, TARGETS)
     if p99_tiny:
@@ -589,27 +747,28 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("engine_efficiency", "`small` in-process, fp32 graphs, best batch, ÷ the fp32 matmul ceiling",
      "GEMMs of 196 tokens × 384 run near the ceiling; the rest is softmax, LayerNorm, GELU"),
     ("engine_efficiency_int8", "`small` int8 graphs ÷ the int8 MatMulInteger ceiling",
-     "the fp32 parts left in the int8 graphs weigh more beside 3× faster GEMMs"),
+     "the fp32 parts left in the int8 graphs weigh more beside faster GEMMs"),
     ("served_over_engine_grpc", "`small`, Triton direct gRPC items/s ÷ in-process best batch",
      "image decode + resize in `vqa`, the Python-backend IPC, the load client on the same cores"),
     ("served_over_engine_http", "`small`, public HTTP API items/s ÷ in-process best batch",
-     "CPU per request on the same 2 cores: Triton's Python stubs ~5.4 ms, the Ingress replicas ~3.2 ms, "
-     "HAProxy ~0.5 ms (`tiny`, lever 31)"),
-    ("vs_naive_http_tiny", "`tiny`, public HTTP API ÷ naive server, both HTTP + JSON, same precision",
-     "CPU per request: Triton's Python stubs ~5.4 ms, the Ingress replicas' Ray machinery ~3.2 ms, "
-     "HAProxy ~0.5 ms (lever 31); Ray's proxy adds ~3.6 ms"),
-    ("vs_naive_http_small", "`small`, public HTTP API ÷ naive server, both HTTP + JSON, same precision",
-     "the engines (GEMM-bound) and, less, the front door"),
+     "the serving processes' CPU per request on the same cores (Triton's Python stubs, the Ingress replicas, "
+     "the front door)"),
+    ("vs_naive_http_tiny", "`tiny`, public HTTP API ÷ the faster naive server (fp32 or PyTorch dynamic int8), both "
+     "HTTP + JSON", "the serving processes' CPU per request (Triton's Python stubs, the Ingress replicas, the front "
+     "door)"),
+    ("vs_naive_http_small", "`small`, public HTTP API ÷ the faster naive server (fp32 or PyTorch dynamic int8), both "
+     "HTTP + JSON", "the engines (GEMM-bound) and, less, the front door"),
     ("grpc_raw_over_naive_http_tiny",
-     "`tiny`, Triton `vqa` over gRPC (raw bytes) ÷ naive over HTTP + JSON, same precision: protocol + server",
-     "decode in the `vqa` stub, four Python-backend hops, the load client on the same cores; of the two "
-     "sides the naive server's rate moves most between runs (see below)"),
+     "`tiny`, Triton `vqa` over gRPC (raw bytes) ÷ the faster naive server over HTTP + JSON: protocol + server",
+     "decode in the `vqa` stub, four Python-backend hops, the load client on the same cores"),
     ("int8_gain_small", "`small`, Triton direct gRPC, int8 engines ÷ fp32 engines (1 and 2 threads per instance)",
      "int8 GEMMs: AVX-512 VNNI where the CPU has it, else AVX2 (`machine.simd` in the summary says which)"),
     ("repeat_image_speedup_small", "`small`, 8 one-question /v1/vqa calls in a row on one image, "
      "Triton response cache off ÷ on", "text encoder + fusion + the front door per call, which the cache keeps"),
+    ("repeat_image_speedup_blip", "BLIP-base (random weights, fp32 import), 8 one-text /v1/match calls in a row on "
+     "one image, Triton response cache off ÷ on", "text encoder + ITM fusion + the front door per call"),
     ("avg_batch_c32", "`tiny`, Triton direct, items ÷ executions over the three engines at c=32",
-     "`vqa` hands each engine one request per batch of ~10"),
+     "`vqa` hands each engine one request per batch"),
     ("batching_speedup_tiny", "`tiny`, Triton direct c=32, dynamic batching on ÷ off",
      "with batching off, 2 `vqa` + 6 engine instances still overlap work; the unbatched run moves most "
      "between runs (see below)"),
@@ -653,6 +812,31 @@ ROWS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def run_limits(s: dict[str, Any]) -> dict[str, str]:
+    """The tiny/small rows' "what limits it" that quote figures, from this run's own measurements."""
+    det = s.get("details") or {}
+    out: dict[str, str] = {}
+    if det.get("int8_gemm_over_fp32_gemm"):
+        out["engine_efficiency_int8"] = (f"the fp32 parts left in the int8 graphs weigh more beside GEMMs "
+                                         f"{_fmt(det['int8_gemm_over_fp32_gemm'])}× faster (the two matmul ceilings)")
+    cpu = det.get("cpu_per_request_ms_tiny") or {}
+    serve, naive = cpu.get("serve_http") or {}, cpu.get("naive") or {}
+    if serve:
+        names = (("triton_stubs", "Triton's Python stubs"), ("tritonserver", "tritonserver"),
+                 ("ingress_replicas", "the Ingress replicas"), ("ray_proxy", "Ray's proxy"), ("haproxy", "HAProxy"),
+                 ("other_processes", "every other process"), ("load_client", "the load client"))
+        split = ", ".join(f"{label} {_fmt(serve[k])} ms" for k, label in names if serve.get(k) is not None)
+        text = f"CPU per request on the same cores (`{serve['window']}`): {split}"
+        if naive.get("naive_server") is not None:
+            text += f"; the naive server {_fmt(naive['naive_server'])} ms a request"
+        out["vs_naive_http_tiny"] = text
+        out["served_over_engine_http"] = text.replace("CPU per request", "`tiny`'s CPU per request", 1)
+    vqa = (det.get("avg_batch_c32") or {}).get("vqa") or {}
+    if vqa.get("avg_batch"):
+        out["avg_batch_c32"] = f"`vqa` hands each engine one request per batch of {_fmt(round(vqa['avg_batch'], 1))}"
+    return out
+
+
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -662,7 +846,15 @@ def _rps(d: dict[str, Any] | None, ours: str) -> str:
         return ""
     text = (f"{d[f'{ours}_rps']:.1f} ÷ {d['naive_rps']:.1f} req/s, p99 {d[ours]:.0f} vs {d['naive']:.0f} ms; "
             f"{d.get('precision', '')}")
-    if d.get("paired"):
+    if d.get("paired") and "kept" in d["paired"][0]:
+        ratios = ", ".join(f"{_fmt(r['ratio'])}{'*' if r['rerun'] else ''}{'' if r['kept'] else ' (left out)'}"
+                           for r in d["paired"])
+        medians = ", ".join(f"{k} {_fmt(v)}" for k, v in (d.get("baseline_medians_rps") or {}).items())
+        kept = sum(r["kept"] for r in d["paired"])
+        text = (f"median of {kept} kept of {len(d['paired'])} paired rounds (ratios {ratios}"
+                f"{'; * re-run' if any(r['rerun'] for r in d['paired']) else ''}); naive medians {medians} req/s; "
+                f"its round {text}")
+    elif d.get("paired"):
         ratios = ", ".join(f"{r['ratio']:.3g}" for r in d["paired"])
         text = f"median of {len(d['paired'])} paired rounds (ratios {ratios}), its round " + text
     seq = d.get("sequential") or {}
@@ -688,12 +880,19 @@ def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") 
     if det.get("int8_gain_small"):
         g = det["int8_gain_small"]
         extra["int8_gain_small"] = f"{g['int8_rps']:.1f} ÷ {g['fp32_rps']:.1f} req/s"
-    if det.get("repeat_image_speedup_small"):
-        r = det["repeat_image_speedup_small"]
-        extra["repeat_image_speedup_small"] = (
-            f"median {r['cache_off_median_ms']:.0f} ÷ {r['cache_on_median_ms']:.0f} ms per 8 calls; image_encoder ran "
-            f"{r.get('image_encoder_runs_per_sequence_on')} times per 8 with the cache, "
-            f"{r.get('image_encoder_runs_per_sequence_off')} without; same answers: {r.get('same_answers')}")
+    for preset in ("small", "blip"):
+        if det.get(f"repeat_image_speedup_{preset}"):
+            r = det[f"repeat_image_speedup_{preset}"]
+            extra[f"repeat_image_speedup_{preset}"] = (
+                f"median {r['cache_off_median_ms']:.0f} ÷ {r['cache_on_median_ms']:.0f} ms per 8 calls; the image "
+                f"encoder ran {r.get('image_encoder_runs_per_sequence_on')} times per 8 with the cache, "
+                f"{r.get('image_encoder_runs_per_sequence_off')} without; same answers: {r.get('same_answers')}")
+    tr = det.get("traffic_tiny") or {}
+    if tr.get("rows"):
+        ways = "; ".join(f"{r['driver']} on {r['images']}: {_fmt(r['ratio'])} ({_fmt(r['serve_http_rps'])} ÷ "
+                         f"{_fmt(max(x for x in (r.get('naive_fp32_rps'), r.get('naive_int8_rps')) if x))} req/s)"
+                         for r in tr["rows"])
+        extra["vs_naive_http_tiny"] += f"; traffic check, one stack per side: {ways}"
     for key in ("served_over_engine_grpc", "served_over_engine_http"):
         if det.get(key):
             d = det[key]
@@ -764,7 +963,7 @@ def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") 
         "| figure | what | target | measured | from | what limits it |",
         "|---|---|---|---|---|---|",
     ]
-    limits = caption_limits(cd) | blip_limits(s.get("blip_detail") or {})
+    limits = caption_limits(cd) | blip_limits(s.get("blip_detail") or {}) | run_limits(s)
     for key, what, limit in ROWS:  # today's targets, whatever the summary's run had
         limit = limits.get(key, limit)
         value, (op, goal) = s.get(key), TARGETS.get(key, ("", None))
@@ -795,9 +994,28 @@ def _relative(path: Path, summary: Path) -> str:
         return str(path)
 
 
+def from_runs(folder: Path) -> dict[str, Any]:
+    """summary.json again, from what a bench run left in `folder`: raw.json, runs/*.json, caption/ and blip/."""
+    from loadtests.bench import BenchSettings
+
+    saved = json.loads((folder / "raw.json").read_text())
+    raw, errors = saved["raw"], saved["errors"]
+    runs = {}
+    names = {f.name for f in dataclasses.fields(RunResult)}
+    for path in sorted((folder / "runs").glob("*.json")):
+        d = json.loads(path.read_text())
+        runs[d["name"]] = RunResult(**{k: v for k, v in d.items() if k in names})
+    settings = BenchSettings.from_json(raw["meta"]["settings"])
+    return summary(SimpleNamespace(runs=runs, raw=raw, errors=errors, s=settings, out=folder))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Print (or write into loadtests/README.md) the figures of a summary.json.")
     p.add_argument("summary", type=Path, nargs="?", default=README.parent / "results" / "summary.json")
+    p.add_argument("--from-runs", type=Path, metavar="RESULTS",
+                   help="rebuild the summary from a bench run's files in RESULTS (raw.json, runs/, caption/, blip/) "
+                        "and write it to --out")
+    p.add_argument("--out", type=Path, help="with --from-runs: where the rebuilt summary.json goes")
     p.add_argument("--update-readme", action="store_true", help="rewrite the README's figures block")
     p.add_argument("--blip", type=Path, metavar="BLIP_SUMMARY",
                    help="first put the figures of this blip_bench summary.json (loadtests/results/blip/summary.json) "
@@ -806,6 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="first put the figures of this caption_bench summary.json (loadtests/results/caption/"
                         "summary.json) into the summary (the other figures stay)")
     args = p.parse_args(argv)
+    if args.from_runs:
+        if not args.out:
+            p.error("--from-runs needs --out FILE")
+        write_json(args.out, from_runs(args.from_runs))
+        print(f"{args.out}: rebuilt from {args.from_runs}")
+        return 0
     if args.caption:
         merge_caption(args.summary, json.loads(args.caption.read_text()), _relative(args.caption, args.summary))
     if args.blip:

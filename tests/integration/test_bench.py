@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 SUMMARY_KEYS = (
     "engine_efficiency", "served_over_engine_grpc", "served_over_engine_http", "vs_naive_http_tiny",
     "vs_naive_http_small", "grpc_raw_over_naive_http_tiny", "int8_gain_small", "repeat_image_speedup_small",
-    "avg_batch_c32", "batching_speedup_tiny", "retrieve64_over_vqa1",
+    "avg_batch_c32", "batching_speedup_tiny", "retrieve64_over_vqa1", "repeat_image_speedup_blip",
 )
 
 
@@ -77,7 +77,22 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     assert summary["commit"]
     # step 7: one paired round (public HTTP API and naive server back to back) gives vs_naive_http_tiny
     [paired] = summary["vs_naive_http_tiny_detail"]["paired"]
-    assert paired["ratio"] == summary["vs_naive_http_tiny"] and paired["first"] == "serve"
+    assert paired["ratio"] == summary["vs_naive_http_tiny"] and paired["first"] == "serve" and paired["kept"]
+    assert paired["naive_fp32_rps"] > 0 and paired["naive_int8_rps"] > 0  # both naive servers, the faster divides
+    # step 7b: the same comparison with wrk and with PNG renders; every answer of the Python driver right
+    rows = summary["details"]["traffic_tiny"]["rows"]
+    assert [(r["driver"], r["images"]) for r in rows] == [("aiohttp", "bench"), ("wrk", "bench"),
+                                                          ("aiohttp", "png96-256")]
+    for r in rows:
+        for side, got in r["answers_right"].items():
+            right, checked = map(int, got.split("/"))
+            assert checked > 0 and right == checked, (r, side)
+    # the summary comes back from the run's files alone
+    again = tmp_path / "again.json"
+    r = subprocess.run([sys.executable, "-m", "loadtests.report", "--from-runs", str(out), "--out", str(again)],
+                       cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(again.read_text()) == summary
     assert summary["vs_naive_http_tiny_detail"]["sequential"]["value"] > 0
     # ... and, its engines timed first (tiny stands in for small), served_over_engine_http
     soe = summary["details"]["served_over_engine_http"]
@@ -98,3 +113,26 @@ def test_make_bench_quick_runs_end_to_end(tmp_path):
     assert "ceiling_int8" in json.loads((out / "ceiling_flops.json").read_text())
     assert summary["serve_composition"] == {
         "front": "haproxy", "preprocess": "inline", "ingress_replicas": 2, "server_vqa": "vqa"}
+
+
+def test_wrk_and_the_python_driver_measure_the_same_naive_server(tmp_path):
+    """The second, compiled load generator runs the same bodies against the naive server (both workers busy)."""
+    import shutil
+
+    from loadtests import wrk_driver
+    from loadtests.census import CpuCensus
+    from loadtests.common import make_corpus
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (.ci/run installs Debian's wrk)")
+    corpus = make_corpus(8, seed=3)
+    with servers.baseline("tiny", workers=2) as b:
+        census = CpuCensus()
+        census.start()
+        res = wrk_driver.drive(b.url, corpus, concurrency=8, duration_s=3, warmup_s=1, threads=2)
+        cpu = census.stop()
+    assert res.completed > 0 and res.errors == {}, res.errors
+    assert 0 < res.p50_ms <= res.p99_ms and res.extra["client_cpu_s"] > 0
+    # every naive worker got connections: the kernel spread them (SO_REUSEPORT), none sat idle
+    workers = [p for p in cpu["processes"] if p["label"] == "naive server" and p["cpu_s"] > 0.3]
+    assert len(workers) == 2, cpu["processes"]

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -210,12 +211,14 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
         _run("triton-grpc-tiny-c32", 1000, 50, avg_batch=12.0),
         _run("triton-grpc-tiny-nobatch-c32", 400, 120),
         _run("naive-fp32-tiny-c32", 250, 200),
+        _run("naive-int8-tiny-c32", 200, 260),  # slower than fp32: not the one divided by
         _run("serve-http-tiny-c32", 300, 180, avg_batch=6.0),
         _run("serve-http-tiny-vqa1-c1", 50, 25),
         _run("serve-http-tiny-retrieve64-c1", 20, 60),
         _run("triton-grpc-small-c32", 18, 2000, avg_batch=30.0),
         _run("serve-http-small-c32", 16, 2500, avg_batch=20.0),
         _run("naive-fp32-small-c32", 8, 5000),
+        _run("naive-int8-small-c32", 10, 4000),  # faster than fp32: the one divided by
         _run("triton-grpc-small-int8-c32", 36, 1000),
     ]}
     engine_small = {"rows": [{"batch": 1, "items_per_s": 10.0}, {"batch": 16, "items_per_s": 19.0},
@@ -243,20 +246,21 @@ def test_summary_computes_every_ratio_from_the_raw_figures():
     assert s["offered_load"]["windows_per_c32_run"] == 3
     assert s["grpc_raw_over_naive_http_tiny"] == pytest.approx(4.0)
     detail = dict(s["grpc_raw_over_naive_http_tiny_detail"])
-    assert detail.pop("precision").startswith("fp32 engines vs naive fp32")  # like with like
+    assert detail.pop("precision") == "fp32 engines ÷ the faster naive server (naive fp32)"
+    assert detail.pop("naive_sequential_rps") == {"naive fp32": 250, "naive int8": 200}
     assert detail == pytest.approx(
         {"triton_grpc": 50, "naive": 200, "triton_grpc_p50": 25, "naive_p50": 100, "triton_grpc_rps": 1000,
          "naive_rps": 250, "triton_grpc_errors": 0, "naive_errors": 0})
-    assert s["vs_naive_http_small"] == pytest.approx(2.0)
+    assert s["vs_naive_http_small"] == pytest.approx(1.6)  # ÷ the faster naive server: int8's 10 req/s
+    assert s["vs_naive_http_small_detail"]["precision"] == "fp32 engines ÷ the faster naive server (naive int8)"
     assert s["vs_naive_http_tiny"] == pytest.approx(1.2)
     assert s["int8_gain_small"] == pytest.approx(36 / 18)  # both through Triton, int8 ÷ fp32
     assert s["repeat_image_speedup_small"] == pytest.approx(3.0)  # cache off ÷ on
-    # the earlier keys stay in details, against the fp32 naive server
-    assert s["details"]["history"]["vs_naive_throughput_tiny"] == pytest.approx(4.0)
     assert s["avg_batch_c32"] == pytest.approx(12.0)
     assert s["batching_speedup_tiny"] == pytest.approx(2.5)
     assert s["retrieve64_over_vqa1"] == pytest.approx(30 / 12.5, abs=1e-4)
     assert s["targets"]["vs_naive_http_small"]["met"] is True and s["targets"]["vs_naive_http_tiny"]["met"] is True
+    assert s["traffic"]["vs_naive_http_tiny"].startswith("closed loop, 32 connections, 10 s windows")
     assert s["targets"]["grpc_p99_under_half_naive_http_p99_tiny"]["met"] is True  # 50 ms < 200 ms / 2
 
 
@@ -352,24 +356,74 @@ def test_tune_grid_and_pick_best_respect_the_budget():
     assert pick_best(rows, 10) is None
 
 
-def test_vs_naive_http_is_the_median_of_paired_rounds_with_the_sequential_ratio_beside_it():
-    runs = {r.name: r for r in [
-        _run("serve-http-tiny-c32", 300, 100), _run("naive-fp32-tiny-c32", 200, 150),  # sequential: 1.5
-        _run("paired-serve-tiny-r0", 240, 100), _run("paired-naive-tiny-r0", 200, 150),  # 1.2
-        _run("paired-naive-tiny-r1", 150, 150), _run("paired-serve-tiny-r1", 210, 100),  # 1.4
-        _run("paired-serve-tiny-r2", 220, 100), _run("paired-naive-tiny-r2", 200, 150),  # 1.1
-        _run("paired-serve-small-r0", 20, 100),  # its naive window failed: no round for small
-        _run("serve-http-small-c32", 16, 2500), _run("naive-fp32-small-c32", 8, 5000),
-    ]}
-    bench = SimpleNamespace(runs=runs, raw={}, errors={}, s=BenchSettings())
-    s = report.summary(bench, 0.0)
-    assert s["vs_naive_http_tiny"] == pytest.approx(1.2)  # the median round, not the sequential 1.5
+def test_vs_naive_http_is_the_median_of_kept_paired_rounds_against_the_faster_naive_server():
+    # Round r: the API, naive fp32, naive int8 (req/s). int8 is the faster naive server (median 200 vs 150).
+    windows = {0: (240, 150, 200), 1: (210, 140, 150), 2: (220, 150, 200), 3: (230, 160, 210), 4: (250, 155, 205)}
+    runs = {r.name: r for r in [_run("serve-http-tiny-c32", 300, 100), _run("naive-fp32-tiny-c32", 200, 150),
+                                _run("naive-int8-tiny-c32", 190, 150)]}  # sequential: 300 ÷ 200 = 1.5
+    for r, (serve, fp32, int8) in windows.items():
+        for side, rps in (("serve", serve), ("naive-fp32", fp32), ("naive-int8", int8)):
+            runs[f"paired-{side}-tiny-r{r}"] = _run(f"paired-{side}-tiny-r{r}", rps, 100)
+    # round 1's int8 window (150) strayed from its median (200) by 25 %+: it was run again (205), and kept
+    runs["paired-naive-int8-tiny-r1-rerun"] = _run("paired-naive-int8-tiny-r1-rerun", 205, 100)
+    runs["paired-serve-tiny-r1-rerun"] = _run("paired-serve-tiny-r1-rerun", 225, 100)
+    runs["paired-naive-fp32-tiny-r1-rerun"] = _run("paired-naive-fp32-tiny-r1-rerun", 150, 100)
+    # round 4's API window collapsed (100) and stayed off after its re-run (90): left out, not a median's pick
+    runs["paired-serve-tiny-r4-rerun"] = _run("paired-serve-tiny-r4-rerun", 90, 100)
+    runs["paired-naive-fp32-tiny-r4-rerun"] = _run("paired-naive-fp32-tiny-r4-rerun", 150, 100)
+    runs["paired-naive-int8-tiny-r4-rerun"] = _run("paired-naive-int8-tiny-r4-rerun", 200, 100)
+    runs["paired-serve-small-r0"] = _run("paired-serve-small-r0", 20, 100)  # its naive windows failed: no round
+    runs |= {r.name: r for r in [_run("serve-http-small-c32", 16, 2500), _run("naive-fp32-small-c32", 8, 5000)]}
+    s = report.summary(SimpleNamespace(runs=runs, raw={}, errors={}, s=BenchSettings()), 0.0)
     d = s["vs_naive_http_tiny_detail"]
-    assert (d["serve_http_rps"], d["naive_rps"]) == (240, 200)  # the median round's own windows
-    assert [(r["round"], r["first"], r["ratio"]) for r in d["paired"]] == [
-        (0, "serve", 1.2), (1, "naive", 1.4), (2, "serve", 1.1)]
-    assert d["sequential"]["value"] == pytest.approx(1.5)
+    assert d["baseline"] == "naive int8" and d["baseline_medians_rps"] == {"naive fp32": 150, "naive int8": 202.5}
+    # kept rounds 0-3 against int8: 1.2, 1.0976, 1.1, 1.0952 → the lower middle of four is 1.0976 (round 1)
+    assert s["vs_naive_http_tiny"] == pytest.approx(225 / 205, abs=1e-4) and d["median_round"] == 1
+    assert (d["serve_http_rps"], d["naive_rps"]) == (225, 205)  # the median round's own (re-run) windows
+    assert [(r["round"], r["first"], r["rerun"], r["kept"]) for r in d["paired"]] == [
+        (0, "serve", False, True), (1, "naive", True, True), (2, "serve", False, True), (3, "naive", False, True),
+        (4, "serve", True, False)]
+    assert d["left_out"] == [4] and d["sequential"]["value"] == pytest.approx(1.5)
+    assert d["precision"] == "fp32 engines ÷ the faster naive server (naive int8)"
     assert s["vs_naive_http_small"] == pytest.approx(2.0)  # no complete round: the sequential windows
     assert "paired" not in s["vs_naive_http_small_detail"]
     text = report.markdown(s)
-    assert "median of 3 paired rounds (ratios 1.2, 1.4, 1.1)" in text and "the sequential windows: 1.5" in text
+    assert "median of 4 kept of 5 paired rounds (ratios 1.2, 1.1*, 1.1, 1.1, 0.45* (left out); * re-run)" in text
+    assert "naive medians naive fp32 150, naive int8 202 req/s" in text and "the sequential windows: 1.5" in text
+
+
+def test_summary_json_is_rebuilt_from_the_run_files(tmp_path):
+    from loadtests.bench import Bench
+
+    bench = Bench(BenchSettings.quick_run(), tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "stale-window.json").write_text("{}")  # an earlier run's file: the run removes it
+    for r in (_run("triton-grpc-tiny-c32", 1000, 50, avg_batch=12.0), _run("naive-fp32-tiny-c32", 250, 200),
+              _run("naive-int8-tiny-c32", 260, 190), _run("paired-serve-tiny-r0", 300, 100),
+              _run("paired-naive-fp32-tiny-r0", 240, 150), _run("paired-naive-int8-tiny-r0", 250, 150)):
+        r.extra["cpu"] = {"window_s": 12.0, "cores": 2, "client_cpu_s": 1.0, "others_cpu_s": 20.0,
+                          "by_label": {"triton stub vqa": 5.0, "naive server": 10.0}, "processes": []}
+        bench.keep(r, 0.01, 1)
+    bench.raw["repeat_image_small_on"] = {"calls_per_sequence": 8, "median_wall_ms": 100.0,
+                                          "sequences": [{"wall_ms": 100.0, "answers": ["red"]}]}
+    bench.raw["repeat_image_small_off"] = {"calls_per_sequence": 8, "median_wall_ms": 300.0,
+                                           "sequences": [{"wall_ms": 300.0, "answers": ["red"]}]}
+    for old in bench.runs_dir.glob("stale-*.json"):  # as Bench.run does first
+        old.unlink()
+    written = bench.finish(time.time() - 5)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(written))
+    assert written["vs_naive_http_tiny"] == pytest.approx(1.2)  # ÷ the faster naive window of the round (int8)
+    rebuilt = report.from_runs(tmp_path)
+    assert json.loads(json.dumps(rebuilt)) == json.loads((tmp_path / "summary.json").read_text())
+    # and through the command line, into another file
+    out = tmp_path / "again.json"
+    assert report.main(["--from-runs", str(tmp_path), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_the_committed_summary_is_what_its_run_files_give():
+    results = REPO / "loadtests" / "results"
+    committed = json.loads((results / "summary.json").read_text())
+    assert json.loads(json.dumps(report.from_runs(results))) == committed
+    # every run file there is one the summary was computed from
+    assert sorted(p.stem for p in (results / "runs").glob("*.json")) == committed["runs"]
