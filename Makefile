@@ -104,9 +104,10 @@ $(SMALL_REPOSITORY)/fusion/1/model.onnx: $(VENV)/.installed $(wildcard model_rep
 	$(PY) -m serving.cli export all --target embedded --checkpoint small --repo $(SMALL_REPOSITORY)
 
 # Every benchmark figure in one run → loadtests/results/ (see loadtests/README.md);
-# QUICK=1: a smoke run of seconds-long windows, tiny standing in for small → build/bench-quick/.
+# QUICK=1: a smoke run of seconds-long windows, tiny standing in for small → build/bench-quick/;
+# BENCH_ARGS: more options of `python -m loadtests.bench` (e.g. "--skip caption").
 bench: repository $(if $(QUICK),,$(SMALL_REPOSITORY)/fusion/1/model.onnx)
-	$(PY) -m loadtests.bench $(if $(QUICK),--quick) --out $(BENCH_OUT) --tiny-repo $(REPOSITORY) --small-repo $(SMALL_REPOSITORY)
+	$(PY) -m loadtests.bench $(if $(QUICK),--quick) --out $(BENCH_OUT) --tiny-repo $(REPOSITORY) --small-repo $(SMALL_REPOSITORY) $(BENCH_ARGS)
 
 # Sweep queue delay, preferred batch sizes and instances against a p99 budget → build/tune/ (TUNE_ARGS: see --help).
 tune: repository
