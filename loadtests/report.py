@@ -837,6 +837,13 @@ def run_limits(s: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _machine(m: dict[str, Any] | None) -> str:
+    """The CPU a summary ran on, as the table's header says it (int8 figures depend on its SIMD)."""
+    if not m:
+        return "machine not recorded"
+    return f"{m.get('cpu_model')}, {m.get('cores')} cores, {'/'.join(m.get('simd') or []) or 'no SIMD flags read'}"
+
+
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
@@ -957,7 +964,8 @@ def markdown(s: dict[str, Any], source: str = "loadtests/results/summary.json") 
     lines = [
         f"Measured by `make bench` at commit `{str(s.get('commit', '?'))[:12]}` on {s.get('measured_at')} "
         f"({s.get('bench_seconds')} s; other work on the cores ≤ {_fmt(s.get('foreign_cpu_share_max'))} of them "
-        f"in every window; engines {s.get('precision')}; front door {(s.get('serve_composition') or {}).get('front')}"
+        f"in every window; {_machine(s.get('machine'))}; engines {s.get('precision')}; front door "
+        f"{(s.get('serve_composition') or {}).get('front')}"
         f"{'; QUICK: not speeds' if s.get('quick') else ''}). Source: `{source}`.",
         "",
         "| figure | what | target | measured | from | what limits it |",
