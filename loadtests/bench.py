@@ -488,16 +488,12 @@ class Bench:
         png = make_corpus(64, seed=77, sides=PNG_MIX_SIDES, formats=("PNG",))
         ways = (("aiohttp", "bench", None), ("wrk", "bench", None), ("aiohttp", "png96-256", png))
         for side in ("serve", *(f"naive-{p}" for p in NAIVE_PRECISIONS)):
-            stack: Any
-            if side == "serve":
-                stack = contextlib.ExitStack()
-                t = stack.enter_context(servers.triton(self.s.tiny_repo, "traffic", response_cache_mb=NO_CACHE))
-                app = stack.enter_context(servers.serve_app(t.url_grpc, self.s.tiny_repo, "tiny", "traffic"))
-                url = app.url
-            else:
-                stack = contextlib.ExitStack()
-                url = stack.enter_context(servers.baseline("tiny", precision=side.split("-", 1)[1])).url
-            with stack:
+            with contextlib.ExitStack() as stack:
+                if side == "serve":
+                    t = stack.enter_context(servers.triton(self.s.tiny_repo, "traffic", response_cache_mb=NO_CACHE))
+                    url = stack.enter_context(servers.serve_app(t.url_grpc, self.s.tiny_repo, "tiny", "traffic")).url
+                else:
+                    url = stack.enter_context(servers.baseline("tiny", precision=side.split("-", 1)[1])).url
                 for driver, mix, corpus in ways:
                     name = f"traffic-{side}-tiny-{driver}-{mix}"
                     try:

@@ -83,7 +83,7 @@ from loadtests.common import (
     wait_quiet,
     write_json,
 )
-from loadtests.rounds import STRAY, headline, strayed
+from loadtests.rounds import STRAY, headline, order, strayed
 from serving.shapes import world
 
 log = logging.getLogger("loadtests.caption_bench")
@@ -155,9 +155,9 @@ class CaptionBenchSettings:
 
 # -- pure parts -----------------------------------------------------------------------------------
 
-def round_order(r: int) -> tuple[str, str]:
+def round_order(r: int) -> tuple[str, ...]:
     """Which side a round measures first: the served stack in even rounds, the naive server in odd ones."""
-    return ("served", "naive") if r % 2 == 0 else ("naive", "served")
+    return order(("served", "naive"), r)
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -1083,9 +1083,9 @@ def paired_rounds(s: CaptionBenchSettings, sides: dict[str, Callable[[str], dict
     names = tuple(sides)
 
     def one(r: int, rerun: bool = False) -> dict[str, Any]:
-        order = names if r % 2 == 0 else names[::-1]
-        rnd: dict[str, Any] = {"round": r, "first": order[0], "rerun": rerun, "windows": {}}
-        for side in order:
+        sides_in_order = order(names, r)
+        rnd: dict[str, Any] = {"round": r, "first": sides_in_order[0], "rerun": rerun, "windows": {}}
+        for side in sides_in_order:
             name = f"{prefix}-{side}-r{r}{'-rerun' if rerun else ''}"
             w = quiet_measure(s, lambda: sides[side](name), name)  # noqa: B023 — called at once
             rnd["windows"][side] = w

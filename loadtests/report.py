@@ -1041,11 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.caption:
         merge_caption(args.summary, json.loads(args.caption.read_text()), _relative(args.caption, args.summary))
     if args.blip:
-        try:
-            source = str(args.blip.resolve().relative_to(args.summary.resolve().parent))
-        except ValueError:
-            source = str(args.blip)
-        merge_blip(args.summary, json.loads(args.blip.read_text()), source)
+        merge_blip(args.summary, json.loads(args.blip.read_text()), _relative(args.blip, args.summary))
     if args.update_readme:
         return 0 if update_readme(args.summary) else 1
     sys.stdout.write(markdown(json.loads(args.summary.read_text()), str(args.summary)))
